@@ -1,0 +1,74 @@
+/* The layer interface: one table of operations per kind of layer (raw
+ * file, qcow2 file), one constructor per kind.  A layer only knows its own
+ * contents; where it holds nothing, it asks the source "below" that the
+ * chain hands it (the layers under it). */
+#ifndef COW_LAYER_H
+#define COW_LAYER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct layer;
+
+/* What one layer holds for a range. */
+enum layer_status {
+  LAYER_ABSENT = 0,   /* nothing here: look below */
+  LAYER_DATA,         /* data stored in this layer */
+  LAYER_ZERO,         /* reads as zero, whatever is below */
+};
+
+/* How a layer reads what lies under it (for reads that fall through and
+ * for copy-on-write of partial clusters).  read == NULL: zeroes. */
+struct layer_below {
+  int (*read) (void *opaque, void *buf, uint32_t count, uint64_t offset);
+  void *opaque;
+};
+
+struct layer_ops {
+  const char *kind;
+  int (*read) (struct layer *l, void *buf, uint32_t count, uint64_t offset,
+               const struct layer_below *below);
+  int (*write) (struct layer *l, const void *buf, uint32_t count,
+                uint64_t offset, const struct layer_below *below);
+  /* Make [offset, offset+count) read as zero.  fast: fail with ENOTSUP
+   * rather than write data. */
+  int (*zero) (struct layer *l, uint32_t count, uint64_t offset, bool fast,
+               const struct layer_below *below);
+  /* Release whole clusters in the range (they read as zero after). */
+  int (*trim) (struct layer *l, uint32_t count, uint64_t offset);
+  int (*flush) (struct layer *l);
+  /* Status of the longest run starting at offset (at most count bytes). */
+  int (*map) (struct layer *l, uint64_t offset, uint64_t count,
+              uint64_t *len, enum layer_status *status);
+  /* Flush (if writable) and free.  Returns -1 if the flush failed. */
+  int (*close) (struct layer *l);
+};
+
+struct layer {
+  const struct layer_ops *ops;
+  char *path;          /* as given by the user */
+  uint64_t size;       /* virtual size */
+  bool readonly;
+};
+
+/* raw.c */
+struct layer *raw_open (const char *path, bool readonly);
+
+/* qcow2.c */
+struct qcow2_create_opts {
+  uint64_t size;
+  uint32_t cluster_size;
+  const char *backing_file;     /* as stored in the header */
+  const char *backing_format;   /* header extension; NULL = none */
+};
+int qcow2_create (const char *path, const struct qcow2_create_opts *opts);
+struct layer *qcow2_open (const char *path, bool readonly, uint64_t cache_size);
+/* The backing file name and format stored in an open qcow2 layer (NULL if
+ * none); owned by the layer. */
+const char *qcow2_backing_file (struct layer *l);
+const char *qcow2_backing_format (struct layer *l);
+uint32_t qcow2_cluster_size (struct layer *l);
+/* Recognise a qcow2 file by its magic: 1 yes, 0 no, -1 error. */
+int qcow2_probe (const char *path);
+
+#endif /* COW_LAYER_H */

@@ -1,0 +1,271 @@
+/* A cache of cluster-sized metadata tables (L2 tables or refcount blocks)
+ * of one qcow2 layer.  Bounded: a fixed number of slots, least recently
+ * used first out.  A dirty L2 table may only be written once the data and
+ * refcounts it depends on are stable (see qcow2.h), so evicting one first
+ * writes back the refcount blocks and syncs the file. */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "error.h"
+#include "io.h"
+#include "qcow2.h"
+
+struct slot {
+  uint64_t offset;        /* host offset of the table; 0 = empty slot */
+  void *data;
+  uint64_t used;          /* LRU tick */
+  unsigned pin;
+  bool dirty;
+};
+
+struct qcow2_cache {
+  struct qcow2 *q;
+  bool is_l2;
+  size_t n;
+  struct slot *slots;
+  uint64_t tick;
+};
+
+struct batch_item {
+  struct slot *slot;
+  uint64_t offset;
+  void *copy;
+};
+
+struct qcow2_cache_batch {
+  size_t n;
+  struct batch_item items[];
+};
+
+struct qcow2_cache *
+qcow2_cache_create (struct qcow2 *q, size_t n, bool is_l2)
+{
+  struct qcow2_cache *c = calloc (1, sizeof *c);
+
+  if (c == NULL)
+    goto oom;
+  if (n < 4)
+    n = 4;
+  c->q = q;
+  c->is_l2 = is_l2;
+  c->n = n;
+  c->slots = calloc (n, sizeof *c->slots);
+  if (c->slots == NULL)
+    goto oom;
+  return c;
+
+ oom:
+  cow_error_errno ("qcow2 cache");
+  if (c)
+    free (c);
+  return NULL;
+}
+
+void
+qcow2_cache_destroy (struct qcow2_cache *c)
+{
+  if (c == NULL)
+    return;
+  for (size_t i = 0; i < c->n; i++)
+    free (c->slots[i].data);
+  free (c->slots);
+  free (c);
+}
+
+static struct slot *
+find (struct qcow2_cache *c, uint64_t offset)
+{
+  for (size_t i = 0; i < c->n; i++)
+    if (c->slots[i].offset == offset)
+      return &c->slots[i];
+  return NULL;
+}
+
+static struct slot *
+find_data (struct qcow2_cache *c, const void *table)
+{
+  for (size_t i = 0; i < c->n; i++)
+    if (c->slots[i].data == table)
+      return &c->slots[i];
+  abort ();                     /* a table not from this cache */
+}
+
+static int
+write_slot (struct qcow2_cache *c, struct slot *s)
+{
+  struct qcow2 *q = c->q;
+
+  if (c->is_l2) {
+    /* Data and refcounts first (qcow2.h). */
+    if (qcow2_cache_writeback (q->rb_cache) == -1
+        || qcow2_reftable_writeback (q) == -1)
+      return -1;
+    if (io_fsync (q->fd) == -1) {
+      cow_error_errno ("%s: fsync", q->layer.path);
+      return -1;
+    }
+  }
+  if (io_pwrite (q->fd, s->data, q->cluster_size, s->offset) == -1) {
+    cow_error_errno ("%s: writing %s at offset %" PRIu64, q->layer.path,
+                     c->is_l2 ? "L2 table" : "refcount block", s->offset);
+    return -1;
+  }
+  s->dirty = false;
+  return 0;
+}
+
+/* Choose a victim: the least recently used unpinned slot, clean ones
+ * preferred (writing a dirty L2 table costs a sync). */
+static struct slot *
+victim (struct qcow2_cache *c)
+{
+  struct slot *best = NULL, *best_clean = NULL;
+
+  for (size_t i = 0; i < c->n; i++) {
+    struct slot *s = &c->slots[i];
+    if (s->pin)
+      continue;
+    if (s->offset == 0)
+      return s;
+    if (best == NULL || s->used < best->used)
+      best = s;
+    if (!s->dirty && (best_clean == NULL || s->used < best_clean->used))
+      best_clean = s;
+  }
+  return best_clean ? best_clean : best;
+}
+
+void *
+qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh)
+{
+  struct qcow2 *q = c->q;
+  struct slot *s = find (c, offset);
+
+  if (s == NULL) {
+    s = victim (c);
+    if (s == NULL) {
+      cow_error_set (ENOMEM, "%s: metadata cache exhausted", q->layer.path);
+      return NULL;
+    }
+    if (s->dirty && write_slot (c, s) == -1)
+      return NULL;
+    s->offset = 0;
+    if (s->data == NULL) {
+      s->data = aligned_alloc (4096 > q->cluster_size ? 4096 : q->cluster_size,
+                               q->cluster_size);
+      if (s->data == NULL) {
+        cow_error_errno ("%s: metadata cache", q->layer.path);
+        return NULL;
+      }
+    }
+    if (fresh)
+      memset (s->data, 0, q->cluster_size);
+    else if (io_pread (q->fd, s->data, q->cluster_size, offset) == -1) {
+      cow_error_errno ("%s: reading %s at offset %" PRIu64, q->layer.path,
+                       c->is_l2 ? "L2 table" : "refcount block", offset);
+      return NULL;
+    }
+    s->offset = offset;
+    s->dirty = false;
+  }
+  s->used = ++c->tick;
+  s->pin++;
+  return s->data;
+}
+
+void
+qcow2_cache_put (struct qcow2_cache *c, void *table)
+{
+  struct slot *s = find_data (c, table);
+
+  s->pin--;
+}
+
+void
+qcow2_cache_mark_dirty (struct qcow2_cache *c, void *table)
+{
+  find_data (c, table)->dirty = true;
+}
+
+int
+qcow2_cache_writeback (struct qcow2_cache *c)
+{
+  for (size_t i = 0; i < c->n; i++) {
+    struct slot *s = &c->slots[i];
+    if (s->offset && s->dirty && write_slot (c, s) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+struct qcow2_cache_batch *
+qcow2_cache_collect (struct qcow2_cache *c)
+{
+  size_t n = 0, k = 0;
+  struct qcow2_cache_batch *b;
+
+  for (size_t i = 0; i < c->n; i++)
+    if (c->slots[i].offset && c->slots[i].dirty)
+      n++;
+  b = calloc (1, sizeof *b + n * sizeof b->items[0]);
+  if (b == NULL) {
+    cow_error_errno ("qcow2 cache batch");
+    return NULL;
+  }
+  for (size_t i = 0; i < c->n && k < n; i++) {
+    struct slot *s = &c->slots[i];
+    if (!s->offset || !s->dirty)
+      continue;
+    b->items[k].copy = malloc (c->q->cluster_size);
+    if (b->items[k].copy == NULL) {
+      cow_error_errno ("qcow2 cache batch");
+      b->n = k;
+      qcow2_cache_batch_done (c, b, false);
+      return NULL;
+    }
+    memcpy (b->items[k].copy, s->data, c->q->cluster_size);
+    b->items[k].slot = s;
+    b->items[k].offset = s->offset;
+    s->dirty = false;
+    s->pin++;                   /* not evicted (and re-read) meanwhile */
+    k++;
+  }
+  b->n = k;
+  return b;
+}
+
+bool
+qcow2_cache_batch_empty (const struct qcow2_cache_batch *b)
+{
+  return b->n == 0;
+}
+
+int
+qcow2_cache_batch_write (struct qcow2 *q, struct qcow2_cache_batch *b)
+{
+  for (size_t i = 0; i < b->n; i++)
+    if (io_pwrite (q->fd, b->items[i].copy, q->cluster_size,
+                   b->items[i].offset) == -1) {
+      cow_error_errno ("%s: writing metadata at offset %" PRIu64,
+                       q->layer.path, b->items[i].offset);
+      return -1;
+    }
+  return 0;
+}
+
+void
+qcow2_cache_batch_done (struct qcow2_cache *c, struct qcow2_cache_batch *b,
+                        bool ok)
+{
+  for (size_t i = 0; i < b->n; i++) {
+    b->items[i].slot->pin--;
+    if (!ok)
+      b->items[i].slot->dirty = true;
+    free (b->items[i].copy);
+  }
+  free (b);
+}

@@ -1,0 +1,943 @@
+/* Guest I/O on a qcow2 layer: L1/L2 mapping, copy-on-write allocation,
+ * zero clusters and flushing.
+ *
+ * A guest cluster is in one of the states of enum qcow2_ctype.  Reads of
+ * NORMAL and SHARED clusters go to the file, ZERO reads as zero,
+ * UNALLOCATED asks the layers below, COMPRESSED is inflated.  A write to a
+ * NORMAL cluster goes in place, outside the lock.  A write to any other
+ * cluster allocates a new one: the request marks the guest clusters in
+ * flight (others touching them wait), fills the parts of the first and
+ * last cluster it does not cover from what the cluster held before, writes
+ * the data, then points the L2 entries at it.  Whole-cluster zero and trim
+ * turn clusters into ZERO clusters and release their storage later (see
+ * qcow2.h for when a freed cluster may be reused).
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#include "error.h"
+#include "io.h"
+#include "qcow2.h"
+
+#define MAX_RUN_CLUSTERS 512    /* clusters allocated by one step */
+
+static inline uint64_t
+cs (const struct qcow2 *q)
+{
+  return q->cluster_size;
+}
+
+/* The L2 table of guest cluster gc, pinned; NULL with *absent when there
+ * is none, NULL without *absent on error. */
+static uint64_t *
+get_l2 (struct qcow2 *q, uint64_t gc, bool *absent)
+{
+  uint64_t idx = gc >> q->l2_bits;
+  uint64_t e, off;
+
+  *absent = false;
+  if (idx >= q->l1_size) {
+    cow_error_set (EIO, "%s: cluster %" PRIu64 " beyond the L1 table",
+                   q->layer.path, gc);
+    return NULL;
+  }
+  e = q->l1[idx];
+  off = e & QCOW2_OFFSET_MASK;
+  if (off == 0) {
+    *absent = true;
+    return NULL;
+  }
+  if ((e & QCOW2_L1_RESERVED) || (off & (cs (q) - 1))) {
+    qcow2_mark_corrupt (q, "L1 entry %" PRIu64 " (0x%" PRIx64 ") has reserved "
+                        "bits set or is not cluster aligned", idx, e);
+    return NULL;
+  }
+  if (off >= q->file_end) {
+    qcow2_mark_corrupt (q, "L1 entry %" PRIu64 " points past the end of "
+                        "the file (offset %" PRIu64 ")", idx, off);
+    return NULL;
+  }
+  return qcow2_cache_get (q->l2_cache, off, false);
+}
+
+static int
+classify (struct qcow2 *q, uint64_t gc, uint64_t e, enum qcow2_ctype *type,
+          uint64_t *host)
+{
+  if (e & QCOW2_OFLAG_COMPRESSED) {
+    *type = QCOW2_COMPRESSED;
+    *host = e;
+    return 0;
+  }
+  if (q->version >= 3 && (e & QCOW2_OFLAG_ZERO)) {
+    if (e & QCOW2_L2_RESERVED)
+      goto bad;
+    *type = QCOW2_ZERO;
+    *host = e & QCOW2_OFFSET_MASK;
+    return 0;
+  }
+  if (e & (QCOW2_L2_RESERVED | QCOW2_OFLAG_ZERO))
+    goto bad;
+  *host = e & QCOW2_OFFSET_MASK;
+  if (*host == 0) {
+    *type = QCOW2_UNALLOCATED;
+    return 0;
+  }
+  if (*host & (cs (q) - 1))
+    goto bad;
+  if (*host >= q->file_end) {
+    qcow2_mark_corrupt (q, "L2 entry of cluster %" PRIu64 " points past the "
+                        "end of the file (offset %" PRIu64 ")", gc, *host);
+    return -1;
+  }
+  *type = (e & QCOW2_OFLAG_COPIED) ? QCOW2_NORMAL : QCOW2_SHARED;
+  return 0;
+
+ bad:
+  qcow2_mark_corrupt (q, "L2 entry of cluster %" PRIu64 " (0x%" PRIx64
+                      ") has reserved bits set or is not cluster aligned",
+                      gc, e);
+  return -1;
+}
+
+int
+qcow2_get_cluster (struct qcow2 *q, uint64_t gc, enum qcow2_ctype *type,
+                   uint64_t *host)
+{
+  bool absent;
+  uint64_t *l2 = get_l2 (q, gc, &absent);
+  int r;
+
+  if (l2 == NULL) {
+    if (!absent)
+      return -1;
+    *type = QCOW2_UNALLOCATED;
+    *host = 0;
+    return 0;
+  }
+  r = classify (q, gc, be64_get (&l2[gc & ((1ull << q->l2_bits) - 1)]),
+                type, host);
+  qcow2_cache_put (q->l2_cache, l2);
+  return r;
+}
+
+/* The longest run from guest cluster gc (at most max clusters, within one
+ * L2 table) of one type, with contiguous host clusters for NORMAL and
+ * SHARED.  Caller holds the lock. */
+static int
+get_run (struct qcow2 *q, uint64_t gc, uint64_t max, enum qcow2_ctype *type,
+         uint64_t *host, uint64_t *n)
+{
+  uint64_t per = 1ull << q->l2_bits;
+  uint64_t i0 = gc & (per - 1);
+  bool absent;
+  uint64_t *l2;
+
+  if (max > per - i0)
+    max = per - i0;
+  l2 = get_l2 (q, gc, &absent);
+  if (l2 == NULL) {
+    if (!absent)
+      return -1;
+    *type = QCOW2_UNALLOCATED;
+    *host = 0;
+    *n = max;
+    return 0;
+  }
+  if (classify (q, gc, be64_get (&l2[i0]), type, host) == -1)
+    goto err;
+  *n = 1;
+  if (*type != QCOW2_COMPRESSED) {
+    while (*n < max) {
+      enum qcow2_ctype t;
+      uint64_t h;
+      if (classify (q, gc + *n, be64_get (&l2[i0 + *n]), &t, &h) == -1)
+        goto err;
+      if (t != *type)
+        break;
+      if ((t == QCOW2_NORMAL || t == QCOW2_SHARED) && h != *host + *n * cs (q))
+        break;
+      (*n)++;
+    }
+  }
+  qcow2_cache_put (q->l2_cache, l2);
+  return 0;
+
+ err:
+  qcow2_cache_put (q->l2_cache, l2);
+  return -1;
+}
+
+static void
+data_io_begin (struct qcow2 *q)
+{
+  __atomic_add_fetch (&q->data_io, 1, __ATOMIC_ACQ_REL);
+}
+
+static void punch_pending (struct qcow2 *q);
+
+static void
+data_io_end (struct qcow2 *q)
+{
+  if (__atomic_sub_fetch (&q->data_io, 1, __ATOMIC_ACQ_REL) == 0
+      && __atomic_load_n (&q->free_synced.len, __ATOMIC_RELAXED) > 0) {
+    pthread_mutex_lock (&q->lock);
+    qcow2_release_synced (q);
+    pthread_mutex_unlock (&q->lock);
+    punch_pending (q);
+  }
+}
+
+/* Punch holes for clusters that became free (advisory: errors ignored). */
+static void
+punch_pending (struct qcow2 *q)
+{
+  struct cluster_list l;
+
+  pthread_mutex_lock (&q->lock);
+  l = q->punch;
+  memset (&q->punch, 0, sizeof q->punch);
+  pthread_mutex_unlock (&q->lock);
+  for (size_t i = 0; i < l.len; i++)
+    io_punch_hole (q->fd, l.v[i] * cs (q), cs (q));
+  free (l.v);
+}
+
+/* Inflate one compressed cluster into buf (cluster sized). */
+static int
+read_compressed (struct qcow2 *q, uint64_t gc, uint64_t e, void *buf)
+{
+  unsigned x = 62 - (q->cluster_bits - 8);
+  uint64_t off = e & ((1ull << x) - 1);
+  uint64_t sectors = ((e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
+  uint64_t clen = sectors * 512 - (off & 511);
+  unsigned char *in;
+  z_stream z;
+  int r;
+
+  if (clen > 2 * cs (q) || off >= q->file_end || clen > q->file_end - off) {
+    qcow2_mark_corrupt (q, "compressed cluster %" PRIu64 " descriptor out of "
+                        "bounds (offset %" PRIu64 ", %" PRIu64 " bytes)",
+                        gc, off, clen);
+    return -1;
+  }
+  in = malloc (clen);
+  if (in == NULL) {
+    cow_error_errno ("malloc");
+    return -1;
+  }
+  if (io_pread (q->fd, in, clen, off) == -1) {
+    cow_error_errno ("%s: reading compressed cluster %" PRIu64,
+                     q->layer.path, gc);
+    free (in);
+    return -1;
+  }
+  memset (&z, 0, sizeof z);
+  if (inflateInit2 (&z, -12) != Z_OK) {
+    free (in);
+    cow_error_set (ENOMEM, "inflateInit2 failed");
+    return -1;
+  }
+  z.next_in = in;
+  z.avail_in = (uInt) clen;
+  z.next_out = buf;
+  z.avail_out = (uInt) cs (q);
+  r = inflate (&z, Z_FINISH);
+  inflateEnd (&z);
+  free (in);
+  if ((r != Z_STREAM_END && r != Z_BUF_ERROR && r != Z_OK) || z.avail_out != 0) {
+    cow_error_set (EIO, "%s: compressed cluster %" PRIu64 " does not inflate "
+                   "to a whole cluster", q->layer.path, gc);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+read_below (struct qcow2 *q, const struct layer_below *below, void *buf,
+            uint64_t count, uint64_t offset)
+{
+  if (below == NULL || below->read == NULL) {
+    memset (buf, 0, count);
+    return 0;
+  }
+  return below->read (below->opaque, buf, (uint32_t) count, offset);
+}
+
+int
+qcow2_layer_read (struct layer *l, void *buf, uint32_t count, uint64_t offset,
+                  const struct layer_below *below)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  char *p = buf;
+
+  while (count > 0) {
+    uint64_t gc = offset >> q->cluster_bits;
+    uint64_t in_cl = offset & (cs (q) - 1);
+    uint64_t want = (in_cl + count + cs (q) - 1) >> q->cluster_bits;
+    enum qcow2_ctype type;
+    uint64_t host, n, len, e = 0;
+    int r = 0;
+
+    pthread_mutex_lock (&q->lock);
+    if (get_run (q, gc, want, &type, &host, &n) == -1) {
+      pthread_mutex_unlock (&q->lock);
+      return -1;
+    }
+    if (type == QCOW2_NORMAL || type == QCOW2_SHARED)
+      data_io_begin (q);
+    e = host;
+    pthread_mutex_unlock (&q->lock);
+
+    len = n * cs (q) - in_cl;
+    if (len > count)
+      len = count;
+    switch (type) {
+    case QCOW2_NORMAL:
+    case QCOW2_SHARED:
+      r = io_pread (q->fd, p, len, host + in_cl);
+      if (r == -1)
+        cow_error_errno ("%s: read at offset %" PRIu64, l->path, host + in_cl);
+      data_io_end (q);
+      break;
+    case QCOW2_ZERO:
+      memset (p, 0, len);
+      break;
+    case QCOW2_UNALLOCATED:
+      r = read_below (q, below, p, len, offset);
+      break;
+    case QCOW2_COMPRESSED: {
+      char *tmp = malloc (cs (q));
+      if (tmp == NULL) {
+        cow_error_errno ("malloc");
+        return -1;
+      }
+      r = read_compressed (q, gc, e, tmp);
+      if (r == 0)
+        memcpy (p, tmp + in_cl, len);
+      free (tmp);
+      break;
+    }
+    }
+    if (r == -1)
+      return -1;
+    p += len;
+    offset += len;
+    count -= (uint32_t) len;
+  }
+  return 0;
+}
+
+/* Fill a cluster buffer with what guest cluster gc held before. */
+static int
+fill_old (struct qcow2 *q, enum qcow2_ctype type, uint64_t host, uint64_t gc,
+          void *buf, const struct layer_below *below)
+{
+  switch (type) {
+  case QCOW2_UNALLOCATED:
+    return read_below (q, below, buf, cs (q), gc * cs (q));
+  case QCOW2_ZERO:
+    memset (buf, 0, cs (q));
+    return 0;
+  case QCOW2_COMPRESSED:
+    return read_compressed (q, gc, host, buf);
+  case QCOW2_NORMAL:
+  case QCOW2_SHARED:
+    if (io_pread (q->fd, buf, cs (q), host) == -1) {
+      cow_error_errno ("%s: copy-on-write read at %" PRIu64, q->layer.path,
+                       host);
+      return -1;
+    }
+    return 0;
+  }
+  abort ();
+}
+
+/* Queue the storage of an entry that is being replaced. */
+static int
+drop_entry (struct qcow2 *q, uint64_t gc, uint64_t e)
+{
+  enum qcow2_ctype type;
+  uint64_t host;
+
+  if (classify (q, gc, e, &type, &host) == -1)
+    return -1;
+  switch (type) {
+  case QCOW2_UNALLOCATED:
+    return 0;
+  case QCOW2_ZERO:
+    return host ? qcow2_free_later (q, host) : 0;
+  case QCOW2_NORMAL:
+  case QCOW2_SHARED:
+    return qcow2_free_later (q, host);
+  case QCOW2_COMPRESSED: {
+    unsigned x = 62 - (q->cluster_bits - 8);
+    uint64_t off = e & ((1ull << x) - 1);
+    uint64_t sectors = ((e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
+    uint64_t last = (off & ~511ull) + sectors * 512 - 1;
+    for (uint64_t c = off / cs (q); c <= last / cs (q); c++)
+      if (qcow2_free_later (q, c * cs (q)) == -1)
+        return -1;
+    return 0;
+  }
+  }
+  abort ();
+}
+
+static bool
+inflight_overlaps (struct qcow2 *q, uint64_t first, uint64_t n)
+{
+  for (size_t i = 0; i < q->n_inflight; i++) {
+    struct qcow2_inflight *f = &q->inflight[i];
+    if (first < f->first + f->count && f->first < first + n)
+      return true;
+  }
+  return false;
+}
+
+/* Clusters from first (up to n) that are not in flight. */
+static uint64_t
+inflight_free_prefix (struct qcow2 *q, uint64_t first, uint64_t n)
+{
+  for (size_t i = 0; i < q->n_inflight; i++) {
+    struct qcow2_inflight *f = &q->inflight[i];
+    if (f->first + f->count > first && f->first < first + n)
+      n = f->first > first ? f->first - first : 0;
+  }
+  return n;
+}
+
+static int
+inflight_add (struct qcow2 *q, uint64_t first, uint64_t n)
+{
+  if (q->n_inflight == q->cap_inflight) {
+    size_t cap = q->cap_inflight ? q->cap_inflight * 2 : 16;
+    struct qcow2_inflight *v = realloc (q->inflight, cap * sizeof *v);
+    if (v == NULL) {
+      cow_error_errno ("realloc");
+      return -1;
+    }
+    q->inflight = v;
+    q->cap_inflight = cap;
+  }
+  q->inflight[q->n_inflight].first = first;
+  q->inflight[q->n_inflight].count = n;
+  q->n_inflight++;
+  return 0;
+}
+
+static void
+inflight_remove (struct qcow2 *q, uint64_t first)
+{
+  for (size_t i = 0; i < q->n_inflight; i++)
+    if (q->inflight[i].first == first) {
+      q->inflight[i] = q->inflight[--q->n_inflight];
+      break;
+    }
+  pthread_cond_broadcast (&q->alloc_done);
+}
+
+/* Make sure guest cluster gc has an L2 table (caller holds the lock). */
+static uint64_t *
+get_or_make_l2 (struct qcow2 *q, uint64_t gc)
+{
+  bool absent;
+  uint64_t *l2 = get_l2 (q, gc, &absent);
+  uint64_t off;
+
+  if (l2 || !absent)
+    return l2;
+  off = qcow2_alloc_clusters (q, 1);
+  if (off == 0)
+    return NULL;
+  l2 = qcow2_cache_get (q->l2_cache, off, true);
+  if (l2 == NULL) {
+    qcow2_free_unused (q, off, 1);
+    return NULL;
+  }
+  qcow2_cache_mark_dirty (q->l2_cache, l2);
+  q->l1[gc >> q->l2_bits] = off | QCOW2_OFLAG_COPIED;
+  q->l1_dirty = true;
+  return l2;
+}
+
+/* Allocate and write clusters [gc, gc+n) whose old contents are described
+ * by types/hosts; data covers bytes [in_cl, in_cl+len) of the run.
+ * Called without the lock; the clusters are marked in flight. */
+static int
+write_new_clusters (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
+                    const enum qcow2_ctype *types, const uint64_t *olds,
+                    const char *data, uint64_t in_cl, uint64_t len,
+                    const struct layer_below *below)
+{
+  uint64_t c = cs (q);
+  uint64_t end = in_cl + len;            /* within the run */
+  uint64_t tail = n * c - end;
+  char *bounce = NULL;
+  int r = -1;
+
+  if (in_cl || tail) {
+    bounce = malloc (c);
+    if (bounce == NULL) {
+      cow_error_errno ("malloc");
+      return -1;
+    }
+  }
+  /* The first cluster, if the request does not cover all of it. */
+  if (in_cl || (n == 1 && tail)) {
+    uint64_t upto = end < c ? end : c;
+    if (fill_old (q, types[0], olds[0], gc, bounce, below) == -1)
+      goto out;
+    memcpy (bounce + in_cl, data, upto - in_cl);
+    if (io_pwrite (q->fd, bounce, c, host) == -1)
+      goto io_err;
+    if (n == 1) {
+      r = 0;
+      goto out;
+    }
+    data += c - in_cl;
+    host += c;
+    gc++;
+    n--;
+    types++;
+    olds++;
+    end -= c;
+    in_cl = 0;
+  }
+  /* Whole clusters straight from the caller's buffer. */
+  if (n > (tail ? 1u : 0u)) {
+    uint64_t whole = n - (tail ? 1 : 0);
+    if (io_pwrite (q->fd, data, whole * c, host) == -1)
+      goto io_err;
+    data += whole * c;
+    host += whole * c;
+    gc += whole;
+    types += whole;
+    olds += whole;
+    end -= whole * c;
+    n -= whole;
+  }
+  /* The last cluster, partly covered. */
+  if (n == 1) {
+    if (fill_old (q, types[0], olds[0], gc, bounce, below) == -1)
+      goto out;
+    memcpy (bounce, data, end);
+    if (io_pwrite (q->fd, bounce, c, host) == -1)
+      goto io_err;
+  }
+  r = 0;
+  goto out;
+
+ io_err:
+  cow_error_errno ("%s: write at offset %" PRIu64, q->layer.path, host);
+ out:
+  free (bounce);
+  return r;
+}
+
+static int
+check_writable (struct qcow2 *q)
+{
+  if (q->layer.readonly) {
+    cow_error_set (EROFS, "%s: layer is read-only", q->layer.path);
+    return -1;
+  }
+  if (q->corrupt) {
+    cow_error_set (EROFS, "%s: layer is marked corrupt; refusing to write",
+                   q->layer.path);
+    return -1;
+  }
+  return 0;
+}
+
+/* One step of a write: the run at offset.  Returns bytes done or -1. */
+static int64_t
+write_step (struct qcow2 *q, const char *data, uint64_t count, uint64_t offset,
+            const struct layer_below *below)
+{
+  uint64_t c = cs (q);
+  uint64_t gc = offset >> q->cluster_bits;
+  uint64_t in_cl = offset & (c - 1);
+  uint64_t want = (in_cl + count + c - 1) >> q->cluster_bits;
+  enum qcow2_ctype type, types[MAX_RUN_CLUSTERS];
+  uint64_t host, n, len, olds[MAX_RUN_CLUSTERS];
+  uint64_t *l2;
+  uint64_t per = 1ull << q->l2_bits;
+
+  if (want > MAX_RUN_CLUSTERS)
+    want = MAX_RUN_CLUSTERS;
+
+  pthread_mutex_lock (&q->lock);
+  for (;;) {
+    if (inflight_overlaps (q, gc, 1)) {
+      pthread_cond_wait (&q->alloc_done, &q->lock);
+      continue;
+    }
+    if (get_run (q, gc, want, &type, &host, &n) == -1)
+      goto err_unlock;
+    break;
+  }
+
+  if (type == QCOW2_NORMAL) {
+    data_io_begin (q);
+    pthread_mutex_unlock (&q->lock);
+    len = n * c - in_cl;
+    if (len > count)
+      len = count;
+    if (io_pwrite (q->fd, data, len, host + in_cl) == -1) {
+      cow_error_errno ("%s: write at offset %" PRIu64, q->layer.path,
+                       host + in_cl);
+      data_io_end (q);
+      return -1;
+    }
+    data_io_end (q);
+    return (int64_t) len;
+  }
+
+  /* Clusters that need a new home: as many in a row as are not NORMAL
+   * and not in flight, within one L2 table. */
+  if (want > per - (gc & (per - 1)))
+    want = per - (gc & (per - 1));
+  want = inflight_free_prefix (q, gc, want);
+  l2 = get_or_make_l2 (q, gc);
+  if (l2 == NULL)
+    goto err_unlock;
+  for (n = 0; n < want; n++) {
+    uint64_t e = be64_get (&l2[(gc + n) & (per - 1)]);
+    if (classify (q, gc + n, e, &types[n], &olds[n]) == -1) {
+      qcow2_cache_put (q->l2_cache, l2);
+      goto err_unlock;
+    }
+    if (types[n] == QCOW2_NORMAL)
+      break;
+    if (types[n] == QCOW2_COMPRESSED)
+      olds[n] = e;
+  }
+  qcow2_cache_put (q->l2_cache, l2);
+  host = qcow2_alloc_clusters (q, n);
+  if (host == 0)
+    goto err_unlock;
+  if (inflight_add (q, gc, n) == -1) {
+    qcow2_free_unused (q, host, n);
+    goto err_unlock;
+  }
+  pthread_mutex_unlock (&q->lock);
+
+  len = n * c - in_cl;
+  if (len > count)
+    len = count;
+  if (write_new_clusters (q, gc, n, host, types, olds, data, in_cl, len,
+                          below) == -1) {
+    pthread_mutex_lock (&q->lock);
+    qcow2_free_unused (q, host, n);
+    inflight_remove (q, gc);
+    pthread_mutex_unlock (&q->lock);
+    return -1;
+  }
+
+  pthread_mutex_lock (&q->lock);
+  l2 = get_or_make_l2 (q, gc);
+  if (l2 == NULL) {
+    qcow2_free_unused (q, host, n);
+    inflight_remove (q, gc);
+    goto err_unlock;
+  }
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t *slot = &l2[(gc + i) & (per - 1)];
+    drop_entry (q, gc + i, be64_get (slot));
+    be64_put (slot, (host + i * c) | QCOW2_OFLAG_COPIED);
+  }
+  qcow2_cache_mark_dirty (q->l2_cache, l2);
+  qcow2_cache_put (q->l2_cache, l2);
+  inflight_remove (q, gc);
+  pthread_mutex_unlock (&q->lock);
+  return (int64_t) len;
+
+ err_unlock:
+  pthread_mutex_unlock (&q->lock);
+  return -1;
+}
+
+int
+qcow2_layer_write (struct layer *l, const void *buf, uint32_t count,
+                   uint64_t offset, const struct layer_below *below)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  const char *p = buf;
+
+  if (check_writable (q) == -1)
+    return -1;
+  while (count > 0) {
+    int64_t done = write_step (q, p, count, offset, below);
+    if (done == -1)
+      return -1;
+    p += done;
+    offset += (uint64_t) done;
+    count -= (uint32_t) done;
+  }
+  return 0;
+}
+
+static int
+write_zeroes (struct qcow2 *q, uint64_t count, uint64_t offset,
+              const struct layer_below *below)
+{
+  static const char zero_buf[65536];
+
+  while (count > 0) {
+    uint32_t n = count > sizeof zero_buf ? sizeof zero_buf : (uint32_t) count;
+    if (qcow2_layer_write (&q->layer, zero_buf, n, offset, below) == -1)
+      return -1;
+    count -= n;
+    offset += n;
+  }
+  return 0;
+}
+
+/* Turn whole guest clusters [gc, gc+n) into zero clusters. */
+static int
+zero_clusters (struct qcow2 *q, uint64_t gc, uint64_t n)
+{
+  uint64_t per = 1ull << q->l2_bits;
+
+  while (n > 0) {
+    uint64_t step = per - (gc & (per - 1));
+    uint64_t *l2;
+
+    if (step > n)
+      step = n;
+    pthread_mutex_lock (&q->lock);
+    while (inflight_overlaps (q, gc, step))
+      pthread_cond_wait (&q->alloc_done, &q->lock);
+    l2 = get_or_make_l2 (q, gc);
+    if (l2 == NULL) {
+      pthread_mutex_unlock (&q->lock);
+      return -1;
+    }
+    for (uint64_t i = 0; i < step; i++) {
+      uint64_t *slot = &l2[(gc + i) & (per - 1)];
+      uint64_t e = be64_get (slot);
+      if (e == QCOW2_OFLAG_ZERO)
+        continue;
+      if (drop_entry (q, gc + i, e) == -1) {
+        qcow2_cache_mark_dirty (q->l2_cache, l2);
+        qcow2_cache_put (q->l2_cache, l2);
+        pthread_mutex_unlock (&q->lock);
+        return -1;
+      }
+      be64_put (slot, QCOW2_OFLAG_ZERO);
+    }
+    qcow2_cache_mark_dirty (q->l2_cache, l2);
+    qcow2_cache_put (q->l2_cache, l2);
+    pthread_mutex_unlock (&q->lock);
+    gc += step;
+    n -= step;
+  }
+  return 0;
+}
+
+int
+qcow2_layer_zero (struct layer *l, uint32_t count, uint64_t offset, bool fast,
+                  const struct layer_below *below)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  uint64_t c = cs (q);
+  uint64_t end = offset + count;
+  uint64_t first = (offset + c - 1) & ~(c - 1);   /* first whole cluster */
+  uint64_t last = end & ~(c - 1);                  /* end of whole ones */
+
+  if (check_writable (q) == -1)
+    return -1;
+  if (q->version < 3 || first >= last) {
+    if (fast) {
+      cow_error_set (ENOTSUP, "%s: zeroing this range needs data writes",
+                     l->path);
+      return -1;
+    }
+    return write_zeroes (q, count, offset, below);
+  }
+  if (fast && (first != offset || last != end)) {
+    cow_error_set (ENOTSUP, "%s: zeroing a partial cluster needs data "
+                   "writes", l->path);
+    return -1;
+  }
+  if (first > offset && write_zeroes (q, first - offset, offset, below) == -1)
+    return -1;
+  if (zero_clusters (q, first >> q->cluster_bits,
+                     (last - first) >> q->cluster_bits) == -1)
+    return -1;
+  if (end > last && write_zeroes (q, end - last, last, below) == -1)
+    return -1;
+  return 0;
+}
+
+int
+qcow2_layer_trim (struct layer *l, uint32_t count, uint64_t offset)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  uint64_t c = cs (q);
+  uint64_t first = (offset + c - 1) & ~(c - 1);
+  uint64_t last = (offset + count) & ~(c - 1);
+
+  if (check_writable (q) == -1)
+    return -1;
+  /* Without zero clusters (compat 0.10) a trim could only expose the
+   * layers below, so it is ignored there. */
+  if (q->version < 3 || first >= last)
+    return 0;
+  return zero_clusters (q, first >> q->cluster_bits,
+                        (last - first) >> q->cluster_bits);
+}
+
+int
+qcow2_layer_map (struct layer *l, uint64_t offset, uint64_t count,
+                 uint64_t *len, enum layer_status *status)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  uint64_t c = cs (q);
+  uint64_t done = 0;
+  enum layer_status first = LAYER_ABSENT;
+
+  if (offset >= l->size) {
+    *len = count;
+    *status = LAYER_ZERO;
+    return 0;
+  }
+  if (count > l->size - offset)
+    count = l->size - offset;
+  pthread_mutex_lock (&q->lock);
+  while (done < count) {
+    uint64_t off = offset + done;
+    uint64_t in_cl = off & (c - 1);
+    uint64_t want = (in_cl + (count - done) + c - 1) >> q->cluster_bits;
+    enum qcow2_ctype type;
+    enum layer_status st;
+    uint64_t host, n, run;
+
+    if (get_run (q, off >> q->cluster_bits, want, &type, &host, &n) == -1) {
+      pthread_mutex_unlock (&q->lock);
+      return -1;
+    }
+    st = type == QCOW2_UNALLOCATED ? LAYER_ABSENT
+      : type == QCOW2_ZERO ? LAYER_ZERO : LAYER_DATA;
+    if (done == 0)
+      first = st;
+    else if (st != first)
+      break;
+    run = n * c - in_cl;
+    done += run < count - done ? run : count - done;
+  }
+  pthread_mutex_unlock (&q->lock);
+  *len = done;
+  *status = first;
+  return 0;
+}
+
+int
+qcow2_layer_flush (struct layer *l)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  struct qcow2_cache_batch *rb = NULL, *l2 = NULL;
+  uint64_t *reft = NULL, *l1 = NULL;
+  size_t n_flushing;
+  bool ok = false;
+
+  if (l->readonly)
+    return 0;
+  pthread_mutex_lock (&q->flush_lock);
+
+  /* Take everything dirty at one instant: the L2 entries among it only
+   * point at data written and refcounts raised before this instant. */
+  pthread_mutex_lock (&q->lock);
+  rb = qcow2_cache_collect (q->rb_cache);
+  l2 = rb ? qcow2_cache_collect (q->l2_cache) : NULL;
+  if (l2 && q->reftable_dirty) {
+    reft = malloc (q->reftable_clusters * cs (q));
+    if (reft) {
+      memset (reft, 0, q->reftable_clusters * cs (q));
+      for (uint64_t i = 0; i < q->reftable_entries; i++)
+        be64_put (&reft[i], q->reftable[i]);
+      q->reftable_dirty = false;
+    }
+  }
+  if (l2 && q->l1_dirty) {
+    l1 = malloc ((size_t) q->l1_size * 8);
+    if (l1) {
+      for (uint32_t i = 0; i < q->l1_size; i++)
+        be64_put (&l1[i], q->l1[i]);
+      q->l1_dirty = false;
+    }
+  }
+  for (size_t i = 0; i < q->free_unsynced.len; i++)
+    cluster_list_push (&q->free_flushing, q->free_unsynced.v[i]);
+  q->free_unsynced.len = 0;
+  n_flushing = q->free_flushing.len;
+  pthread_mutex_unlock (&q->lock);
+
+  if (rb == NULL || l2 == NULL)
+    goto done;
+  if (qcow2_cache_batch_write (q, rb) == -1)
+    goto done;
+  if (io_fsync (q->fd) == -1)
+    goto sync_err;
+  if (reft) {
+    if (io_pwrite (q->fd, reft, q->reftable_clusters * cs (q),
+                   q->reftable_offset) == -1) {
+      cow_error_errno ("%s: writing the refcount table", l->path);
+      goto done;
+    }
+    if (io_fsync (q->fd) == -1)
+      goto sync_err;
+  }
+  if (!qcow2_cache_batch_empty (l2) || l1) {
+    if (qcow2_cache_batch_write (q, l2) == -1)
+      goto done;
+    if (l1) {
+      if (io_fsync (q->fd) == -1)
+        goto sync_err;
+      if (io_pwrite (q->fd, l1, (size_t) q->l1_size * 8, q->l1_offset) == -1) {
+        cow_error_errno ("%s: writing the L1 table", l->path);
+        goto done;
+      }
+    }
+    if (io_fsync (q->fd) == -1)
+      goto sync_err;
+  }
+  ok = true;
+  goto done;
+
+ sync_err:
+  cow_error_errno ("%s: fsync", l->path);
+ done:
+  pthread_mutex_lock (&q->lock);
+  if (rb)
+    qcow2_cache_batch_done (q->rb_cache, rb, ok);
+  if (l2)
+    qcow2_cache_batch_done (q->l2_cache, l2, ok);
+  if (!ok) {
+    if (reft)
+      q->reftable_dirty = true;
+    if (l1)
+      q->l1_dirty = true;
+  }
+  else {
+    for (size_t i = 0; i < n_flushing; i++)
+      cluster_list_push (&q->free_synced, q->free_flushing.v[i]);
+    memmove (q->free_flushing.v, q->free_flushing.v + n_flushing,
+             (q->free_flushing.len - n_flushing) * sizeof (uint64_t));
+    q->free_flushing.len -= n_flushing;
+    qcow2_release_synced (q);
+  }
+  pthread_mutex_unlock (&q->lock);
+  free (reft);
+  free (l1);
+  if (ok)
+    punch_pending (q);
+  pthread_mutex_unlock (&q->flush_lock);
+  return ok ? 0 : -1;
+}

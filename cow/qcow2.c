@@ -1,0 +1,660 @@
+/* qcow2 layer: header and extensions, open, create, close.  Every field
+ * read from the file is checked before it sizes an allocation, indexes a
+ * table or positions a read; each refusal names the file and the field. */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <endian.h>
+#include <sys/stat.h>
+
+#include "error.h"
+#include "io.h"
+#include "qcow2.h"
+
+static uint32_t
+get32 (const uint8_t *p)
+{
+  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16
+    | (uint32_t) p[2] << 8 | p[3];
+}
+
+static uint64_t
+get64 (const uint8_t *p)
+{
+  return (uint64_t) get32 (p) << 32 | get32 (p + 4);
+}
+
+static void
+put32 (uint8_t *p, uint32_t v)
+{
+  p[0] = (uint8_t) (v >> 24); p[1] = (uint8_t) (v >> 16);
+  p[2] = (uint8_t) (v >> 8); p[3] = (uint8_t) v;
+}
+
+static void
+put64 (uint8_t *p, uint64_t v)
+{
+  put32 (p, (uint32_t) (v >> 32));
+  put32 (p + 4, (uint32_t) v);
+}
+
+void
+qcow2_mark_corrupt (struct qcow2 *q, const char *fmt, ...)
+{
+  char msg[512];
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  q->corrupt = true;
+  cow_error_set (EIO, "%s: corrupt qcow2 image: %s; the layer is now "
+                 "read-only", q->layer.path, msg);
+}
+
+int
+qcow2_probe (const char *path)
+{
+  uint8_t magic[4];
+  uint64_t size;
+  int fd = io_open (path, O_RDONLY, 0);
+
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot open", path);
+    return -1;
+  }
+  if (io_file_size (fd, &size) == -1 || io_pread (fd, magic, 4, 0) == -1) {
+    cow_error_errno ("%s: cannot read", path);
+    io_close (fd);
+    return -1;
+  }
+  io_close (fd);
+  return size >= 4 && get32 (magic) == QCOW2_MAGIC;
+}
+
+/* Header extensions between the header and the end of cluster 0. */
+static int
+parse_extensions (struct qcow2 *q, const uint8_t *h, uint64_t limit)
+{
+  uint64_t off = q->header_length;
+
+  while (off + 8 <= limit) {
+    uint32_t type = get32 (h + off);
+    uint32_t len = get32 (h + off + 4);
+    off += 8;
+    if (type == QCOW2_EXT_END)
+      return 0;
+    if (len > limit - off) {
+      cow_error_set (EINVAL, "%s: header extension 0x%08x: length %u runs "
+                     "past the end of the header cluster", q->layer.path,
+                     type, len);
+      return -1;
+    }
+    if (type == QCOW2_EXT_BACKING_FORMAT) {
+      if (len == 0 || len > 32) {
+        cow_error_set (EINVAL, "%s: backing format extension: bad length %u",
+                       q->layer.path, len);
+        return -1;
+      }
+      q->backing_format = strndup ((const char *) h + off, len);
+      if (q->backing_format == NULL) {
+        cow_error_errno ("strndup");
+        return -1;
+      }
+    }
+    off += ((uint64_t) len + 7) & ~7ull;
+  }
+  if (off > limit) {
+    cow_error_set (EINVAL, "%s: header extensions run past the end of the "
+                   "header cluster", q->layer.path);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
+              bool readonly, bool creating)
+{
+  const char *f = q->layer.path;
+  uint64_t backing_off, l1_needed, per_l2, incompat_known;
+  uint32_t backing_len;
+
+  if (get32 (h) != QCOW2_MAGIC) {
+    cow_error_set (EINVAL, "%s: not a qcow2 image (bad magic)", f);
+    return -1;
+  }
+  q->version = get32 (h + 4);
+  if (q->version != 2 && q->version != 3) {
+    cow_error_set (ENOTSUP, "%s: qcow2 version %u is not supported (only 2 "
+                   "and 3)", f, q->version);
+    return -1;
+  }
+  q->cluster_bits = get32 (h + 20);
+  if (q->cluster_bits < QCOW2_MIN_CLUSTER_BITS
+      || q->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
+    cow_error_set (EINVAL, "%s: cluster_bits %u out of range (%d to %d)", f,
+                   q->cluster_bits, QCOW2_MIN_CLUSTER_BITS,
+                   QCOW2_MAX_CLUSTER_BITS);
+    return -1;
+  }
+  q->cluster_size = 1ull << q->cluster_bits;
+  q->l2_bits = q->cluster_bits - 3;
+  q->layer.size = get64 (h + 24);
+  if (q->layer.size > (1ull << 56)) {
+    cow_error_set (EINVAL, "%s: virtual size %" PRIu64 " too large", f,
+                   q->layer.size);
+    return -1;
+  }
+  if (get32 (h + 32) != 0) {
+    cow_error_set (ENOTSUP, "%s: encrypted images (crypt_method %u) are not "
+                   "supported", f, get32 (h + 32));
+    return -1;
+  }
+  if (q->version == 2) {
+    q->header_length = QCOW2_V2_HEADER_LENGTH;
+    q->refcount_order = 4;
+  }
+  else {
+    q->incompat = get64 (h + 72);
+    q->compat = get64 (h + 80);
+    q->autoclear = get64 (h + 88);
+    q->refcount_order = get32 (h + 96);
+    q->header_length = get32 (h + 100);
+    if (q->header_length < QCOW2_V3_HEADER_LENGTH
+        || q->header_length > q->cluster_size || q->header_length % 8) {
+      cow_error_set (EINVAL, "%s: header_length %u invalid", f,
+                     q->header_length);
+      return -1;
+    }
+    if (q->refcount_order > 6) {
+      cow_error_set (EINVAL, "%s: refcount_order %u above 6", f,
+                     q->refcount_order);
+      return -1;
+    }
+    incompat_known = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT;
+    if (q->incompat & QCOW2_INCOMPAT_DATA_FILE) {
+      cow_error_set (ENOTSUP, "%s: incompatible feature 'external data "
+                     "file' is not supported", f);
+      return -1;
+    }
+    if (q->incompat & QCOW2_INCOMPAT_COMPRESSION) {
+      cow_error_set (ENOTSUP, "%s: incompatible feature 'compression type' "
+                     "(non-zlib compression) is not supported", f);
+      return -1;
+    }
+    if (q->incompat & QCOW2_INCOMPAT_EXTL2) {
+      cow_error_set (ENOTSUP, "%s: incompatible feature 'extended L2 "
+                     "entries' is not supported", f);
+      return -1;
+    }
+    if (q->incompat & ~incompat_known) {
+      cow_error_set (ENOTSUP, "%s: unknown incompatible feature bits 0x%"
+                     PRIx64, f, q->incompat & ~incompat_known);
+      return -1;
+    }
+    if (!readonly && (q->incompat & QCOW2_INCOMPAT_CORRUPT)) {
+      cow_error_set (EROFS, "%s: image is marked corrupt; it can only be "
+                     "opened read-only (repair: qemu-img check -r all)", f);
+      return -1;
+    }
+    if (!readonly && (q->incompat & QCOW2_INCOMPAT_DIRTY)) {
+      cow_error_set (EROFS, "%s: image has the dirty bit set (lazy refcounts "
+                     "not written back); repair with qemu-img check -r all", f);
+      return -1;
+    }
+  }
+  q->rb_bits = q->cluster_bits + 3 - q->refcount_order;
+
+  /* L1 table. */
+  q->l1_size = get32 (h + 36);
+  q->l1_offset = get64 (h + 40);
+  per_l2 = q->cluster_size / 8;
+  l1_needed = (q->layer.size + q->cluster_size * per_l2 - 1)
+    / (q->cluster_size * per_l2);
+  if ((uint64_t) q->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
+    cow_error_set (EFBIG, "%s: L1 table of %u entries is too large", f,
+                   q->l1_size);
+    return -1;
+  }
+  if (q->l1_size < l1_needed && !creating) {
+    cow_error_set (EINVAL, "%s: L1 table of %u entries is too small for the "
+                   "virtual size %" PRIu64, f, q->l1_size, q->layer.size);
+    return -1;
+  }
+  if (q->l1_size && ((q->l1_offset & (q->cluster_size - 1))
+                     || q->l1_offset > file_size
+                     || (uint64_t) q->l1_size * 8 > file_size - q->l1_offset)) {
+    cow_error_set (EINVAL, "%s: L1 table offset %" PRIu64 " is misaligned or "
+                   "past the end of the file", f, q->l1_offset);
+    return -1;
+  }
+
+  /* Refcount table. */
+  q->reftable_offset = get64 (h + 48);
+  q->reftable_clusters = get32 (h + 56);
+  if ((uint64_t) q->reftable_clusters * q->cluster_size
+      > QCOW2_MAX_REFTABLE_BYTES) {
+    cow_error_set (EFBIG, "%s: refcount table of %u clusters is too large",
+                   f, q->reftable_clusters);
+    return -1;
+  }
+  if (q->reftable_clusters == 0
+      || (q->reftable_offset & (q->cluster_size - 1))
+      || q->reftable_offset > file_size
+      || (uint64_t) q->reftable_clusters * q->cluster_size
+         > file_size - q->reftable_offset) {
+    cow_error_set (EINVAL, "%s: refcount table offset %" PRIu64 " is "
+                   "misaligned, empty or past the end of the file", f,
+                   q->reftable_offset);
+    return -1;
+  }
+
+  /* Internal snapshots. */
+  q->nb_snapshots = get32 (h + 60);
+  if (q->nb_snapshots > 65536) {
+    cow_error_set (EINVAL, "%s: snapshot count %u too large", f,
+                   q->nb_snapshots);
+    return -1;
+  }
+  if (!readonly && q->nb_snapshots > 0) {
+    cow_error_set (ENOTSUP, "%s: internal snapshots are not supported in a "
+                   "writable layer (%u found)", f, q->nb_snapshots);
+    return -1;
+  }
+
+  /* Backing file name: within the header cluster. */
+  backing_off = get64 (h + 8);
+  backing_len = get32 (h + 16);
+  if (backing_off) {
+    if (backing_len > QCOW2_MAX_BACKING_NAME) {
+      cow_error_set (EINVAL, "%s: backing file name of %u bytes is too long",
+                     f, backing_len);
+      return -1;
+    }
+    if (backing_off > q->cluster_size
+        || backing_len > q->cluster_size - backing_off
+        || backing_off < q->header_length) {
+      cow_error_set (EINVAL, "%s: backing file name offset %" PRIu64
+                     " is outside the header cluster", f, backing_off);
+      return -1;
+    }
+    q->backing_file = strndup ((const char *) h + backing_off, backing_len);
+    if (q->backing_file == NULL) {
+      cow_error_errno ("strndup");
+      return -1;
+    }
+    if (strlen (q->backing_file) != backing_len) {
+      cow_error_set (EINVAL, "%s: backing file name contains a NUL byte", f);
+      return -1;
+    }
+  }
+  if (q->version >= 3
+      && parse_extensions (q, h, backing_off ? backing_off : q->cluster_size) == -1)
+    return -1;
+  return 0;
+}
+
+static int
+load_tables (struct qcow2 *q)
+{
+  uint64_t bytes;
+
+  if (q->l1_size) {
+    q->l1 = malloc ((size_t) q->l1_size * 8);
+    if (q->l1 == NULL) {
+      cow_error_errno ("L1 table");
+      return -1;
+    }
+    if (io_pread (q->fd, q->l1, (size_t) q->l1_size * 8, q->l1_offset) == -1) {
+      cow_error_errno ("%s: reading the L1 table", q->layer.path);
+      return -1;
+    }
+    for (uint32_t i = 0; i < q->l1_size; i++)
+      q->l1[i] = be64_get (&q->l1[i]);
+  }
+  bytes = (uint64_t) q->reftable_clusters * q->cluster_size;
+  q->reftable_entries = bytes / 8;
+  q->reftable = malloc (bytes);
+  if (q->reftable == NULL) {
+    cow_error_errno ("refcount table");
+    return -1;
+  }
+  if (io_pread (q->fd, q->reftable, bytes, q->reftable_offset) == -1) {
+    cow_error_errno ("%s: reading the refcount table", q->layer.path);
+    return -1;
+  }
+  for (uint64_t i = 0; i < q->reftable_entries; i++)
+    q->reftable[i] = be64_get (&q->reftable[i]);
+  return 0;
+}
+
+static void
+qcow2_free (struct qcow2 *q)
+{
+  qcow2_cache_destroy (q->l2_cache);
+  qcow2_cache_destroy (q->rb_cache);
+  free (q->l1);
+  free (q->reftable);
+  free (q->inflight);
+  free (q->free_unsynced.v);
+  free (q->free_flushing.v);
+  free (q->free_synced.v);
+  free (q->free_ready.v);
+  free (q->punch.v);
+  free (q->backing_file);
+  free (q->backing_format);
+  free (q->layer.path);
+  pthread_mutex_destroy (&q->lock);
+  pthread_mutex_destroy (&q->flush_lock);
+  pthread_cond_destroy (&q->alloc_done);
+  free (q);
+}
+
+static int
+qcow2_layer_close (struct layer *l)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  int r = 0;
+
+  if (!l->readonly) {
+    /* The second flush writes the refcounts that the first one freed. */
+    r = qcow2_layer_flush (l);
+    if (r == 0)
+      r = qcow2_layer_flush (l);
+  }
+  io_close (q->fd);
+  qcow2_free (q);
+  return r;
+}
+
+static const struct layer_ops qcow2_ops = {
+  .kind = "qcow2",
+  .read = qcow2_layer_read,
+  .write = qcow2_layer_write,
+  .zero = qcow2_layer_zero,
+  .trim = qcow2_layer_trim,
+  .flush = qcow2_layer_flush,
+  .map = qcow2_layer_map,
+  .close = qcow2_layer_close,
+};
+
+static struct qcow2 *
+open_common (const char *path, bool readonly, uint64_t cache_size,
+             bool creating)
+{
+  struct qcow2 *q = calloc (1, sizeof *q);
+  uint8_t *h = NULL;
+  uint64_t file_size, n_l2;
+
+  if (q == NULL) {
+    cow_error_errno ("calloc");
+    return NULL;
+  }
+  pthread_mutex_init (&q->lock, NULL);
+  pthread_mutex_init (&q->flush_lock, NULL);
+  pthread_cond_init (&q->alloc_done, NULL);
+  q->layer.ops = &qcow2_ops;
+  q->layer.readonly = readonly;
+  q->layer.path = strdup (path);
+  q->fd = -1;
+  if (q->layer.path == NULL) {
+    cow_error_errno ("strdup");
+    goto err;
+  }
+  q->fd = io_open (path, readonly ? O_RDONLY : O_RDWR, 0);
+  if (q->fd == -1) {
+    cow_error_errno ("%s: cannot open", path);
+    goto err;
+  }
+  if (io_file_size (q->fd, &file_size) == -1) {
+    cow_error_errno ("%s: stat", path);
+    goto err;
+  }
+  if (file_size < QCOW2_V2_HEADER_LENGTH) {
+    cow_error_set (EINVAL, "%s: file of %" PRIu64 " bytes is too small for "
+                   "a qcow2 header", path, file_size);
+    goto err;
+  }
+  /* Read the largest possible header cluster; fields say how much counts. */
+  h = calloc (1, 1u << QCOW2_MAX_CLUSTER_BITS);
+  if (h == NULL) {
+    cow_error_errno ("calloc");
+    goto err;
+  }
+  if (io_pread (q->fd, h, file_size < (1u << QCOW2_MAX_CLUSTER_BITS)
+                ? file_size : (1u << QCOW2_MAX_CLUSTER_BITS), 0) == -1) {
+    cow_error_errno ("%s: reading the header", path);
+    goto err;
+  }
+  /* When creating, create() fills in the L1 table after opening. */
+  if (parse_header (q, h, file_size, readonly, creating) == -1)
+    goto err;
+  if (load_tables (q) == -1)
+    goto err;
+  q->file_size_at_open = file_size;
+  q->file_end = (file_size + q->cluster_size - 1) & ~(q->cluster_size - 1);
+
+  if (cache_size == 0)
+    cache_size = 32u << 20;
+  n_l2 = cache_size / q->cluster_size;
+  q->l2_cache = qcow2_cache_create (q, n_l2, true);
+  q->rb_cache = qcow2_cache_create (q, n_l2 / 4, false);
+  if (q->l2_cache == NULL || q->rb_cache == NULL)
+    goto err;
+  free (h);
+  return q;
+
+ err:
+  free (h);
+  if (q->fd != -1)
+    io_close (q->fd);
+  qcow2_free (q);
+  return NULL;
+}
+
+struct layer *
+qcow2_open (const char *path, bool readonly, uint64_t cache_size)
+{
+  struct qcow2 *q = open_common (path, readonly, cache_size, false);
+
+  return q ? &q->layer : NULL;
+}
+
+const char *
+qcow2_backing_file (struct layer *l)
+{
+  return ((struct qcow2 *) l)->backing_file;
+}
+
+const char *
+qcow2_backing_format (struct layer *l)
+{
+  return ((struct qcow2 *) l)->backing_format;
+}
+
+uint32_t
+qcow2_cluster_size (struct layer *l)
+{
+  return (uint32_t) ((struct qcow2 *) l)->cluster_size;
+}
+
+/* Build cluster 0: header, extensions, backing name. */
+static int
+build_header (uint8_t *h, const struct qcow2_create_opts *o, uint32_t cbits,
+              const char *path)
+{
+  uint64_t c = 1ull << cbits;
+  uint64_t off = QCOW2_HEADER_LENGTH_WRITTEN;
+  size_t blen = o->backing_file ? strlen (o->backing_file) : 0;
+  size_t flen = o->backing_format ? strlen (o->backing_format) : 0;
+
+  put32 (h, QCOW2_MAGIC);
+  put32 (h + 4, 3);
+  put32 (h + 20, cbits);
+  put64 (h + 24, o->size);
+  put64 (h + 48, c);                /* refcount table in cluster 1 */
+  put32 (h + 56, 1);
+  put32 (h + 96, 4);                /* 16-bit refcounts */
+  put32 (h + 100, QCOW2_HEADER_LENGTH_WRITTEN);
+  if (flen) {
+    if (off + 8 + ((flen + 7) & ~7u) + 8 > c) {
+      cow_error_set (EINVAL, "%s: backing format does not fit", path);
+      return -1;
+    }
+    put32 (h + off, QCOW2_EXT_BACKING_FORMAT);
+    put32 (h + off + 4, (uint32_t) flen);
+    memcpy (h + off + 8, o->backing_format, flen);
+    off += 8 + ((flen + 7) & ~7u);
+  }
+  off += 8;                         /* end of extensions */
+  if (blen) {
+    if (blen > QCOW2_MAX_BACKING_NAME || off + blen > c) {
+      cow_error_set (ENAMETOOLONG, "%s: backing file name '%s' does not fit "
+                     "in the header cluster", path, o->backing_file);
+      return -1;
+    }
+    put64 (h + 8, off);
+    put32 (h + 16, (uint32_t) blen);
+    memcpy (h + off, o->backing_file, blen);
+  }
+  return 0;
+}
+
+int
+qcow2_create (const char *path, const struct qcow2_create_opts *o)
+{
+  uint32_t cbits = 0;
+  uint64_t c, per_l2, l1_entries, l1_off;
+  uint8_t *buf = NULL, l1hdr[12];
+  char *tmp = NULL;
+  int fd = -1;
+  struct qcow2 *q = NULL;
+  uint16_t *rb;
+
+  if (o->cluster_size < 512 || o->cluster_size > (2u << 20)
+      || (o->cluster_size & (o->cluster_size - 1))) {
+    cow_error_set (EINVAL, "%s: cluster size %u is not a power of two from "
+                   "512 to 2M", path, o->cluster_size);
+    return -1;
+  }
+  while ((1u << cbits) < o->cluster_size)
+    cbits++;
+  c = o->cluster_size;
+  per_l2 = c / 8;
+  l1_entries = (o->size + c * per_l2 - 1) / (c * per_l2);
+  if (l1_entries * 8 > QCOW2_MAX_L1_BYTES) {
+    cow_error_set (EFBIG, "%s: virtual size %" PRIu64 " needs too large an "
+                   "L1 table with %" PRIu64 "-byte clusters", path, o->size, c);
+    return -1;
+  }
+  if (asprintf (&tmp, "%s.creating.XXXXXX", path) == -1) {
+    cow_error_errno ("asprintf");
+    return -1;
+  }
+  fd = mkstemp (tmp);
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot create", path);
+    free (tmp);
+    return -1;
+  }
+  fchmod (fd, 0644);
+  close (fd);
+  fd = io_open (tmp, O_RDWR, 0);
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot open", tmp);
+    goto err;
+  }
+  buf = calloc (3, c);
+  if (buf == NULL) {
+    cow_error_errno ("calloc");
+    goto err;
+  }
+  if (build_header (buf, o, cbits, path) == -1)
+    goto err;
+  /* Cluster 1: refcount table -> cluster 2: refcount block, counting
+   * clusters 0, 1 and 2. */
+  put64 (buf + c, 2 * c);
+  rb = (uint16_t *) (buf + 2 * c);
+  rb[0] = rb[1] = rb[2] = htobe16 (1);
+  if (io_pwrite (fd, buf, 3 * c, 0) == -1) {
+    cow_error_errno ("%s: writing the new image", path);
+    goto err;
+  }
+  io_close (fd);
+  fd = -1;
+
+  /* Allocate the L1 table through the allocator, so that any cluster
+   * size and virtual size get the refcount blocks they need. */
+  q = open_common (tmp, false, 1u << 20, true);
+  if (q == NULL)
+    goto err;
+  if (l1_entries) {
+    uint64_t l1_clusters = (l1_entries * 8 + c - 1) / c;
+    uint8_t *zero;
+    l1_off = qcow2_alloc_clusters (q, l1_clusters);
+    if (l1_off == 0)
+      goto err;
+    zero = calloc (l1_clusters, c);
+    if (zero == NULL) {
+      cow_error_errno ("calloc");
+      goto err;
+    }
+    if (io_pwrite (q->fd, zero, l1_clusters * c, l1_off) == -1) {
+      cow_error_errno ("%s: writing the L1 table", path);
+      free (zero);
+      goto err;
+    }
+    free (zero);
+    if (qcow2_cache_writeback (q->rb_cache) == -1
+        || qcow2_reftable_writeback (q) == -1)
+      goto err;
+    put32 (l1hdr, (uint32_t) l1_entries);
+    put64 (l1hdr + 4, l1_off);
+    if (io_pwrite (q->fd, l1hdr, 12, 36) == -1) {
+      cow_error_errno ("%s: writing the header", path);
+      goto err;
+    }
+  }
+  if (io_fsync (q->fd) == -1) {
+    cow_error_errno ("%s: fsync", path);
+    goto err;
+  }
+  io_close (q->fd);
+  q->fd = -1;
+  qcow2_free (q);
+  q = NULL;
+  if (io_rename (tmp, path) == -1) {
+    cow_error_errno ("%s: cannot rename the new image into place", path);
+    goto err;
+  }
+  if (io_fsync_dir_of (path) == -1) {
+    cow_error_errno ("%s: fsync of the directory", path);
+    free (buf);
+    free (tmp);
+    return -1;
+  }
+  free (buf);
+  free (tmp);
+  return 0;
+
+ err:
+  if (q) {
+    if (q->fd != -1)
+      io_close (q->fd);
+    qcow2_free (q);
+  }
+  if (fd != -1)
+    io_close (fd);
+  io_unlink (tmp);
+  free (buf);
+  free (tmp);
+  return -1;
+}

@@ -1,0 +1,209 @@
+/* Private to the qcow2 layer: on-disk constants, the open-image state and
+ * the prototypes shared by qcow2*.c.
+ *
+ * Write ordering (DESIGN.md invariant 2).  L2 tables, refcount blocks and
+ * the L1 table are cached in memory and written back in this order:
+ *   guest data and refcount blocks  -> fdatasync ->
+ *   refcount table (if it changed)  -> fdatasync ->
+ *   L2 tables                       -> fdatasync ->
+ *   L1 table (if it changed)        -> fdatasync.
+ * An L2 entry is set in memory only after the data write it points at has
+ * completed and after the refcount of its cluster was raised, so any L2
+ * table that is written back covers data and refcounts that are already
+ * stable.  A crash can leak clusters; it never leaves an entry pointing at
+ * unwritten data or at a cluster whose refcount is zero.
+ *
+ * Freed clusters (trim, zero, rewrite of a shared cluster) keep their
+ * refcount until the L2 change that dropped them is stable and no data I/O
+ * that looked them up earlier is still running; only then do they become
+ * free for reuse, so a late write can never land in a reused cluster.
+ */
+#ifndef COW_QCOW2_H
+#define COW_QCOW2_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "layer.h"
+
+#define QCOW2_MAGIC 0x514649fbu           /* "QFI\xfb" */
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MAX_L1_BYTES (32u << 20)    /* as QEMU: bounds the L1 table */
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_V2_HEADER_LENGTH 72
+#define QCOW2_V3_HEADER_LENGTH 104
+#define QCOW2_HEADER_LENGTH_WRITTEN 112   /* with the compression type */
+
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+
+#define QCOW2_INCOMPAT_DIRTY (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2 (1ull << 4)
+
+/* L1 and L2 entries. */
+#define QCOW2_OFLAG_COPIED (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW2_OFLAG_ZERO (1ull << 0)
+#define QCOW2_OFFSET_MASK 0x00fffffffffffe00ull
+#define QCOW2_L1_RESERVED 0x7f000000000001ffull
+#define QCOW2_L2_RESERVED 0x3f000000000001feull
+#define QCOW2_REFT_RESERVED 0x00000000000001ffull
+
+/* What one guest cluster is in one qcow2 layer. */
+enum qcow2_ctype {
+  QCOW2_UNALLOCATED,       /* look below */
+  QCOW2_ZERO,              /* reads zero (may keep a host cluster) */
+  QCOW2_NORMAL,            /* data at host, refcount 1: write in place */
+  QCOW2_SHARED,            /* data at host, shared: copy before writing */
+  QCOW2_COMPRESSED,        /* compressed data: copy before writing */
+};
+
+struct qcow2_cache;
+
+/* A range of guest clusters being allocated by one request. */
+struct qcow2_inflight {
+  uint64_t first, count;   /* guest cluster numbers */
+};
+
+struct cluster_list {
+  uint64_t *v;
+  size_t len, cap;
+};
+
+struct qcow2 {
+  struct layer layer;
+  int fd;
+
+  /* Header fields, fixed after open. */
+  uint32_t version;
+  uint32_t cluster_bits;
+  uint64_t cluster_size;
+  uint32_t l2_bits;             /* log2 of entries per L2 table */
+  uint32_t refcount_order;
+  uint32_t rb_bits;             /* log2 of refcounts per refcount block */
+  uint64_t incompat, compat, autoclear;
+  uint32_t header_length;
+  uint32_t nb_snapshots;
+  char *backing_file;
+  char *backing_format;
+  uint64_t file_size_at_open;
+
+  /* Serialises flushes with each other (never held by I/O). */
+  pthread_mutex_t flush_lock;
+
+  /* lock protects everything below: the L1 and refcount tables, both
+   * caches, file_end, the in-flight allocations and the free lists.  It
+   * is never held across guest data I/O. */
+  pthread_mutex_t lock;
+  pthread_cond_t alloc_done;    /* an in-flight allocation finished */
+
+  uint32_t l1_size;
+  uint64_t l1_offset;
+  uint64_t *l1;                 /* host order */
+  bool l1_dirty;
+
+  uint64_t reftable_offset;
+  uint32_t reftable_clusters;
+  uint64_t reftable_entries;
+  uint64_t *reftable;           /* host order */
+  bool reftable_dirty;
+
+  struct qcow2_cache *l2_cache;
+  struct qcow2_cache *rb_cache;
+
+  uint64_t file_end;            /* first never-allocated byte, aligned */
+
+  struct qcow2_inflight *inflight;
+  size_t n_inflight, cap_inflight;
+
+  /* Clusters (host numbers) on their way to being free, see above. */
+  struct cluster_list free_unsynced;   /* L2 change not yet stable */
+  struct cluster_list free_flushing;   /* being made stable by a flush */
+  struct cluster_list free_synced;     /* waiting for I/O to drain */
+  struct cluster_list free_ready;      /* free: may be reused */
+  struct cluster_list punch;           /* to punch holes for, unlocked */
+
+  /* Data reads and writes running outside the lock on mapped clusters.
+   * Atomic; raised under lock. */
+  unsigned data_io;
+
+  bool corrupt;                 /* a broken invariant was found */
+};
+
+/* qcow2.c: header */
+int qcow2_write_header_tables (struct qcow2 *q);
+void qcow2_mark_corrupt (struct qcow2 *q, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* qcow2-cache.c: a cache of cluster-sized metadata tables (L2 tables and
+ * refcount blocks), kept in on-disk (big-endian) byte order. */
+struct qcow2_cache *qcow2_cache_create (struct qcow2 *q, size_t n_entries,
+                                        bool is_l2);
+void qcow2_cache_destroy (struct qcow2_cache *c);
+/* Get the table at host offset; fresh: do not read, start zeroed.  The
+ * table is pinned until qcow2_cache_put.  Caller holds q->lock. */
+void *qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh);
+void qcow2_cache_put (struct qcow2_cache *c, void *table);
+void qcow2_cache_mark_dirty (struct qcow2_cache *c, void *table);
+/* Copy every dirty table out (pinning it) for writing without the lock. */
+struct qcow2_cache_batch;
+struct qcow2_cache_batch *qcow2_cache_collect (struct qcow2_cache *c);
+int qcow2_cache_batch_write (struct qcow2 *q, struct qcow2_cache_batch *b);
+/* Unpin (and on failure mark dirty again); frees b.  Caller holds lock. */
+void qcow2_cache_batch_done (struct qcow2_cache *c, struct qcow2_cache_batch *b,
+                             bool ok);
+bool qcow2_cache_batch_empty (const struct qcow2_cache_batch *b);
+/* Write back every dirty table now (under the lock). */
+int qcow2_cache_writeback (struct qcow2_cache *c);
+
+/* qcow2-refcount.c */
+int qcow2_refcount_get (struct qcow2 *q, uint64_t cluster, uint64_t *ref);
+int qcow2_refcount_set (struct qcow2 *q, uint64_t cluster, uint64_t ref);
+/* Allocate n contiguous host clusters (refcount 1); returns host offset or
+ * 0 with the last error set. */
+uint64_t qcow2_alloc_clusters (struct qcow2 *q, uint64_t n);
+/* Return clusters never made visible (their refcount goes back to 0). */
+void qcow2_free_unused (struct qcow2 *q, uint64_t host, uint64_t n);
+/* Queue a cluster dropped by an L2 change (see the top of this file). */
+int qcow2_free_later (struct qcow2 *q, uint64_t host);
+/* Called with the lock when data_io drops to 0, and after flushes. */
+int qcow2_release_synced (struct qcow2 *q);
+int cluster_list_push (struct cluster_list *l, uint64_t v);
+/* Write the refcount table now if it changed (blocks synced first). */
+int qcow2_reftable_writeback (struct qcow2 *q);
+
+/* qcow2-cluster.c */
+int qcow2_layer_read (struct layer *l, void *buf, uint32_t count,
+                      uint64_t offset, const struct layer_below *below);
+int qcow2_layer_write (struct layer *l, const void *buf, uint32_t count,
+                       uint64_t offset, const struct layer_below *below);
+int qcow2_layer_zero (struct layer *l, uint32_t count, uint64_t offset,
+                      bool fast, const struct layer_below *below);
+int qcow2_layer_trim (struct layer *l, uint32_t count, uint64_t offset);
+int qcow2_layer_map (struct layer *l, uint64_t offset, uint64_t count,
+                     uint64_t *len, enum layer_status *status);
+int qcow2_layer_flush (struct layer *l);
+/* Classify one guest cluster (caller holds lock). */
+int qcow2_get_cluster (struct qcow2 *q, uint64_t gcluster,
+                       enum qcow2_ctype *type, uint64_t *host);
+
+/* Big-endian helpers. */
+static inline uint64_t
+be64_get (const void *p)
+{
+  return __builtin_bswap64 (*(const uint64_t *) __builtin_assume_aligned (p, 8));
+}
+static inline void
+be64_put (void *p, uint64_t v)
+{
+  *(uint64_t *) __builtin_assume_aligned (p, 8) = __builtin_bswap64 (v);
+}
+
+#endif /* COW_QCOW2_H */

@@ -1,0 +1,87 @@
+/* cowchain engine API: a virtual disk made of a read-only base and a
+ * copy-on-write qcow2 layer on top.  Used by the nbdkit plugin, the
+ * command line tool and the tests.  The engine knows nothing of nbdkit.
+ *
+ * Errors: every function that can fail returns -1 (or NULL) and leaves a
+ * message and an errno in a per-thread last error, read back with
+ * cow_last_error() and cow_last_errno().
+ */
+#ifndef COWCHAIN_H
+#define COWCHAIN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Sync policy for clients that never send FLUSH. */
+enum cow_sync_mode {
+  COW_SYNC_FLUSH = 0,   /* honour FLUSH and FUA only (default) */
+  COW_SYNC_ALWAYS,      /* every write is durable before it is answered */
+  COW_SYNC_INTERVAL,    /* background flush every sync_interval_ms */
+};
+
+struct cow_disk_config {
+  const char *base;          /* path of the base image (required) */
+  const char *base_format;   /* "raw", or NULL to recognise by magic */
+  const char *overlay;       /* path of the qcow2 layer; created if absent */
+  uint32_t cluster_size;     /* for a new overlay; 0 = 65536 */
+  enum cow_sync_mode sync_mode;
+  uint32_t sync_interval_ms; /* for COW_SYNC_INTERVAL */
+  uint64_t cache_size;       /* metadata cache bytes; 0 = default */
+  bool readonly;             /* open everything read-only */
+};
+
+/* Flags of the I/O calls (same meaning as nbdkit's). */
+#define COW_FLAG_MAY_TRIM  (1u << 0)
+#define COW_FLAG_FUA       (1u << 1)
+#define COW_FLAG_FAST_ZERO (1u << 3)
+
+/* Extent types reported by cow_disk_extents. */
+#define COW_EXTENT_HOLE (1u << 0)
+#define COW_EXTENT_ZERO (1u << 1)
+
+struct cow_disk;
+
+/* Open (and create the overlay of) a disk.  The background sync thread
+ * of COW_SYNC_INTERVAL is started by cow_disk_start_sync(), so that a
+ * caller that forks can open first and start threads after. */
+struct cow_disk *cow_disk_open (const struct cow_disk_config *cfg);
+int cow_disk_start_sync (struct cow_disk *d);
+/* Flush and close.  Returns -1 if the final flush failed (the disk is
+ * closed anyway). */
+int cow_disk_close (struct cow_disk *d);
+
+uint64_t cow_disk_size (const struct cow_disk *d);
+uint32_t cow_disk_cluster_size (const struct cow_disk *d);
+
+int cow_disk_pread (struct cow_disk *d, void *buf, uint32_t count,
+                    uint64_t offset);
+int cow_disk_pwrite (struct cow_disk *d, const void *buf, uint32_t count,
+                     uint64_t offset, unsigned flags);
+int cow_disk_zero (struct cow_disk *d, uint32_t count, uint64_t offset,
+                   unsigned flags);
+int cow_disk_trim (struct cow_disk *d, uint32_t count, uint64_t offset,
+                   unsigned flags);
+int cow_disk_flush (struct cow_disk *d);
+
+/* Report the allocation of [offset, offset+count) through the whole
+ * chain: fn is called for consecutive extents starting at offset (at
+ * least one); it returns 0 to go on, 1 to stop, -1 on error. */
+typedef int (*cow_extent_fn) (void *opaque, uint64_t offset, uint64_t length,
+                              uint32_t type);
+int cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
+                      cow_extent_fn fn, void *opaque);
+
+/* Last error of the calling thread. */
+const char *cow_last_error (void);
+int cow_last_errno (void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* COWCHAIN_H */
