@@ -193,7 +193,9 @@ data_io_end (struct qcow2 *q)
   }
 }
 
-/* Punch holes for clusters that became free (advisory: errors ignored). */
+/* Punch holes for clusters that became free (advisory: errors ignored),
+ * then let the allocator reuse them: never the other way round, or a
+ * hole could swallow new data. */
 static void
 punch_pending (struct qcow2 *q)
 {
@@ -203,8 +205,14 @@ punch_pending (struct qcow2 *q)
   l = q->punch;
   memset (&q->punch, 0, sizeof q->punch);
   pthread_mutex_unlock (&q->lock);
+  if (l.len == 0)
+    return;
   for (size_t i = 0; i < l.len; i++)
     io_punch_hole (q->fd, l.v[i] * cs (q), cs (q));
+  pthread_mutex_lock (&q->lock);
+  for (size_t i = 0; i < l.len; i++)
+    cluster_list_push (&q->free_ready, l.v[i]);
+  pthread_mutex_unlock (&q->lock);
   free (l.v);
 }
 

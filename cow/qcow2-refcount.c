@@ -338,10 +338,9 @@ qcow2_release_synced (struct qcow2 *q)
       ret = -1;
       continue;
     }
-    if (ref == 1) {
-      cluster_list_push (&q->free_ready, c);
+    /* Reusable only once its hole is punched (punch_pending). */
+    if (ref == 1)
       cluster_list_push (&q->punch, c);
-    }
   }
   q->free_synced.len = 0;
   return ret;
