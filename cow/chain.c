@@ -20,9 +20,20 @@
 #include "error.h"
 #include "layer.h"
 
+#define COW_MAX_DEPTH 128
+
+/* One read-only layer under the active one, with the way to what lies
+ * under it. */
+struct chain_node {
+  struct layer *l;
+  struct layer_below below;
+};
+
 struct cow_disk {
-  struct layer *base;
   struct layer *top;
+  struct layer_below top_below;
+  struct chain_node lower[COW_MAX_DEPTH];   /* [0] = base, then its backing */
+  size_t n_lower;
   uint64_t size;
 
   /* chain_lock: I/O holds it shared, changes of the chain (none yet
@@ -41,12 +52,42 @@ struct cow_disk {
   bool stop;
 };
 
+/* Read from one lower layer: past its end reads as zero. */
 static int
-below_read (void *opaque, void *buf, uint32_t count, uint64_t offset)
+node_read (void *opaque, void *buf, uint32_t count, uint64_t offset)
 {
-  struct layer *base = opaque;
+  struct chain_node *n = opaque;
+  uint64_t size = n->l->size;
+  uint32_t part = count;
 
-  return base->ops->read (base, buf, count, offset, NULL);
+  if (offset >= size) {
+    memset (buf, 0, count);
+    return 0;
+  }
+  if (count > size - offset) {
+    part = (uint32_t) (size - offset);
+    memset ((char *) buf + part, 0, count - part);
+  }
+  return n->l->ops->read (n->l, buf, part, offset, &n->below);
+}
+
+static void
+link_chain (struct cow_disk *d)
+{
+  for (size_t i = 0; i < d->n_lower; i++) {
+    d->lower[i].below.read = i + 1 < d->n_lower ? node_read : NULL;
+    d->lower[i].below.opaque = i + 1 < d->n_lower ? &d->lower[i + 1] : NULL;
+  }
+  d->top_below.read = node_read;
+  d->top_below.opaque = &d->lower[0];
+}
+
+static void
+close_lower (struct cow_disk *d)
+{
+  for (size_t i = 0; i < d->n_lower; i++)
+    d->lower[i].l->ops->close (d->lower[i].l);
+  d->n_lower = 0;
 }
 
 /* The backing name to store in the overlay: relative to the overlay's
@@ -116,6 +157,14 @@ check_backing (struct layer *top, const char *overlay, const char *base,
                    "base=%s was given", overlay, base);
     return -1;
   }
+  if (nbd_is_uri (base)) {
+    if (strcmp (name, base) != 0) {
+      cow_error_set (EINVAL, "%s: existing overlay's backing file '%s' is not "
+                     "the configured base '%s'", overlay, name, base);
+      return -1;
+    }
+    return 0;
+  }
   if (name[0] == '/')
     resolved = strdup (name);
   else {
@@ -149,34 +198,180 @@ check_backing (struct layer *top, const char *overlay, const char *base,
   return r;
 }
 
+/* Is path (resolved) one the configuration lets a backing name reach?
+ * Inside the base's own directory, or listed in allow_backing. */
+static bool
+backing_allowed (const struct cow_disk_config *cfg, const char *base_dir,
+                 const char *real)
+{
+  size_t n = strlen (base_dir);
+
+  if (strncmp (real, base_dir, n) == 0 && (real[n] == '/' || n == 1))
+    return true;
+  for (const char *const *a = cfg->allow_backing; a && *a; a++) {
+    char r[PATH_MAX];
+    if (realpath (*a, r) && strcmp (r, real) == 0)
+      return true;
+  }
+  return false;
+}
+
+/* Where the backing name of the layer at 'from' leads; NULL if it may not
+ * be followed. */
+static char *
+resolve_backing (const struct cow_disk_config *cfg, const char *base_dir,
+                 const char *from, const char *name)
+{
+  char *joined = NULL, real[PATH_MAX];
+
+  if (strncmp (name, "json:", 5) == 0) {
+    cow_error_set (EPERM, "%s: backing file name '%.64s' is a json: "
+                   "specification; cowchain never follows those", from, name);
+    return NULL;
+  }
+  if (strstr (name, "://") || nbd_is_uri (name)) {
+    cow_error_set (EPERM, "%s: backing file name '%s' is a URL; give a "
+                   "remote base as base= instead", from, name);
+    return NULL;
+  }
+  if (name[0] == '/')
+    joined = strdup (name);
+  else {
+    const char *slash = strrchr (from, '/');
+    if (asprintf (&joined, "%.*s/%s", slash ? (int) (slash - from) : 1,
+                  slash ? from : ".", name) == -1)
+      joined = NULL;
+  }
+  if (joined == NULL) {
+    cow_error_errno ("backing name");
+    return NULL;
+  }
+  if (realpath (joined, real) == NULL) {
+    cow_error_errno ("%s: backing file '%s' cannot be opened", from, name);
+    free (joined);
+    return NULL;
+  }
+  free (joined);
+  if (!backing_allowed (cfg, base_dir, real)) {
+    cow_error_set (EPERM, "%s: backing file name '%s' leads to '%s', outside "
+                   "the base's directory '%s' and not allowed by "
+                   "allow-backing=", from, name, real, base_dir);
+    return NULL;
+  }
+  return strdup (real);
+}
+
 static struct layer *
-open_base (const struct cow_disk_config *cfg, const char **format)
+open_one (const char *path, const char *fmt, const struct cow_disk_config *cfg)
+{
+  if (strcmp (fmt, "raw") == 0)
+    return raw_open (path, true);
+  if (strcmp (fmt, "qcow2") == 0)
+    return qcow2_open (path, true, cfg->cache_size);
+  cow_error_set (EINVAL, "%s: format '%s' is not supported (raw or qcow2)",
+                 path, fmt);
+  return NULL;
+}
+
+/* Open the base and, for a qcow2 base, its own backing chain, into
+ * d->lower[] from the top down. */
+static int
+open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
+            const char **base_format)
 {
   const char *fmt = cfg->base_format;
-  struct layer *l;
+  char *path = NULL, *base_dir = NULL, *next_fmt = NULL;
+  dev_t devs[COW_MAX_DEPTH];
+  ino_t inos[COW_MAX_DEPTH];
+  int ret = -1;
 
+  if (nbd_is_uri (cfg->base)) {
+    if (fmt && strcmp (fmt, "raw") != 0) {
+      cow_error_set (EINVAL, "%s: a remote NBD base is read as raw, not %s",
+                     cfg->base, fmt);
+      return -1;
+    }
+    *base_format = "raw";
+    d->lower[0].l = nbd_layer_open (cfg->base);
+    if (d->lower[0].l == NULL)
+      return -1;
+    d->n_lower = 1;
+    return 0;
+  }
   if (fmt == NULL) {
     int is_qcow2 = qcow2_probe (cfg->base);
     if (is_qcow2 == -1)
-      return NULL;
+      return -1;
     fmt = is_qcow2 ? "qcow2" : "raw";
   }
-  *format = fmt;
-  if (strcmp (fmt, "raw") == 0)
-    return raw_open (cfg->base, true);
-  if (strcmp (fmt, "qcow2") == 0) {
-    l = qcow2_open (cfg->base, true, cfg->cache_size);
-    if (l && qcow2_backing_file (l)) {
-      cow_error_set (ENOTSUP, "%s: qcow2 bases with their own backing file "
-                     "are not supported yet", cfg->base);
-      l->ops->close (l);
-      return NULL;
-    }
-    return l;
+  *base_format = fmt;
+  path = realpath (cfg->base, NULL);
+  if (path == NULL) {
+    cow_error_errno ("%s: cannot open base", cfg->base);
+    return -1;
   }
-  cow_error_set (EINVAL, "base-format '%s' is not supported (raw or qcow2)",
-                 fmt);
-  return NULL;
+  base_dir = strdup (path);
+  if (base_dir == NULL) {
+    cow_error_errno ("strdup");
+    goto out;
+  }
+  *strrchr (base_dir, '/') = '\0';
+  if (base_dir[0] == '\0')
+    strcpy (base_dir, "/");
+
+  for (;;) {
+    struct stat st;
+    struct layer *l;
+    const char *bname;
+
+    if (d->n_lower == COW_MAX_DEPTH) {
+      cow_error_set (ELOOP, "%s: backing chain deeper than %d layers",
+                     cfg->base, COW_MAX_DEPTH);
+      goto out;
+    }
+    if (stat (path, &st) == -1) {
+      cow_error_errno ("%s: cannot open", path);
+      goto out;
+    }
+    for (size_t i = 0; i < d->n_lower; i++)
+      if (devs[i] == st.st_dev && inos[i] == st.st_ino) {
+        cow_error_set (ELOOP, "%s: backing loop: '%s' is already in the "
+                       "chain", cfg->base, path);
+        goto out;
+      }
+    devs[d->n_lower] = st.st_dev;
+    inos[d->n_lower] = st.st_ino;
+    l = open_one (d->n_lower == 0 ? cfg->base : path, fmt, cfg);
+    if (l == NULL)
+      goto out;
+    d->lower[d->n_lower++].l = l;
+    if (strcmp (fmt, "qcow2") != 0 || (bname = qcow2_backing_file (l)) == NULL)
+      break;
+    /* The backing format comes from the header, never from the bytes. */
+    free (next_fmt);
+    next_fmt = qcow2_backing_format (l) ? strdup (qcow2_backing_format (l))
+      : NULL;
+    if (next_fmt == NULL) {
+      cow_error_set (EINVAL, "%s: backing file '%s' has no recorded format "
+                     "(cowchain does not guess formats); record it with "
+                     "qemu-img rebase -u -F FORMAT", path, bname);
+      goto out;
+    }
+    {
+      char *next = resolve_backing (cfg, base_dir, path, bname);
+      if (next == NULL)
+        goto out;
+      free (path);
+      path = next;
+    }
+    fmt = next_fmt;
+  }
+  ret = 0;
+ out:
+  free (path);
+  free (base_dir);
+  free (next_fmt);
+  return ret;
 }
 
 struct cow_disk *
@@ -205,9 +400,13 @@ cow_disk_open (const struct cow_disk_config *cfg)
   d->sync_mode = cfg->sync_mode;
   d->sync_interval_ms = cfg->sync_interval_ms;
 
-  d->base = open_base (cfg, &fmt);
-  if (d->base == NULL)
+  if (cfg->compat != 0 && cfg->compat != 2 && cfg->compat != 3) {
+    cow_error_set (EINVAL, "compat must be 0.10 or 1.1");
     goto err;
+  }
+  if (open_lower (d, cfg, &fmt) == -1)
+    goto err;
+  link_chain (d);
 
   if (stat (cfg->overlay, &st) == 0) {
     d->top = qcow2_open (cfg->overlay, cfg->readonly, cfg->cache_size);
@@ -227,11 +426,13 @@ cow_disk_open (const struct cow_disk_config *cfg)
   }
   else {
     struct qcow2_create_opts o = {
-      .size = d->base->size,
+      .size = d->lower[0].l->size,
+      .version = cfg->compat ? cfg->compat : 3,
       .cluster_size = cfg->cluster_size ? cfg->cluster_size : 65536,
       .backing_format = fmt,
     };
-    char *name = backing_name_for (cfg->overlay, cfg->base);
+    char *name = nbd_is_uri (cfg->base) ? strdup (cfg->base)
+      : backing_name_for (cfg->overlay, cfg->base);
     int r;
     if (name == NULL) {
       cow_error_errno ("%s: cannot resolve the base's path", cfg->base);
@@ -252,8 +453,7 @@ cow_disk_open (const struct cow_disk_config *cfg)
  err:
   if (d->top)
     d->top->ops->close (d->top);
-  if (d->base)
-    d->base->ops->close (d->base);
+  close_lower (d);
   pthread_rwlock_destroy (&d->chain_lock);
   pthread_mutex_destroy (&d->sync_lock);
   pthread_cond_destroy (&d->sync_cond);
@@ -322,7 +522,7 @@ cow_disk_close (struct cow_disk *d)
   }
   if (d->top->ops->close (d->top) == -1)
     r = -1;
-  d->base->ops->close (d->base);
+  close_lower (d);
   pthread_rwlock_destroy (&d->chain_lock);
   pthread_mutex_destroy (&d->sync_lock);
   pthread_cond_destroy (&d->sync_cond);
@@ -357,13 +557,13 @@ check_range (struct cow_disk *d, uint32_t count, uint64_t offset)
 int
 cow_disk_pread (struct cow_disk *d, void *buf, uint32_t count, uint64_t offset)
 {
-  struct layer_below below = { below_read, d->base };
+  const struct layer_below *below = &d->top_below;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
   pthread_rwlock_rdlock (&d->chain_lock);
-  r = d->top->ops->read (d->top, buf, count, offset, &below);
+  r = d->top->ops->read (d->top, buf, count, offset, below);
   pthread_rwlock_unlock (&d->chain_lock);
   return r;
 }
@@ -382,13 +582,13 @@ int
 cow_disk_pwrite (struct cow_disk *d, const void *buf, uint32_t count,
                  uint64_t offset, unsigned flags)
 {
-  struct layer_below below = { below_read, d->base };
+  const struct layer_below *below = &d->top_below;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
   pthread_rwlock_rdlock (&d->chain_lock);
-  r = d->top->ops->write (d->top, buf, count, offset, &below);
+  r = d->top->ops->write (d->top, buf, count, offset, below);
   if (r == 0)
     r = after_write (d, flags);
   pthread_rwlock_unlock (&d->chain_lock);
@@ -399,14 +599,14 @@ int
 cow_disk_zero (struct cow_disk *d, uint32_t count, uint64_t offset,
                unsigned flags)
 {
-  struct layer_below below = { below_read, d->base };
+  const struct layer_below *below = &d->top_below;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
   pthread_rwlock_rdlock (&d->chain_lock);
   r = d->top->ops->zero (d->top, count, offset,
-                         (flags & COW_FLAG_FAST_ZERO) != 0, &below);
+                         (flags & COW_FLAG_FAST_ZERO) != 0, below);
   if (r == 0)
     r = after_write (d, flags);
   pthread_rwlock_unlock (&d->chain_lock);
@@ -464,9 +664,11 @@ cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
 
     if (d->top->ops->map (d->top, offset, end - offset, &len, &st) == -1)
       goto err;
-    if (st == LAYER_ABSENT
-        && d->base->ops->map (d->base, offset, len, &len, &st) == -1)
-      goto err;
+    for (size_t i = 0; st == LAYER_ABSENT && i < d->n_lower; i++) {
+      struct layer *l = d->lower[i].l;
+      if (l->ops->map (l, offset, len, &len, &st) == -1)
+        goto err;
+    }
     if (st == LAYER_ABSENT)
       st = LAYER_ZERO;
     if (len == 0)

@@ -60,6 +60,7 @@ struct qcow2_create_opts {
   uint32_t cluster_size;
   const char *backing_file;     /* as stored in the header */
   const char *backing_format;   /* header extension; NULL = none */
+  int version;                  /* 3 (compat 1.1, default) or 2 (0.10) */
 };
 int qcow2_create (const char *path, const struct qcow2_create_opts *opts);
 struct layer *qcow2_open (const char *path, bool readonly, uint64_t cache_size);
@@ -70,5 +71,10 @@ const char *qcow2_backing_format (struct layer *l);
 uint32_t qcow2_cluster_size (struct layer *l);
 /* Recognise a qcow2 file by its magic: 1 yes, 0 no, -1 error. */
 int qcow2_probe (const char *path);
+
+/* nbd.c: a read-only base on a remote NBD server (libnbd URI). */
+struct layer *nbd_layer_open (const char *uri);
+/* Is this base name a libnbd URI (nbd:, nbds:, nbd+unix:, ...)? */
+bool nbd_is_uri (const char *name);
 
 #endif /* COW_LAYER_H */

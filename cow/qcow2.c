@@ -296,8 +296,7 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
       return -1;
     }
   }
-  if (q->version >= 3
-      && parse_extensions (q, h, backing_off ? backing_off : q->cluster_size) == -1)
+  if (parse_extensions (q, h, backing_off ? backing_off : q->cluster_size) == -1)
     return -1;
   return 0;
 }
@@ -492,18 +491,21 @@ build_header (uint8_t *h, const struct qcow2_create_opts *o, uint32_t cbits,
               const char *path)
 {
   uint64_t c = 1ull << cbits;
-  uint64_t off = QCOW2_HEADER_LENGTH_WRITTEN;
+  bool v2 = o->version == 2;
+  uint64_t off = v2 ? QCOW2_V2_HEADER_LENGTH : QCOW2_HEADER_LENGTH_WRITTEN;
   size_t blen = o->backing_file ? strlen (o->backing_file) : 0;
   size_t flen = o->backing_format ? strlen (o->backing_format) : 0;
 
   put32 (h, QCOW2_MAGIC);
-  put32 (h + 4, 3);
+  put32 (h + 4, v2 ? 2 : 3);
   put32 (h + 20, cbits);
   put64 (h + 24, o->size);
   put64 (h + 48, c);                /* refcount table in cluster 1 */
   put32 (h + 56, 1);
-  put32 (h + 96, 4);                /* 16-bit refcounts */
-  put32 (h + 100, QCOW2_HEADER_LENGTH_WRITTEN);
+  if (!v2) {
+    put32 (h + 96, 4);              /* 16-bit refcounts */
+    put32 (h + 100, QCOW2_HEADER_LENGTH_WRITTEN);
+  }
   if (flen) {
     if (off + 8 + ((flen + 7) & ~7u) + 8 > c) {
       cow_error_set (EINVAL, "%s: backing format does not fit", path);
@@ -539,6 +541,11 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
   struct qcow2 *q = NULL;
   uint16_t *rb;
 
+  if (o->version != 0 && o->version != 2 && o->version != 3) {
+    cow_error_set (EINVAL, "%s: qcow2 version %d cannot be created", path,
+                   o->version);
+    return -1;
+  }
   if (o->cluster_size < 512 || o->cluster_size > (2u << 20)
       || (o->cluster_size & (o->cluster_size - 1))) {
     cow_error_set (EINVAL, "%s: cluster size %u is not a power of two from "

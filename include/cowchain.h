@@ -33,6 +33,11 @@ struct cow_disk_config {
   uint32_t sync_interval_ms; /* for COW_SYNC_INTERVAL */
   uint64_t cache_size;       /* metadata cache bytes; 0 = default */
   bool readonly;             /* open everything read-only */
+  int compat;                /* new overlay: 3 = compat 1.1 (default), 2 = 0.10 */
+  /* Absolute backing file names inside a qcow2 base chain are followed
+   * only if listed here (NULL-terminated); relative ones only if they stay
+   * in the base's directory. */
+  const char *const *allow_backing;
 };
 
 /* Flags of the I/O calls (same meaning as nbdkit's). */

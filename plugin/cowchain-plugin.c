@@ -17,6 +17,8 @@
 static struct cow_disk_config cfg;
 static char *base_path, *overlay_path, *base_format;
 static struct cow_disk *disk;
+static char **allow_backing;        /* NULL-terminated */
+static size_t n_allow_backing;
 
 static void
 cowchain_unload (void)
@@ -27,6 +29,9 @@ cowchain_unload (void)
   free (base_path);
   free (overlay_path);
   free (base_format);
+  for (size_t i = 0; i < n_allow_backing; i++)
+    free (allow_backing[i]);
+  free (allow_backing);
 }
 
 static int
@@ -115,6 +120,33 @@ cowchain_config (const char *key, const char *value)
     cfg.cache_size = (uint64_t) r;
     return 0;
   }
+  if (strcmp (key, "compat") == 0) {
+    if (strcmp (value, "1.1") == 0 || strcmp (value, "v3") == 0)
+      cfg.compat = 3;
+    else if (strcmp (value, "0.10") == 0 || strcmp (value, "v2") == 0)
+      cfg.compat = 2;
+    else {
+      nbdkit_error ("compat: '%s' is not 0.10 or 1.1", value);
+      return -1;
+    }
+    return 0;
+  }
+  if (strcmp (key, "allow-backing") == 0) {
+    char **v = realloc (allow_backing,
+                        (n_allow_backing + 2) * sizeof *allow_backing);
+    if (v == NULL) {
+      nbdkit_error ("realloc: %m");
+      return -1;
+    }
+    allow_backing = v;
+    v[n_allow_backing] = strdup (value);
+    if (v[n_allow_backing] == NULL) {
+      nbdkit_error ("strdup: %m");
+      return -1;
+    }
+    v[++n_allow_backing] = NULL;
+    return 0;
+  }
   nbdkit_error ("unknown parameter '%s' (see nbdkit cowchain --help)", key);
   return -1;
 }
@@ -129,6 +161,7 @@ cowchain_config_complete (void)
   cfg.base = base_path;
   cfg.overlay = overlay_path;
   cfg.base_format = base_format;
+  cfg.allow_backing = (const char *const *) allow_backing;
   return 0;
 }
 
@@ -138,7 +171,10 @@ cowchain_config_complete (void)
   "overlay=LAYER.qcow2      (required) copy-on-write layer, created if absent\n" \
   "cluster-size=SIZE        cluster size of a new overlay (512..2M, default 64K)\n" \
   "sync=flush|always|MS     durability policy (default flush)\n" \
-  "cache-size=SIZE          metadata cache size (default 32M)"
+  "cache-size=SIZE          metadata cache size (default 32M)\n" \
+  "compat=1.1|0.10          qcow2 version of a new overlay (default 1.1)\n" \
+  "allow-backing=PATH       a file a qcow2 base's chain may name outside\n" \
+  "                         the base's directory (repeatable)"
 
 static int
 cowchain_get_ready (void)
