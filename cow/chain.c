@@ -15,10 +15,15 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
 
 #include "cowchain.h"
 #include "error.h"
+#include "io.h"
 #include "layer.h"
+#include "manifest.h"
 
 #define COW_MAX_DEPTH 128
 
@@ -32,8 +37,32 @@ struct chain_node {
 struct cow_disk {
   struct layer *top;
   struct layer_below top_below;
-  struct chain_node lower[COW_MAX_DEPTH];   /* [0] = base, then its backing */
+  /* [0 .. n_frozen-1]: frozen layers, newest first; then the base and its
+   * own backing chain. */
+  struct chain_node lower[COW_MAX_DEPTH];
   size_t n_lower;
+  size_t n_frozen;
+
+  /* State-directory disks: the committed manifest (changed under
+   * admin_lock and chain_lock), and the lock file held while open. */
+  char *state_dir;
+  struct manifest man;
+  int lock_fd;
+  int compat;
+  uint32_t cluster_size;
+  uint64_t cache_size;
+  /* Overlay-mode disks. */
+  char *overlay;
+  char *base_name;
+
+  /* admin_lock serialises snapshot and revert with each other. */
+  pthread_mutex_t admin_lock;
+  /* durability_lock: FLUSH, FUA and sync=always hold it shared; a snapshot
+   * holds it exclusive from its switch until the manifest is on disk, so
+   * that no flush is answered for writes the manifest does not yet reach.
+   * Taken before chain_lock. */
+  pthread_rwlock_t durability_lock;
+  uint64_t last_pause_ns;
   uint64_t size;
 
   /* chain_lock: I/O holds it shared, changes of the chain (none yet
@@ -88,6 +117,24 @@ close_lower (struct cow_disk *d)
   for (size_t i = 0; i < d->n_lower; i++)
     d->lower[i].l->ops->close (d->lower[i].l);
   d->n_lower = 0;
+  d->n_frozen = 0;
+}
+
+static void
+free_disk (struct cow_disk *d)
+{
+  pthread_rwlock_destroy (&d->chain_lock);
+  pthread_rwlock_destroy (&d->durability_lock);
+  pthread_mutex_destroy (&d->admin_lock);
+  pthread_mutex_destroy (&d->sync_lock);
+  pthread_cond_destroy (&d->sync_cond);
+  manifest_free (&d->man);
+  if (d->lock_fd != -1)
+    close (d->lock_fd);
+  free (d->state_dir);
+  free (d->overlay);
+  free (d->base_name);
+  free (d);
 }
 
 /* The backing name to store in the overlay: relative to the overlay's
@@ -374,57 +421,36 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
   return ret;
 }
 
-struct cow_disk *
-cow_disk_open (const struct cow_disk_config *cfg)
+/* Overlay mode: one layer file named by the user. */
+static int
+open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
 {
-  struct cow_disk *d;
   const char *fmt = NULL;
   struct stat st;
 
-  if (cfg->base == NULL || cfg->overlay == NULL) {
-    cow_error_set (EINVAL, "both base and overlay must be given");
-    return NULL;
-  }
-  if (cfg->sync_mode == COW_SYNC_INTERVAL && cfg->sync_interval_ms == 0) {
-    cow_error_set (EINVAL, "sync interval must be at least 1 ms");
-    return NULL;
-  }
-  d = calloc (1, sizeof *d);
-  if (d == NULL) {
-    cow_error_errno ("calloc");
-    return NULL;
-  }
-  pthread_rwlock_init (&d->chain_lock, NULL);
-  pthread_mutex_init (&d->sync_lock, NULL);
-  pthread_cond_init (&d->sync_cond, NULL);
-  d->sync_mode = cfg->sync_mode;
-  d->sync_interval_ms = cfg->sync_interval_ms;
-
-  if (cfg->compat != 0 && cfg->compat != 2 && cfg->compat != 3) {
-    cow_error_set (EINVAL, "compat must be 0.10 or 1.1");
-    goto err;
+  if (cfg->base == NULL) {
+    cow_error_set (EINVAL, "base must be given");
+    return -1;
   }
   if (open_lower (d, cfg, &fmt) == -1)
-    goto err;
+    return -1;
   link_chain (d);
-
   if (stat (cfg->overlay, &st) == 0) {
     d->top = qcow2_open (cfg->overlay, cfg->readonly, cfg->cache_size);
     if (d->top == NULL)
-      goto err;
-    if (check_backing (d->top, cfg->overlay, cfg->base, fmt) == -1)
-      goto err;
+      return -1;
+    return check_backing (d->top, cfg->overlay, cfg->base, fmt);
   }
-  else if (errno != ENOENT) {
+  if (errno != ENOENT) {
     cow_error_errno ("%s: cannot stat overlay", cfg->overlay);
-    goto err;
+    return -1;
   }
-  else if (cfg->readonly) {
+  if (cfg->readonly) {
     cow_error_set (ENOENT, "%s: overlay does not exist and the disk is "
                    "read-only", cfg->overlay);
-    goto err;
+    return -1;
   }
-  else {
+  {
     struct qcow2_create_opts o = {
       .size = d->lower[0].l->size,
       .version = cfg->compat ? cfg->compat : 3,
@@ -436,16 +462,348 @@ cow_disk_open (const struct cow_disk_config *cfg)
     int r;
     if (name == NULL) {
       cow_error_errno ("%s: cannot resolve the base's path", cfg->base);
-      goto err;
+      return -1;
     }
     o.backing_file = name;
     r = qcow2_create (cfg->overlay, &o);
     free (name);
     if (r == -1)
-      goto err;
-    d->top = qcow2_open (cfg->overlay, false, cfg->cache_size);
+      return -1;
+  }
+  d->top = qcow2_open (cfg->overlay, false, cfg->cache_size);
+  return d->top ? 0 : -1;
+}
+
+static char *
+state_path (const struct cow_disk *d, const char *file)
+{
+  char *p;
+
+  if (asprintf (&p, "%s/%s", d->state_dir, file) == -1) {
+    cow_error_errno ("asprintf");
+    return NULL;
+  }
+  return p;
+}
+
+/* A layer file name used neither in the manifest nor in the directory. */
+static char *
+new_layer_name (struct cow_disk *d, const struct manifest *m)
+{
+  for (unsigned i = 1; i < 1000000; i++) {
+    char name[32], *p;
+    struct stat st;
+    bool used = false;
+    snprintf (name, sizeof name, "layer-%06u.qcow2", i);
+    for (size_t j = 0; j < m->n_layers; j++)
+      if (strcmp (m->layers[j].file, name) == 0)
+        used = true;
+    if (used)
+      continue;
+    p = state_path (d, name);
+    if (p == NULL)
+      return NULL;
+    if (stat (p, &st) == -1 && errno == ENOENT) {
+      free (p);
+      return strdup (name);
+    }
+    free (p);
+  }
+  cow_error_set (ENOSPC, "%s: no free layer file name", d->state_dir);
+  return NULL;
+}
+
+/* Create a new empty layer in the state directory over 'backing' (a layer
+ * file name there, or NULL for the base) and open it. */
+static struct layer *
+create_layer (struct cow_disk *d, const char *file, const char *backing)
+{
+  struct qcow2_create_opts o = {
+    .size = d->size,
+    .version = d->compat,
+    .cluster_size = d->cluster_size,
+  };
+  char *path = state_path (d, file), *bname = NULL;
+  struct layer *l = NULL;
+
+  if (path == NULL)
+    return NULL;
+  if (backing) {
+    o.backing_file = backing;
+    o.backing_format = "qcow2";
+  }
+  else {
+    bname = nbd_is_uri (d->man.base) ? strdup (d->man.base)
+      : backing_name_for (path, d->man.base);
+    if (bname == NULL) {
+      cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
+      goto out;
+    }
+    o.backing_file = bname;
+    o.backing_format = d->man.base_format;
+  }
+  if (qcow2_create (path, &o) == 0)
+    l = qcow2_open (path, false, d->cache_size);
+ out:
+  free (bname);
+  free (path);
+  return l;
+}
+
+static void
+unlink_layer (struct cow_disk *d, const char *file)
+{
+  char *p = state_path (d, file);
+
+  if (p) {
+    io_unlink (p);
+    free (p);
+  }
+}
+
+/* Remove layer files a crash left behind (not named by the manifest). */
+static void
+remove_orphans (struct cow_disk *d)
+{
+  DIR *dir = opendir (d->state_dir);
+  struct dirent *e;
+
+  if (dir == NULL)
+    return;
+  while ((e = readdir (dir)) != NULL) {
+    bool known = false;
+    if (strncmp (e->d_name, "layer-", 6) != 0)
+      continue;
+    for (size_t i = 0; i < d->man.n_layers; i++)
+      if (strcmp (d->man.layers[i].file, e->d_name) == 0)
+        known = true;
+    if (!known)
+      unlink_layer (d, e->d_name);
+  }
+  closedir (dir);
+}
+
+static int
+lock_state_dir (struct cow_disk *d)
+{
+  char *lockp = state_path (d, "lock");
+
+  if (lockp == NULL)
+    return -1;
+  d->lock_fd = open (lockp, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  free (lockp);
+  if (d->lock_fd == -1) {
+    cow_error_errno ("%s: cannot open the lock file", d->state_dir);
+    return -1;
+  }
+  if (flock (d->lock_fd, LOCK_EX | LOCK_NB) == -1) {
+    if (errno == EWOULDBLOCK)
+      cow_error_set (EBUSY, "%s: the disk is in use by another process (a "
+                     "running server?); use its control socket",
+                     d->state_dir);
+    else
+      cow_error_errno ("%s: lock", d->state_dir);
+    return -1;
+  }
+  return 0;
+}
+
+/* Check every layer's backing name against the manifest. */
+static int
+check_chain_names (struct cow_disk *d)
+{
+  size_t n = d->man.n_layers;
+
+  for (size_t i = 0; i < n; i++) {
+    struct layer *l = i + 1 == n ? d->top : d->lower[n - 2 - i].l;
+    const char *bn = qcow2_backing_file (l);
+    const char *bf = qcow2_backing_format (l);
+    if (i == 0) {
+      char *p = state_path (d, d->man.layers[0].file);
+      int c = p ? check_backing (l, p, d->man.base, d->man.base_format) : -1;
+      free (p);
+      if (c == -1)
+        return -1;
+    }
+    else if (bn == NULL || strcmp (bn, d->man.layers[i - 1].file) != 0
+             || (bf && strcmp (bf, "qcow2") != 0)) {
+      cow_error_set (EINVAL, "%s/%s: backing file '%s' is not '%s' as the "
+                     "manifest records", d->state_dir, d->man.layers[i].file,
+                     bn ? bn : "(none)", d->man.layers[i - 1].file);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* State mode: the chain recorded in state_dir/manifest. */
+static int
+open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
+{
+  struct cow_disk_config bcfg = *cfg;
+  const char *fmt = NULL;
+  int r;
+
+  if (mkdir (cfg->state_dir, 0700) == -1 && errno != EEXIST) {
+    cow_error_errno ("%s: cannot create state directory", cfg->state_dir);
+    return -1;
+  }
+  d->state_dir = realpath (cfg->state_dir, NULL);
+  if (d->state_dir == NULL) {
+    cow_error_errno ("%s: state directory", cfg->state_dir);
+    return -1;
+  }
+  if (lock_state_dir (d) == -1)
+    return -1;
+  r = manifest_load (d->state_dir, &d->man);
+  if (r == -1)
+    return -1;
+  if (r == 1 && cfg->base) {
+    char a[PATH_MAX], b[PATH_MAX];
+    bool same = nbd_is_uri (cfg->base)
+      ? strcmp (cfg->base, d->man.base) == 0
+      : (realpath (cfg->base, a) && realpath (d->man.base, b)
+         && strcmp (a, b) == 0);
+    if (!same) {
+      cow_error_set (EINVAL, "%s: the disk's base is '%s', not '%s'",
+                     d->state_dir, d->man.base, cfg->base);
+      return -1;
+    }
+  }
+  if (r == 1 && cfg->base_format
+      && strcmp (cfg->base_format, d->man.base_format) != 0) {
+    cow_error_set (EINVAL, "%s: the base's format is recorded as %s, not %s",
+                   d->state_dir, d->man.base_format, cfg->base_format);
+    return -1;
+  }
+  if (r == 0) {
+    if (cfg->base == NULL) {
+      cow_error_set (EINVAL, "%s: no manifest yet, so base= is required",
+                     d->state_dir);
+      return -1;
+    }
+    d->man.base = nbd_is_uri (cfg->base) ? strdup (cfg->base)
+      : realpath (cfg->base, NULL);
+    if (d->man.base == NULL) {
+      cow_error_errno ("%s: cannot open base", cfg->base);
+      return -1;
+    }
+    bcfg.base_format = cfg->base_format;
+  }
+  else
+    bcfg.base_format = d->man.base_format;
+  bcfg.base = d->man.base;
+
+  if (r == 1) {
+    /* Frozen layers, newest first, then the base chain. */
+    for (size_t i = d->man.n_layers - 1; i-- > 0; ) {
+      char *p = state_path (d, d->man.layers[i].file);
+      struct layer *l;
+      if (p == NULL)
+        return -1;
+      l = qcow2_open (p, true, cfg->cache_size);
+      free (p);
+      if (l == NULL)
+        return -1;
+      d->lower[d->n_lower++].l = l;
+      d->n_frozen++;
+    }
+  }
+  if (open_lower (d, &bcfg, &fmt) == -1)
+    return -1;
+  link_chain (d);
+  d->size = d->lower[0].l->size;
+  d->compat = cfg->compat ? cfg->compat : 3;
+  d->cluster_size = cfg->cluster_size ? cfg->cluster_size : 65536;
+
+  if (r == 0) {
+    char *name;
+    d->man.base_format = strdup (fmt);
+    if (d->man.base_format == NULL) {
+      cow_error_errno ("strdup");
+      return -1;
+    }
+    name = new_layer_name (d, &d->man);
+    if (name == NULL)
+      return -1;
+    d->top = create_layer (d, name, NULL);
+    r = (d->top == NULL
+         || manifest_push (&d->man, name, (int64_t) time (NULL), NULL,
+                           NULL) == -1
+         || manifest_save (d->state_dir, &d->man) == -1) ? -1 : 0;
+    free (name);
+    if (r == -1)
+      return -1;
+  }
+  else {
+    const struct manifest_layer *top = &d->man.layers[d->man.n_layers - 1];
+    char *p = state_path (d, top->file);
+    if (p == NULL)
+      return -1;
+    d->top = qcow2_open (p, cfg->readonly, cfg->cache_size);
+    free (p);
     if (d->top == NULL)
+      return -1;
+    d->size = d->top->size;
+    d->cluster_size = qcow2_cluster_size (d->top);
+    d->compat = qcow2_version (d->top);
+  }
+  if (check_chain_names (d) == -1)
+    return -1;
+  remove_orphans (d);
+  return 0;
+}
+
+struct cow_disk *
+cow_disk_open (const struct cow_disk_config *cfg)
+{
+  struct cow_disk *d;
+  pthread_rwlockattr_t attr;
+  int r;
+
+  if ((cfg->overlay == NULL) == (cfg->state_dir == NULL)) {
+    cow_error_set (EINVAL, "exactly one of overlay and state directory must "
+                   "be given");
+    return NULL;
+  }
+  if (cfg->sync_mode == COW_SYNC_INTERVAL && cfg->sync_interval_ms == 0) {
+    cow_error_set (EINVAL, "sync interval must be at least 1 ms");
+    return NULL;
+  }
+  if (cfg->compat != 0 && cfg->compat != 2 && cfg->compat != 3) {
+    cow_error_set (EINVAL, "compat must be 0.10 or 1.1");
+    return NULL;
+  }
+  d = calloc (1, sizeof *d);
+  if (d == NULL) {
+    cow_error_errno ("calloc");
+    return NULL;
+  }
+  /* Writers first: a snapshot must not starve behind steady I/O. */
+  pthread_rwlockattr_init (&attr);
+  pthread_rwlockattr_setkind_np (&attr,
+                                 PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init (&d->chain_lock, &attr);
+  pthread_rwlock_init (&d->durability_lock, &attr);
+  pthread_rwlockattr_destroy (&attr);
+  pthread_mutex_init (&d->admin_lock, NULL);
+  pthread_mutex_init (&d->sync_lock, NULL);
+  pthread_cond_init (&d->sync_cond, NULL);
+  d->lock_fd = -1;
+  d->sync_mode = cfg->sync_mode;
+  d->sync_interval_ms = cfg->sync_interval_ms;
+  d->cache_size = cfg->cache_size;
+
+  r = cfg->state_dir ? open_state (d, cfg) : open_overlay (d, cfg);
+  if (r == -1)
+    goto err;
+  if (cfg->overlay) {
+    d->overlay = strdup (cfg->overlay);
+    d->base_name = strdup (cfg->base);
+    if (d->overlay == NULL || d->base_name == NULL) {
+      cow_error_errno ("strdup");
       goto err;
+    }
   }
   d->size = d->top->size;
   return d;
@@ -454,10 +812,7 @@ cow_disk_open (const struct cow_disk_config *cfg)
   if (d->top)
     d->top->ops->close (d->top);
   close_lower (d);
-  pthread_rwlock_destroy (&d->chain_lock);
-  pthread_mutex_destroy (&d->sync_lock);
-  pthread_cond_destroy (&d->sync_cond);
-  free (d);
+  free_disk (d);
   return NULL;
 }
 
@@ -523,10 +878,7 @@ cow_disk_close (struct cow_disk *d)
   if (d->top->ops->close (d->top) == -1)
     r = -1;
   close_lower (d);
-  pthread_rwlock_destroy (&d->chain_lock);
-  pthread_mutex_destroy (&d->sync_lock);
-  pthread_cond_destroy (&d->sync_cond);
-  free (d);
+  free_disk (d);
   return r;
 }
 
@@ -568,49 +920,60 @@ cow_disk_pread (struct cow_disk *d, void *buf, uint32_t count, uint64_t offset)
   return r;
 }
 
-/* After a change: FUA or sync=always make it durable now. */
-static int
-after_write (struct cow_disk *d, unsigned flags)
+static bool
+wants_durable (struct cow_disk *d, unsigned flags)
 {
-  if ((flags & COW_FLAG_FUA) || d->sync_mode == COW_SYNC_ALWAYS)
-    return d->top->ops->flush (d->top);
-  __atomic_store_n (&d->dirty, 1, __ATOMIC_RELEASE);
-  return 0;
+  return (flags & COW_FLAG_FUA) || d->sync_mode == COW_SYNC_ALWAYS;
+}
+
+/* Locks for a change: a durable one also holds durability_lock (first),
+ * so that its flush cannot be answered in the middle of a snapshot. */
+static void
+change_begin (struct cow_disk *d, bool durable)
+{
+  if (durable)
+    pthread_rwlock_rdlock (&d->durability_lock);
+  pthread_rwlock_rdlock (&d->chain_lock);
+}
+
+static int
+change_end (struct cow_disk *d, bool durable, int r)
+{
+  if (r == 0 && durable)
+    r = d->top->ops->flush (d->top);
+  else if (r == 0)
+    __atomic_store_n (&d->dirty, 1, __ATOMIC_RELEASE);
+  pthread_rwlock_unlock (&d->chain_lock);
+  if (durable)
+    pthread_rwlock_unlock (&d->durability_lock);
+  return r;
 }
 
 int
 cow_disk_pwrite (struct cow_disk *d, const void *buf, uint32_t count,
                  uint64_t offset, unsigned flags)
 {
-  const struct layer_below *below = &d->top_below;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
-  pthread_rwlock_rdlock (&d->chain_lock);
-  r = d->top->ops->write (d->top, buf, count, offset, below);
-  if (r == 0)
-    r = after_write (d, flags);
-  pthread_rwlock_unlock (&d->chain_lock);
-  return r;
+  change_begin (d, wants_durable (d, flags));
+  r = d->top->ops->write (d->top, buf, count, offset, &d->top_below);
+  return change_end (d, wants_durable (d, flags), r);
 }
 
 int
 cow_disk_zero (struct cow_disk *d, uint32_t count, uint64_t offset,
                unsigned flags)
 {
-  const struct layer_below *below = &d->top_below;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
-  pthread_rwlock_rdlock (&d->chain_lock);
+  change_begin (d, wants_durable (d, flags));
   r = d->top->ops->zero (d->top, count, offset,
-                         (flags & COW_FLAG_FAST_ZERO) != 0, below);
-  if (r == 0)
-    r = after_write (d, flags);
-  pthread_rwlock_unlock (&d->chain_lock);
-  return r;
+                         (flags & COW_FLAG_FAST_ZERO) != 0, &d->top_below);
+  return change_end (d, wants_durable (d, flags), r);
 }
 
 int
@@ -621,12 +984,9 @@ cow_disk_trim (struct cow_disk *d, uint32_t count, uint64_t offset,
 
   if (check_range (d, count, offset) == -1)
     return -1;
-  pthread_rwlock_rdlock (&d->chain_lock);
+  change_begin (d, wants_durable (d, flags));
   r = d->top->ops->trim (d->top, count, offset);
-  if (r == 0)
-    r = after_write (d, flags);
-  pthread_rwlock_unlock (&d->chain_lock);
-  return r;
+  return change_end (d, wants_durable (d, flags), r);
 }
 
 int
@@ -634,9 +994,11 @@ cow_disk_flush (struct cow_disk *d)
 {
   int r;
 
+  pthread_rwlock_rdlock (&d->durability_lock);
   pthread_rwlock_rdlock (&d->chain_lock);
   r = d->top->ops->flush (d->top);
   pthread_rwlock_unlock (&d->chain_lock);
+  pthread_rwlock_unlock (&d->durability_lock);
   return r;
 }
 
@@ -695,4 +1057,357 @@ cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
  err:
   pthread_rwlock_unlock (&d->chain_lock);
   return -1;
+}
+
+/*----------------------------------------------------------------------
+ * Snapshots.
+ *
+ * A freeze (DESIGN.md invariant 3): the new layer is created and synced
+ * before guest I/O pauses; the pause itself is the pointer switch under
+ * the exclusive chain lock; then the old layer is flushed and the manifest
+ * replaced while FLUSH and FUA wait on durability_lock.  A crash before the
+ * manifest is replaced leaves the old chain (the new file is an orphan,
+ * removed at the next open, and none of its writes was reported durable);
+ * after it, the new chain, whose frozen layer was flushed first.
+ */
+
+static uint64_t
+now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
+}
+
+static int
+check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
+{
+  if (d->state_dir == NULL) {
+    cow_error_set (ENOTSUP, "%s: snapshots need a state directory (state=), "
+                   "not a plain overlay", d->overlay);
+    return -1;
+  }
+  if (manifest_check_name (name) == -1)
+    return -1;
+  if (desc && manifest_check_description (desc) == -1)
+    return -1;
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (d->man.layers[i].snapshot
+        && strcmp (d->man.layers[i].snapshot, name) == 0) {
+      cow_error_set (EEXIST, "%s: a snapshot named '%s' already exists",
+                     d->state_dir, name);
+      return -1;
+    }
+  if (d->n_lower + 1 >= COW_MAX_DEPTH) {
+    cow_error_set (EMLINK, "%s: the chain already has %zu layers; merge "
+                   "some first", d->state_dir, d->n_lower + 1);
+    return -1;
+  }
+  return 0;
+}
+
+struct pending_freeze {
+  struct layer *layer;
+  char *file;
+  struct manifest next;
+};
+
+static int
+prepare_freeze (struct cow_disk *d, const char *name, const char *desc,
+                struct pending_freeze *p)
+{
+  struct manifest_layer *top;
+
+  memset (p, 0, sizeof *p);
+  if (check_snapshot_args (d, name, desc) == -1)
+    return -1;
+  p->file = new_layer_name (d, &d->man);
+  if (p->file == NULL)
+    return -1;
+  if (manifest_copy (&p->next, &d->man) == -1)
+    goto err;
+  top = &p->next.layers[p->next.n_layers - 1];
+  top->snapshot = strdup (name);
+  top->description = desc && *desc ? strdup (desc) : NULL;
+  top->created = (int64_t) time (NULL);
+  if (top->snapshot == NULL || (desc && *desc && top->description == NULL)) {
+    cow_error_errno ("strdup");
+    goto err;
+  }
+  if (manifest_push (&p->next, p->file, top->created, NULL, NULL) == -1)
+    goto err;
+  p->layer = create_layer (d, p->file, d->man.layers[d->man.n_layers - 1].file);
+  if (p->layer == NULL)
+    goto err;
+  return 0;
+
+ err:
+  manifest_free (&p->next);
+  if (p->file) {
+    unlink_layer (d, p->file);
+    free (p->file);
+  }
+  return -1;
+}
+
+static void
+abandon_freeze (struct cow_disk *d, struct pending_freeze *p)
+{
+  p->layer->ops->close (p->layer);
+  unlink_layer (d, p->file);
+  free (p->file);
+  manifest_free (&p->next);
+}
+
+/* The switch (caller holds chain_lock exclusive). */
+static void
+switch_top (struct cow_disk *d, struct pending_freeze *p)
+{
+  memmove (&d->lower[1], &d->lower[0], d->n_lower * sizeof d->lower[0]);
+  d->lower[0].l = d->top;
+  d->n_lower++;
+  d->n_frozen++;
+  d->top = p->layer;
+  link_chain (d);
+}
+
+/* After the switch: flush the frozen layer, then record the new chain. */
+static int
+commit_freeze (struct cow_disk *d, struct pending_freeze *p)
+{
+  struct layer *old = d->lower[0].l;
+  int r;
+
+  r = old->ops->flush (old);
+  if (r == 0)
+    r = manifest_save (d->state_dir, &p->next);
+  if (r == -1) {
+    /* Guest writes already went to the new layer: it cannot be undone.
+     * Keep serving; the manifest still names the old chain, so the next
+     * flush retries nothing and a restart loses unflushed writes only. */
+    manifest_free (&p->next);
+    free (p->file);
+    return -1;
+  }
+  manifest_free (&d->man);
+  d->man = p->next;
+  free (p->file);
+  return 0;
+}
+
+int
+cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
+                         const char *name, const char *description)
+{
+  struct pending_freeze *p;
+  uint64_t t0, pause;
+  size_t ready = 0;
+  int ret = 0;
+
+  if (n == 0) {
+    cow_error_set (EINVAL, "no disks to snapshot");
+    return -1;
+  }
+  p = calloc (n, sizeof *p);
+  if (p == NULL) {
+    cow_error_errno ("calloc");
+    return -1;
+  }
+  for (size_t i = 0; i < n; i++)
+    pthread_mutex_lock (&disks[i]->admin_lock);
+  /* New layers first, with no I/O paused. */
+  for (; ready < n; ready++)
+    if (prepare_freeze (disks[ready], name, description, &p[ready]) == -1)
+      break;
+  if (ready < n) {
+    for (size_t i = 0; i < ready; i++)
+      abandon_freeze (disks[i], &p[i]);
+    ret = -1;
+    goto out;
+  }
+  for (size_t i = 0; i < n; i++)
+    pthread_rwlock_wrlock (&disks[i]->durability_lock);
+  /* The cut: every disk drained, then all switched. */
+  t0 = now_ns ();
+  for (size_t i = 0; i < n; i++)
+    pthread_rwlock_wrlock (&disks[i]->chain_lock);
+  for (size_t i = 0; i < n; i++)
+    switch_top (disks[i], &p[i]);
+  for (size_t i = 0; i < n; i++)
+    pthread_rwlock_unlock (&disks[i]->chain_lock);
+  pause = now_ns () - t0;
+  for (size_t i = 0; i < n; i++) {
+    disks[i]->last_pause_ns = pause;
+    if (commit_freeze (disks[i], &p[i]) == -1)
+      ret = -1;
+  }
+  for (size_t i = 0; i < n; i++)
+    pthread_rwlock_unlock (&disks[i]->durability_lock);
+ out:
+  for (size_t i = n; i-- > 0; )
+    pthread_mutex_unlock (&disks[i]->admin_lock);
+  free (p);
+  return ret;
+}
+
+int
+cow_disk_snapshot (struct cow_disk *d, const char *name,
+                   const char *description)
+{
+  return cow_disk_snapshot_group (&d, 1, name, description);
+}
+
+int
+cow_disk_revert (struct cow_disk *d, const char *name, bool force)
+{
+  struct manifest next;
+  struct layer *nl = NULL;
+  char *file = NULL;
+  size_t k, n, drop;
+  int ret = -1;
+
+  if (d->state_dir == NULL) {
+    cow_error_set (ENOTSUP, "%s: snapshots need a state directory (state=)",
+                   d->overlay);
+    return -1;
+  }
+  pthread_mutex_lock (&d->admin_lock);
+  n = d->man.n_layers;
+  for (k = 0; k < n; k++)
+    if (d->man.layers[k].snapshot
+        && strcmp (d->man.layers[k].snapshot, name) == 0)
+      break;
+  if (k == n) {
+    cow_error_set (ENOENT, "%s: no snapshot named '%s'", d->state_dir, name);
+    goto out;
+  }
+  if (!force)
+    for (size_t i = k + 1; i < n; i++)
+      if (d->man.layers[i].snapshot) {
+        cow_error_set (EBUSY, "%s: reverting to '%s' would delete the later "
+                       "snapshot '%s'; use --force", d->state_dir, name,
+                       d->man.layers[i].snapshot);
+        goto out;
+      }
+  file = new_layer_name (d, &d->man);
+  if (file == NULL)
+    goto out;
+  memset (&next, 0, sizeof next);
+  if (manifest_copy (&next, &d->man) == -1)
+    goto out;
+  while (next.n_layers > k + 1) {
+    struct manifest_layer *l = &next.layers[--next.n_layers];
+    free (l->file);
+    free (l->snapshot);
+    free (l->description);
+  }
+  if (manifest_push (&next, file, (int64_t) time (NULL), NULL, NULL) == -1) {
+    manifest_free (&next);
+    goto out;
+  }
+  nl = create_layer (d, file, d->man.layers[k].file);
+  if (nl == NULL) {
+    manifest_free (&next);
+    goto out;
+  }
+  /* Layers dropped: the active one, and the frozen ones above k (which
+   * sit at the front of lower[], newest first). */
+  drop = n - 2 - k;
+  pthread_rwlock_wrlock (&d->durability_lock);
+  pthread_rwlock_wrlock (&d->chain_lock);
+  if (manifest_save (d->state_dir, &next) == -1) {
+    pthread_rwlock_unlock (&d->chain_lock);
+    pthread_rwlock_unlock (&d->durability_lock);
+    nl->ops->close (nl);
+    unlink_layer (d, file);
+    manifest_free (&next);
+    goto out;
+  }
+  d->top->ops->close (d->top);
+  for (size_t i = 0; i < drop; i++)
+    d->lower[i].l->ops->close (d->lower[i].l);
+  memmove (&d->lower[0], &d->lower[drop],
+           (d->n_lower - drop) * sizeof d->lower[0]);
+  d->n_lower -= drop;
+  d->n_frozen -= drop;
+  d->top = nl;
+  link_chain (d);
+  pthread_rwlock_unlock (&d->chain_lock);
+  pthread_rwlock_unlock (&d->durability_lock);
+  /* The manifest no longer names them: remove the files. */
+  for (size_t i = k + 1; i < n; i++)
+    unlink_layer (d, d->man.layers[i].file);
+  manifest_free (&d->man);
+  d->man = next;
+  ret = 0;
+ out:
+  free (file);
+  pthread_mutex_unlock (&d->admin_lock);
+  return ret;
+}
+
+int
+cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out, size_t *n)
+{
+  struct cow_layer_info *v;
+  size_t count;
+
+  pthread_mutex_lock (&d->admin_lock);
+  count = d->state_dir ? d->man.n_layers : 1;
+  v = calloc (count, sizeof *v);
+  if (v == NULL)
+    goto oom;
+  if (d->state_dir == NULL) {
+    v[0].path = strdup (d->overlay);
+    v[0].active = true;
+    if (v[0].path == NULL)
+      goto oom;
+  }
+  else
+    for (size_t i = 0; i < count; i++) {
+      const struct manifest_layer *l = &d->man.layers[i];
+      v[i].path = state_path (d, l->file);
+      v[i].created = l->created;
+      v[i].snapshot = l->snapshot ? strdup (l->snapshot) : NULL;
+      v[i].description = l->description ? strdup (l->description) : NULL;
+      v[i].active = i + 1 == count;
+      if (v[i].path == NULL || (l->snapshot && !v[i].snapshot)
+          || (l->description && !v[i].description))
+        goto oom;
+    }
+  pthread_mutex_unlock (&d->admin_lock);
+  *out = v;
+  *n = count;
+  return 0;
+
+ oom:
+  pthread_mutex_unlock (&d->admin_lock);
+  cow_error_errno ("cow_disk_layers");
+  if (v)
+    cow_layer_info_free (v, count);
+  return -1;
+}
+
+void
+cow_layer_info_free (struct cow_layer_info *v, size_t n)
+{
+  for (size_t i = 0; i < n; i++) {
+    free (v[i].path);
+    free (v[i].snapshot);
+    free (v[i].description);
+  }
+  free (v);
+}
+
+const char *
+cow_disk_base (const struct cow_disk *d)
+{
+  return d->state_dir ? d->man.base : d->base_name;
+}
+
+uint64_t
+cow_disk_last_pause_ns (const struct cow_disk *d)
+{
+  return d->last_pause_ns;
 }

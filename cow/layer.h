@@ -69,6 +69,7 @@ struct layer *qcow2_open (const char *path, bool readonly, uint64_t cache_size);
 const char *qcow2_backing_file (struct layer *l);
 const char *qcow2_backing_format (struct layer *l);
 uint32_t qcow2_cluster_size (struct layer *l);
+int qcow2_version (struct layer *l);
 /* Recognise a qcow2 file by its magic: 1 yes, 0 no, -1 error. */
 int qcow2_probe (const char *path);
 

@@ -479,6 +479,12 @@ qcow2_backing_format (struct layer *l)
   return ((struct qcow2 *) l)->backing_format;
 }
 
+int
+qcow2_version (struct layer *l)
+{
+  return (int) ((struct qcow2 *) l)->version;
+}
+
 uint32_t
 qcow2_cluster_size (struct layer *l)
 {

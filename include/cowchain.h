@@ -28,6 +28,9 @@ struct cow_disk_config {
   const char *base;          /* path of the base image (required) */
   const char *base_format;   /* "raw", or NULL to recognise by magic */
   const char *overlay;       /* path of the qcow2 layer; created if absent */
+  /* Or: a state directory holding the disk's layers and manifest (needed
+   * for snapshots).  base may be NULL once the manifest exists. */
+  const char *state_dir;
   uint32_t cluster_size;     /* for a new overlay; 0 = 65536 */
   enum cow_sync_mode sync_mode;
   uint32_t sync_interval_ms; /* for COW_SYNC_INTERVAL */
@@ -80,6 +83,40 @@ typedef int (*cow_extent_fn) (void *opaque, uint64_t offset, uint64_t length,
                               uint32_t type);
 int cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
                       cow_extent_fn fn, void *opaque);
+
+/* Live snapshots (state-directory disks only).
+ *
+ * cow_disk_snapshot freezes the active layer under the name and stacks a
+ * new one on top.  Guest I/O pauses only for the switch; the old layer's
+ * flush and the manifest update follow, and FLUSH/FUA requests wait for
+ * them.  Errors: EINVAL bad or duplicate name, ENOTSUP no state
+ * directory, ENOSPC/EIO creating the new layer (nothing changed).
+ * cow_disk_snapshot_group does it for several disks at one cut. */
+int cow_disk_snapshot (struct cow_disk *d, const char *name,
+                       const char *description);
+int cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
+                             const char *name, const char *description);
+/* Return the disk to a snapshot: the layers above it are dropped (their
+ * files deleted) and a new empty layer is stacked on it.  ENOENT unknown
+ * name; EBUSY other snapshots would be dropped and !force. */
+int cow_disk_revert (struct cow_disk *d, const char *name, bool force);
+
+struct cow_layer_info {
+  char *path;            /* the layer file */
+  int64_t created;       /* seconds since the epoch */
+  char *snapshot;        /* NULL: no snapshot name */
+  char *description;     /* NULL: none */
+  bool active;
+};
+/* The chain, bottom (oldest layer) to top (active); free with
+ * cow_layer_info_free.  Overlay-mode disks report their one layer. */
+int cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out,
+                     size_t *n);
+void cow_layer_info_free (struct cow_layer_info *v, size_t n);
+/* The base as configured (path or URI) and its format. */
+const char *cow_disk_base (const struct cow_disk *d);
+/* Pause (ns) that the last snapshot imposed on guest I/O. */
+uint64_t cow_disk_last_pause_ns (const struct cow_disk *d);
 
 /* Last error of the calling thread. */
 const char *cow_last_error (void);

@@ -1,9 +1,15 @@
 /* nbdkit glue for cowchain: config keys, callbacks that call the engine,
- * nothing of the format.  One disk per server for now. */
+ * the control socket's commands; nothing of the format.
+ *
+ * Several disks may be served, one NBD export each: "disk=NAME" starts a
+ * disk and the per-disk keys after it belong to it.  Without disk=, the
+ * keys describe one disk that every export name reaches. */
 #include <config.h>
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,65 +17,63 @@
 #include <nbdkit-plugin.h>
 
 #include "cowchain.h"
+#include "control.h"
+#include "error.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+#define MAX_DISKS 64
 
-static struct cow_disk_config cfg;
-static char *base_path, *overlay_path, *base_format;
-static struct cow_disk *disk;
-static char **allow_backing;        /* NULL-terminated */
-static size_t n_allow_backing;
+struct disk_entry {
+  char *name;                   /* export name; "" for the unnamed disk */
+  char *base, *overlay, *state, *base_format;
+  char **allow_backing;         /* NULL-terminated */
+  size_t n_allow_backing;
+  uint32_t cluster_size;
+  int compat;
+  struct cow_disk *disk;
+};
+
+static struct disk_entry disks[MAX_DISKS];
+static size_t n_disks;
+static bool named_disks;        /* disk= was used */
+static char *default_export;
+
+/* Keys for every disk. */
+static enum cow_sync_mode sync_mode;
+static uint32_t sync_interval_ms;
+static uint64_t cache_size;
+static char *control_path;
+static uid_t allow_uids[16];
+static size_t n_allow_uids;
+static struct control_server *control;
+
+static void
+free_entry (struct disk_entry *e)
+{
+  free (e->name);
+  free (e->base);
+  free (e->overlay);
+  free (e->state);
+  free (e->base_format);
+  for (size_t i = 0; i < e->n_allow_backing; i++)
+    free (e->allow_backing[i]);
+  free (e->allow_backing);
+}
 
 static void
 cowchain_unload (void)
 {
-  if (disk && cow_disk_close (disk) == -1)
-    nbdkit_error ("closing the disk: %s", cow_last_error ());
-  disk = NULL;
-  free (base_path);
-  free (overlay_path);
-  free (base_format);
-  for (size_t i = 0; i < n_allow_backing; i++)
-    free (allow_backing[i]);
-  free (allow_backing);
-}
-
-static int
-parse_cluster_size (const char *value)
-{
-  int64_t r = nbdkit_parse_size (value);
-
-  if (r == -1)
-    return -1;
-  if (r < 512 || r > (2 << 20) || (r & (r - 1))) {
-    nbdkit_error ("cluster-size: %s is not a power of two from 512 to 2M",
-                  value);
-    return -1;
+  control_stop (control);
+  control = NULL;
+  for (size_t i = 0; i < n_disks; i++) {
+    if (disks[i].disk && cow_disk_close (disks[i].disk) == -1)
+      nbdkit_error ("closing disk '%s': %s", disks[i].name,
+                    cow_last_error ());
+    free_entry (&disks[i]);
   }
-  cfg.cluster_size = (uint32_t) r;
-  return 0;
-}
-
-static int
-parse_sync (const char *value)
-{
-  if (strcmp (value, "flush") == 0)
-    cfg.sync_mode = COW_SYNC_FLUSH;
-  else if (strcmp (value, "always") == 0)
-    cfg.sync_mode = COW_SYNC_ALWAYS;
-  else {
-    uint32_t ms;
-    if (nbdkit_parse_uint32_t ("sync", value, &ms) == -1)
-      return -1;
-    if (ms == 0 || ms > 3600000) {
-      nbdkit_error ("sync: interval %s ms must be from 1 to 3600000 (or use "
-                    "sync=flush or sync=always)", value);
-      return -1;
-    }
-    cfg.sync_mode = COW_SYNC_INTERVAL;
-    cfg.sync_interval_ms = ms;
-  }
-  return 0;
+  n_disks = 0;
+  free (default_export);
+  free (control_path);
 }
 
 static int
@@ -92,39 +96,123 @@ set_string (char **dst, const char *key, const char *value)
 }
 
 static int
-cowchain_config (const char *key, const char *value)
+check_disk_name (const char *name)
+{
+  size_t n = strlen (name);
+
+  if (n == 0 || n > 64) {
+    nbdkit_error ("disk: name '%s' must be 1 to 64 characters", name);
+    return -1;
+  }
+  for (const char *c = name; *c; c++)
+    if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z')
+          || (*c >= '0' && *c <= '9') || strchr ("._-", *c))) {
+      nbdkit_error ("disk: name '%s' may hold only letters, digits, '.', "
+                    "'_' and '-'", name);
+      return -1;
+    }
+  return 0;
+}
+
+/* The disk that per-disk keys apply to now. */
+static struct disk_entry *
+current (const char *key)
+{
+  if (n_disks == 0) {
+    disks[0].name = strdup ("");
+    if (disks[0].name == NULL) {
+      nbdkit_error ("strdup: %m");
+      return NULL;
+    }
+    n_disks = 1;
+  }
+  return &disks[n_disks - 1];
+}
+
+static int
+new_disk (const char *name)
+{
+  if (check_disk_name (name) == -1)
+    return -1;
+  if (n_disks > 0 && !named_disks) {
+    nbdkit_error ("disk=%s: per-disk keys were given before the first "
+                  "disk=; put disk= first", name);
+    return -1;
+  }
+  for (size_t i = 0; i < n_disks; i++)
+    if (strcmp (disks[i].name, name) == 0) {
+      nbdkit_error ("disk=%s given twice", name);
+      return -1;
+    }
+  if (n_disks == MAX_DISKS) {
+    nbdkit_error ("at most %d disks per server", MAX_DISKS);
+    return -1;
+  }
+  disks[n_disks].name = strdup (name);
+  if (disks[n_disks].name == NULL) {
+    nbdkit_error ("strdup: %m");
+    return -1;
+  }
+  n_disks++;
+  named_disks = true;
+  return 0;
+}
+
+static int
+parse_sync (const char *value)
+{
+  if (strcmp (value, "flush") == 0)
+    sync_mode = COW_SYNC_FLUSH;
+  else if (strcmp (value, "always") == 0)
+    sync_mode = COW_SYNC_ALWAYS;
+  else {
+    uint32_t ms;
+    if (nbdkit_parse_uint32_t ("sync", value, &ms) == -1)
+      return -1;
+    if (ms == 0 || ms > 3600000) {
+      nbdkit_error ("sync: interval %s ms must be from 1 to 3600000 (or use "
+                    "sync=flush or sync=always)", value);
+      return -1;
+    }
+    sync_mode = COW_SYNC_INTERVAL;
+    sync_interval_ms = ms;
+  }
+  return 0;
+}
+
+static int
+disk_config (struct disk_entry *e, const char *key, const char *value)
 {
   if (strcmp (key, "base") == 0)
-    return set_string (&base_path, key, value);
+    return set_string (&e->base, key, value);
   if (strcmp (key, "overlay") == 0)
-    return set_string (&overlay_path, key, value);
+    return set_string (&e->overlay, key, value);
+  if (strcmp (key, "state") == 0)
+    return set_string (&e->state, key, value);
   if (strcmp (key, "base-format") == 0) {
     if (strcmp (value, "raw") != 0 && strcmp (value, "qcow2") != 0) {
       nbdkit_error ("base-format: '%s' is not raw or qcow2", value);
       return -1;
     }
-    return set_string (&base_format, key, value);
+    return set_string (&e->base_format, key, value);
   }
-  if (strcmp (key, "cluster-size") == 0)
-    return parse_cluster_size (value);
-  if (strcmp (key, "sync") == 0)
-    return parse_sync (value);
-  if (strcmp (key, "cache-size") == 0) {
+  if (strcmp (key, "cluster-size") == 0) {
     int64_t r = nbdkit_parse_size (value);
     if (r == -1)
       return -1;
-    if (r < (64 << 10)) {
-      nbdkit_error ("cache-size: %s is below the minimum of 64K", value);
+    if (r < 512 || r > (2 << 20) || (r & (r - 1))) {
+      nbdkit_error ("cluster-size: %s is not a power of two from 512 to 2M",
+                    value);
       return -1;
     }
-    cfg.cache_size = (uint64_t) r;
+    e->cluster_size = (uint32_t) r;
     return 0;
   }
   if (strcmp (key, "compat") == 0) {
     if (strcmp (value, "1.1") == 0 || strcmp (value, "v3") == 0)
-      cfg.compat = 3;
+      e->compat = 3;
     else if (strcmp (value, "0.10") == 0 || strcmp (value, "v2") == 0)
-      cfg.compat = 2;
+      e->compat = 2;
     else {
       nbdkit_error ("compat: '%s' is not 0.10 or 1.1", value);
       return -1;
@@ -132,21 +220,67 @@ cowchain_config (const char *key, const char *value)
     return 0;
   }
   if (strcmp (key, "allow-backing") == 0) {
-    char **v = realloc (allow_backing,
-                        (n_allow_backing + 2) * sizeof *allow_backing);
+    char **v = realloc (e->allow_backing,
+                        (e->n_allow_backing + 2) * sizeof *v);
     if (v == NULL) {
       nbdkit_error ("realloc: %m");
       return -1;
     }
-    allow_backing = v;
-    v[n_allow_backing] = strdup (value);
-    if (v[n_allow_backing] == NULL) {
+    e->allow_backing = v;
+    v[e->n_allow_backing] = strdup (value);
+    if (v[e->n_allow_backing] == NULL) {
       nbdkit_error ("strdup: %m");
       return -1;
     }
-    v[++n_allow_backing] = NULL;
+    v[++e->n_allow_backing] = NULL;
     return 0;
   }
+  return 1;                     /* not a per-disk key */
+}
+
+static int
+cowchain_config (const char *key, const char *value)
+{
+  struct disk_entry *e;
+  int r;
+
+  if (strcmp (key, "disk") == 0)
+    return new_disk (value);
+  if (strcmp (key, "sync") == 0)
+    return parse_sync (value);
+  if (strcmp (key, "cache-size") == 0) {
+    int64_t s = nbdkit_parse_size (value);
+    if (s == -1)
+      return -1;
+    if (s < (64 << 10)) {
+      nbdkit_error ("cache-size: %s is below the minimum of 64K", value);
+      return -1;
+    }
+    cache_size = (uint64_t) s;
+    return 0;
+  }
+  if (strcmp (key, "control") == 0)
+    return set_string (&control_path, key, value);
+  if (strcmp (key, "control-allow-uid") == 0) {
+    uint32_t uid;
+    if (nbdkit_parse_uint32_t ("control-allow-uid", value, &uid) == -1)
+      return -1;
+    if (n_allow_uids == sizeof allow_uids / sizeof allow_uids[0]) {
+      nbdkit_error ("control-allow-uid: too many");
+      return -1;
+    }
+    allow_uids[n_allow_uids++] = (uid_t) uid;
+    return 0;
+  }
+  if (strcmp (key, "default-export") == 0)
+    return set_string (&default_export, key, value);
+
+  e = current (key);
+  if (e == NULL)
+    return -1;
+  r = disk_config (e, key, value);
+  if (r != 1)
+    return r;
   nbdkit_error ("unknown parameter '%s' (see nbdkit cowchain --help)", key);
   return -1;
 }
@@ -154,53 +288,270 @@ cowchain_config (const char *key, const char *value)
 static int
 cowchain_config_complete (void)
 {
-  if (base_path == NULL || overlay_path == NULL) {
-    nbdkit_error ("both base=IMAGE and overlay=LAYER.qcow2 are required");
+  if (n_disks == 0) {
+    nbdkit_error ("no disk configured: give base=IMAGE and overlay=LAYER or "
+                  "state=DIR");
     return -1;
   }
-  cfg.base = base_path;
-  cfg.overlay = overlay_path;
-  cfg.base_format = base_format;
-  cfg.allow_backing = (const char *const *) allow_backing;
+  for (size_t i = 0; i < n_disks; i++) {
+    struct disk_entry *e = &disks[i];
+    const char *what = e->name[0] ? e->name : "the disk";
+    if (e->overlay && e->state) {
+      nbdkit_error ("%s: give overlay= or state=, not both", what);
+      return -1;
+    }
+    if (!e->overlay && !e->state) {
+      if (e->base)
+        nbdkit_error ("%s: overlay=LAYER.qcow2 or state=DIR is required",
+                      what);
+      else
+        nbdkit_error ("%s: base=IMAGE and overlay=LAYER.qcow2 (or state=DIR) "
+                      "are required", what);
+      return -1;
+    }
+    if (e->overlay && !e->base) {
+      nbdkit_error ("%s: base=IMAGE is required", what);
+      return -1;
+    }
+  }
+  if (default_export) {
+    size_t i;
+    for (i = 0; i < n_disks; i++)
+      if (strcmp (disks[i].name, default_export) == 0)
+        break;
+    if (i == n_disks) {
+      nbdkit_error ("default-export: no disk named '%s'", default_export);
+      return -1;
+    }
+  }
   return 0;
 }
 
 #define cowchain_config_help \
-  "base=IMAGE               (required) read-only base image (raw or qcow2)\n" \
+  "base=IMAGE               read-only base: raw or qcow2 file, or an NBD URI\n" \
   "base-format=raw|qcow2    format of the base (default: by magic)\n" \
-  "overlay=LAYER.qcow2      (required) copy-on-write layer, created if absent\n" \
-  "cluster-size=SIZE        cluster size of a new overlay (512..2M, default 64K)\n" \
-  "sync=flush|always|MS     durability policy (default flush)\n" \
-  "cache-size=SIZE          metadata cache size (default 32M)\n" \
-  "compat=1.1|0.10          qcow2 version of a new overlay (default 1.1)\n" \
+  "overlay=LAYER.qcow2      a single copy-on-write layer, created if absent\n" \
+  "state=DIR                or: a state directory (layers + manifest), for\n" \
+  "                         snapshots; base= may be left out once it exists\n" \
+  "cluster-size=SIZE        cluster size of new layers (512..2M, default 64K)\n" \
+  "compat=1.1|0.10          qcow2 version of new layers (default 1.1)\n" \
   "allow-backing=PATH       a file a qcow2 base's chain may name outside\n" \
-  "                         the base's directory (repeatable)"
+  "                         the base's directory (repeatable)\n" \
+  "disk=NAME                start another disk (NBD export NAME); the keys\n" \
+  "                         above that follow belong to it\n" \
+  "default-export=NAME      disk for clients that send no export name\n" \
+  "sync=flush|always|MS     durability policy (default flush)\n" \
+  "cache-size=SIZE          metadata cache size per layer (default 32M)\n" \
+  "control=SOCKET           control socket for the cowchain tool\n" \
+  "control-allow-uid=UID    another uid allowed on the control socket"
 
 static int
 cowchain_get_ready (void)
 {
-  disk = cow_disk_open (&cfg);
-  if (disk == NULL) {
-    nbdkit_error ("%s", cow_last_error ());
-    return -1;
+  for (size_t i = 0; i < n_disks; i++) {
+    struct disk_entry *e = &disks[i];
+    struct cow_disk_config cfg = {
+      .base = e->base,
+      .base_format = e->base_format,
+      .overlay = e->overlay,
+      .state_dir = e->state,
+      .cluster_size = e->cluster_size,
+      .compat = e->compat,
+      .sync_mode = sync_mode,
+      .sync_interval_ms = sync_interval_ms,
+      .cache_size = cache_size,
+      .allow_backing = (const char *const *) e->allow_backing,
+    };
+    e->disk = cow_disk_open (&cfg);
+    if (e->disk == NULL) {
+      if (e->name[0])
+        nbdkit_error ("disk '%s': %s", e->name, cow_last_error ());
+      else
+        nbdkit_error ("%s", cow_last_error ());
+      return -1;
+    }
   }
   return 0;
+}
+
+static struct disk_entry *
+find_disk (const char *name)
+{
+  if (name == NULL || name[0] == '\0') {
+    if (default_export)
+      name = default_export;
+    else
+      return &disks[0];
+  }
+  for (size_t i = 0; i < n_disks; i++)
+    if (strcmp (disks[i].name, name) == 0)
+      return &disks[i];
+  if (!named_disks)
+    return &disks[0];
+  return NULL;
+}
+
+/* Control socket commands (see cow/control.h). */
+static int
+reply_layers (struct disk_entry *e, struct control_reply *r)
+{
+  struct cow_layer_info *v;
+  size_t n;
+
+  if (cow_disk_layers (e->disk, &v, &n) == -1)
+    return -1;
+  for (size_t i = 0; i < n; i++) {
+    char *p = control_encode (v[i].path);
+    char *s = control_encode (v[i].snapshot ? v[i].snapshot : "");
+    char *d = control_encode (v[i].description ? v[i].description : "");
+    if (p && s && d)
+      control_reply_line (r, "layer %s %" PRId64 " %s %s %s", p, v[i].created,
+                          s, d, v[i].active ? "active" : "frozen");
+    free (p);
+    free (s);
+    free (d);
+  }
+  cow_layer_info_free (v, n);
+  return 0;
+}
+
+static const char *
+active_path (struct disk_entry *e, struct cow_layer_info **v, size_t *n)
+{
+  if (cow_disk_layers (e->disk, v, n) == -1)
+    return NULL;
+  return (*v)[*n - 1].path;
+}
+
+static int
+control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
+{
+  struct disk_entry *e = NULL;
+  const char *cmd = w[0];
+
+#define NEED(k) do { if (n != (k)) goto usage; } while (0)
+#define DISK(word) do {                                                 \
+    e = find_disk (word);                                               \
+    if (e == NULL) {                                                    \
+      cow_error_set (ENOENT, "no disk named '%.64s'", word);     \
+      return -1;                                                        \
+    }                                                                   \
+  } while (0)
+
+  if (strcmp (cmd, "status") == 0 || strcmp (cmd, "blklist") == 0) {
+    NEED (1);
+    for (size_t i = 0; i < n_disks; i++) {
+      struct cow_layer_info *v;
+      size_t k;
+      const char *ap = active_path (&disks[i], &v, &k);
+      char *name, *path, *base;
+      if (ap == NULL)
+        return -1;
+      name = control_encode (disks[i].name);
+      path = control_encode (ap);
+      base = control_encode (cow_disk_base (disks[i].disk));
+      if (name && path && base) {
+        if (cmd[0] == 's')
+          control_reply_line (r, "disk %s %s %s %zu", name, path, base, k);
+        else
+          control_reply_line (r, "disk %s %s", name, path);
+      }
+      free (name);
+      free (path);
+      free (base);
+      cow_layer_info_free (v, k);
+    }
+    return 0;
+  }
+  if (strcmp (cmd, "list") == 0) {
+    NEED (2);
+    DISK (w[1]);
+    return reply_layers (e, r);
+  }
+  if (strcmp (cmd, "snapshot") == 0) {
+    NEED (4);
+    DISK (w[1]);
+    if (cow_disk_snapshot (e->disk, w[2], w[3]) == -1)
+      return -1;
+    control_reply_line (r, "pause-ns %" PRIu64,
+                        cow_disk_last_pause_ns (e->disk));
+    return 0;
+  }
+  if (strcmp (cmd, "snapshot-atomic") == 0) {
+    struct cow_disk *all[MAX_DISKS];
+    NEED (3);
+    for (size_t i = 0; i < n_disks; i++)
+      all[i] = disks[i].disk;
+    if (cow_disk_snapshot_group (all, n_disks, w[1], w[2]) == -1)
+      return -1;
+    control_reply_line (r, "pause-ns %" PRIu64,
+                        cow_disk_last_pause_ns (all[0]));
+    return 0;
+  }
+  if (strcmp (cmd, "revert") == 0) {
+    NEED (4);
+    DISK (w[1]);
+    if (strcmp (w[3], "force") != 0 && w[3][0] != '\0')
+      goto usage;
+    return cow_disk_revert (e->disk, w[2], w[3][0] != '\0');
+  }
+  cow_error_set (EINVAL, "unknown command '%.32s'", cmd);
+  return -1;
+ usage:
+  cow_error_set (EINVAL, "wrong number of arguments for '%.32s'", cmd);
+  return -1;
+#undef NEED
+#undef DISK
 }
 
 static int
 cowchain_after_fork (void)
 {
-  if (cow_disk_start_sync (disk) == -1) {
-    nbdkit_error ("%s", cow_last_error ());
-    return -1;
+  for (size_t i = 0; i < n_disks; i++)
+    if (cow_disk_start_sync (disks[i].disk) == -1) {
+      nbdkit_error ("%s", cow_last_error ());
+      return -1;
+    }
+  if (control_path) {
+    control = control_start (control_path, allow_uids, n_allow_uids,
+                             control_handler_fn, NULL);
+    if (control == NULL) {
+      nbdkit_error ("%s", cow_last_error ());
+      return -1;
+    }
   }
   return 0;
+}
+
+static int
+cowchain_list_exports (int readonly, int is_tls, struct nbdkit_exports *exports)
+{
+  for (size_t i = 0; i < n_disks; i++)
+    if (disks[i].name[0] && nbdkit_add_export (exports, disks[i].name,
+                                               NULL) == -1)
+      return -1;
+  return 0;
+}
+
+static const char *
+cowchain_default_export (int readonly, int is_tls)
+{
+  if (default_export)
+    return default_export;
+  return disks[0].name;
 }
 
 static void *
 cowchain_open (int readonly)
 {
-  return disk;
+  const char *name = nbdkit_export_name ();
+  struct disk_entry *e = find_disk (name);
+
+  if (e == NULL) {
+    nbdkit_error ("no disk (export) named '%s'", name);
+    return NULL;
+  }
+  return e->disk;
 }
 
 static void
@@ -350,6 +701,8 @@ static struct nbdkit_plugin plugin = {
   .magic_config_key = "base",
   .get_ready = cowchain_get_ready,
   .after_fork = cowchain_after_fork,
+  .list_exports = cowchain_list_exports,
+  .default_export = cowchain_default_export,
   .open = cowchain_open,
   .get_size = cowchain_get_size,
   .block_size = cowchain_block_size,

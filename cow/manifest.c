@@ -1,0 +1,412 @@
+/* The persistent chain record of a disk; see manifest.h for the format. */
+#include <config.h>
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "error.h"
+#include "io.h"
+#include "manifest.h"
+
+#define MANIFEST_MAX_BYTES (4u << 20)
+
+static char *
+encode (const char *s)
+{
+  size_t n = strlen (s);
+  char *out = malloc (n * 3 + 2), *p = out;
+
+  if (out == NULL)
+    return NULL;
+  if (n == 0) {
+    strcpy (out, "-");
+    return out;
+  }
+  for (const unsigned char *c = (const unsigned char *) s; *c; c++) {
+    if (isalnum (*c) || strchr ("._/:@+", *c) || (*c == '-' && c != (const unsigned char *) s))
+      *p++ = (char) *c;
+    else
+      p += sprintf (p, "%%%02X", *c);
+  }
+  *p = '\0';
+  return out;
+}
+
+static int
+hexval (int c)
+{
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+/* Decode a field; "-" is NULL (when allow_empty).  Returns 0 or -1. */
+static int
+decode (const char *s, char **out, bool allow_empty)
+{
+  char *r, *p;
+
+  *out = NULL;
+  if (strcmp (s, "-") == 0 && allow_empty)
+    return 0;
+  r = malloc (strlen (s) + 1);
+  if (r == NULL)
+    return -1;
+  for (p = r; *s; s++) {
+    if (*s == '%') {
+      int h = hexval (s[1]), l = h >= 0 ? hexval (s[2]) : -1;
+      if (h < 0 || l < 0 || (h == 0 && l == 0)) {
+        free (r);
+        errno = EINVAL;
+        return -1;
+      }
+      *p++ = (char) (h * 16 + l);
+      s += 2;
+    }
+    else
+      *p++ = *s;
+  }
+  *p = '\0';
+  *out = r;
+  return 0;
+}
+
+void
+manifest_free (struct manifest *m)
+{
+  for (size_t i = 0; i < m->n_layers; i++) {
+    free (m->layers[i].file);
+    free (m->layers[i].snapshot);
+    free (m->layers[i].description);
+  }
+  free (m->layers);
+  free (m->base);
+  free (m->base_format);
+  memset (m, 0, sizeof *m);
+}
+
+static char *
+dup_or_null (const char *s)
+{
+  return s ? strdup (s) : NULL;
+}
+
+int
+manifest_push (struct manifest *m, const char *file, int64_t created,
+               const char *snapshot, const char *description)
+{
+  struct manifest_layer *v;
+
+  if (m->n_layers >= MANIFEST_MAX_LAYERS) {
+    cow_error_set (EMLINK, "a chain may hold at most %d layers",
+                   MANIFEST_MAX_LAYERS);
+    return -1;
+  }
+  v = realloc (m->layers, (m->n_layers + 1) * sizeof *v);
+  if (v == NULL) {
+    cow_error_errno ("manifest");
+    return -1;
+  }
+  m->layers = v;
+  v = &m->layers[m->n_layers];
+  v->file = strdup (file);
+  v->created = created;
+  v->snapshot = dup_or_null (snapshot);
+  v->description = dup_or_null (description);
+  if (v->file == NULL || (snapshot && v->snapshot == NULL)
+      || (description && v->description == NULL)) {
+    free (v->file);
+    free (v->snapshot);
+    free (v->description);
+    cow_error_errno ("manifest");
+    return -1;
+  }
+  m->n_layers++;
+  return 0;
+}
+
+int
+manifest_copy (struct manifest *dst, const struct manifest *src)
+{
+  memset (dst, 0, sizeof *dst);
+  dst->base = dup_or_null (src->base);
+  dst->base_format = dup_or_null (src->base_format);
+  if ((src->base && !dst->base) || (src->base_format && !dst->base_format)) {
+    manifest_free (dst);
+    cow_error_errno ("manifest");
+    return -1;
+  }
+  for (size_t i = 0; i < src->n_layers; i++)
+    if (manifest_push (dst, src->layers[i].file, src->layers[i].created,
+                       src->layers[i].snapshot,
+                       src->layers[i].description) == -1) {
+      manifest_free (dst);
+      return -1;
+    }
+  return 0;
+}
+
+int
+manifest_check_name (const char *name)
+{
+  size_t n = strlen (name);
+
+  if (n == 0) {
+    cow_error_set (EINVAL, "snapshot name is empty");
+    return -1;
+  }
+  if (n > COW_NAME_MAX) {
+    cow_error_set (EINVAL, "snapshot name is %zu bytes long (at most %d)",
+                   n, COW_NAME_MAX);
+    return -1;
+  }
+  if (name[0] == '.' || name[0] == '-') {
+    cow_error_set (EINVAL, "snapshot name '%s' may not start with '%c'",
+                   name, name[0]);
+    return -1;
+  }
+  for (const unsigned char *c = (const unsigned char *) name; *c; c++)
+    if (!isalnum (*c) && !strchr ("._-+:@", *c)) {
+      if (isprint (*c))
+        cow_error_set (EINVAL, "snapshot name '%s': character '%c' is not "
+                       "allowed (letters, digits and . _ - + : @ only)",
+                       name, *c);
+      else
+        cow_error_set (EINVAL, "snapshot name contains the control or "
+                       "non-ASCII byte 0x%02x (letters, digits and "
+                       ". _ - + : @ only)", *c);
+      return -1;
+    }
+  return 0;
+}
+
+int
+manifest_check_description (const char *desc)
+{
+  size_t n = strlen (desc);
+
+  if (n > COW_DESC_MAX) {
+    cow_error_set (EINVAL, "description is %zu bytes long (at most %d)", n,
+                   COW_DESC_MAX);
+    return -1;
+  }
+  for (const unsigned char *c = (const unsigned char *) desc; *c; c++)
+    if (*c < 0x20 && *c != '\t') {
+      cow_error_set (EINVAL, "description contains the control byte 0x%02x",
+                     *c);
+      return -1;
+    }
+  return 0;
+}
+
+static int
+parse_line (struct manifest *m, char *line, const char *path, int lineno)
+{
+  char *f[6];
+  int n = 0;
+
+  for (char *tok = strtok (line, " "); tok; tok = strtok (NULL, " ")) {
+    if (n == 6)
+      goto bad;
+    f[n++] = tok;
+  }
+  if (n == 0)
+    return 0;
+  if (strcmp (f[0], "base") == 0 && n == 3 && m->base == NULL) {
+    if (decode (f[1], &m->base, false) == -1
+        || decode (f[2], &m->base_format, false) == -1)
+      goto bad;
+    return 0;
+  }
+  if (strcmp (f[0], "layer") == 0 && n == 5) {
+    char *file, *snap, *desc, *end;
+    long long created;
+    int r;
+    errno = 0;
+    created = strtoll (f[2], &end, 10);
+    if (errno || *end || created < 0)
+      goto bad;
+    if (decode (f[1], &file, false) == -1)
+      goto bad;
+    if (decode (f[3], &snap, true) == -1) {
+      free (file);
+      goto bad;
+    }
+    if (decode (f[4], &desc, true) == -1) {
+      free (file);
+      free (snap);
+      goto bad;
+    }
+    /* A layer file is a plain name inside the state directory. */
+    r = (strchr (file, '/') || file[0] == '.' || file[0] == '\0'
+         || (snap && manifest_check_name (snap) == -1)
+         || (desc && manifest_check_description (desc) == -1))
+      ? -1 : manifest_push (m, file, created, snap, desc);
+    free (file);
+    free (snap);
+    free (desc);
+    if (r == -1)
+      goto bad;
+    return 0;
+  }
+ bad:
+  cow_error_set (EINVAL, "%s: line %d is malformed", path, lineno);
+  return -1;
+}
+
+int
+manifest_load (const char *dir, struct manifest *m)
+{
+  char *path = NULL, *buf = NULL, *line, *save;
+  uint64_t size;
+  int fd, lineno = 0, ret = -1;
+
+  memset (m, 0, sizeof *m);
+  if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1)
+    return -1;
+  fd = io_open (path, O_RDONLY, 0);
+  if (fd == -1) {
+    if (errno == ENOENT) {
+      free (path);
+      return 0;
+    }
+    cow_error_errno ("%s: cannot open", path);
+    free (path);
+    return -1;
+  }
+  if (io_file_size (fd, &size) == -1) {
+    cow_error_errno ("%s: stat", path);
+    goto out;
+  }
+  if (size > MANIFEST_MAX_BYTES) {
+    cow_error_set (EFBIG, "%s: %" PRIu64 " bytes is too large for a "
+                   "manifest", path, size);
+    goto out;
+  }
+  buf = malloc (size + 1);
+  if (buf == NULL || io_pread (fd, buf, size, 0) == -1) {
+    cow_error_errno ("%s: read", path);
+    goto out;
+  }
+  buf[size] = '\0';
+  if (memchr (buf, '\0', size)) {
+    cow_error_set (EINVAL, "%s: contains a NUL byte", path);
+    goto out;
+  }
+  line = strtok_r (buf, "\n", &save);
+  if (line == NULL || strcmp (line, "cowchain-manifest 1") != 0) {
+    cow_error_set (EINVAL, "%s: not a cowchain manifest (version 1)", path);
+    goto out;
+  }
+  lineno = 1;
+  while ((line = strtok_r (NULL, "\n", &save)) != NULL) {
+    lineno++;
+    if (parse_line (m, line, path, lineno) == -1)
+      goto out;
+  }
+  if (m->base == NULL || m->n_layers == 0) {
+    cow_error_set (EINVAL, "%s: no base or no layers recorded", path);
+    goto out;
+  }
+  for (size_t i = 0; i < m->n_layers; i++)
+    for (size_t j = i + 1; j < m->n_layers; j++)
+      if (strcmp (m->layers[i].file, m->layers[j].file) == 0
+          || (m->layers[i].snapshot && m->layers[j].snapshot
+              && strcmp (m->layers[i].snapshot, m->layers[j].snapshot) == 0)) {
+        cow_error_set (EINVAL, "%s: a layer file or snapshot name appears "
+                       "twice", path);
+        goto out;
+      }
+  ret = 1;
+ out:
+  if (ret == -1)
+    manifest_free (m);
+  io_close (fd);
+  free (buf);
+  free (path);
+  return ret;
+}
+
+int
+manifest_save (const char *dir, const struct manifest *m)
+{
+  char *path = NULL, *tmp = NULL, *text = NULL;
+  size_t len = 0;
+  FILE *f = NULL;
+  int fd = -1, ret = -1;
+
+  if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1
+      || asprintf (&tmp, "%s/.%s.tmp", dir, MANIFEST_NAME) == -1) {
+    cow_error_errno ("asprintf");
+    goto out;
+  }
+  f = open_memstream (&text, &len);
+  if (f == NULL) {
+    cow_error_errno ("open_memstream");
+    goto out;
+  }
+  fprintf (f, "cowchain-manifest 1\n");
+  {
+    char *b = encode (m->base), *fm = encode (m->base_format);
+    if (b && fm)
+      fprintf (f, "base %s %s\n", b, fm);
+    free (b);
+    free (fm);
+  }
+  for (size_t i = 0; i < m->n_layers; i++) {
+    const struct manifest_layer *l = &m->layers[i];
+    char *fl = encode (l->file);
+    char *s = encode (l->snapshot ? l->snapshot : "");
+    char *d = encode (l->description ? l->description : "");
+    if (fl && s && d)
+      fprintf (f, "layer %s %" PRId64 " %s %s\n", fl, l->created, s, d);
+    free (fl);
+    free (s);
+    free (d);
+  }
+  if (fclose (f) == EOF) {
+    f = NULL;
+    cow_error_errno ("manifest");
+    goto out;
+  }
+  f = NULL;
+  fd = io_open (tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot create", tmp);
+    goto out;
+  }
+  if (io_pwrite (fd, text, len, 0) == -1 || io_fsync (fd) == -1) {
+    cow_error_errno ("%s: write", tmp);
+    goto out;
+  }
+  io_close (fd);
+  fd = -1;
+  if (io_rename (tmp, path) == -1) {
+    cow_error_errno ("%s: rename", path);
+    goto out;
+  }
+  if (io_fsync_dir_of (path) == -1) {
+    cow_error_errno ("%s: fsync of directory", dir);
+    goto out;
+  }
+  ret = 0;
+ out:
+  if (fd != -1) {
+    io_close (fd);
+    io_unlink (tmp);
+  }
+  if (f)
+    fclose (f);
+  free (text);
+  free (path);
+  free (tmp);
+  return ret;
+}

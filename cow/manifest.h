@@ -1,0 +1,51 @@
+/* The manifest: the persistent record of one disk's chain (base, layers
+ * bottom to top, snapshot names, times, descriptions), replaced
+ * atomically: write a temporary file, fsync, rename, fsync the directory.
+ *
+ * Format (text, one record per line; strings percent-encoded so that a
+ * field never holds a space, newline or control byte):
+ *   cowchain-manifest 1
+ *   base PATH FORMAT
+ *   layer FILE CREATED SNAPSHOT DESCRIPTION     (bottom to top)
+ * SNAPSHOT and DESCRIPTION are "-" when empty; the last layer is active.
+ */
+#ifndef COW_MANIFEST_H
+#define COW_MANIFEST_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define MANIFEST_NAME "manifest"
+#define MANIFEST_MAX_LAYERS 1024
+#define COW_NAME_MAX 128            /* snapshot names */
+#define COW_DESC_MAX 1024           /* descriptions */
+
+struct manifest_layer {
+  char *file;             /* name inside the state directory */
+  int64_t created;        /* seconds since the epoch */
+  char *snapshot;         /* NULL if none */
+  char *description;      /* NULL if none */
+};
+
+struct manifest {
+  char *base;
+  char *base_format;
+  struct manifest_layer *layers;
+  size_t n_layers;
+};
+
+/* Read dir/manifest: 1 loaded, 0 absent, -1 error (named). */
+int manifest_load (const char *dir, struct manifest *m);
+int manifest_save (const char *dir, const struct manifest *m);
+void manifest_free (struct manifest *m);
+int manifest_push (struct manifest *m, const char *file, int64_t created,
+                   const char *snapshot, const char *description);
+/* A deep copy (for changes that may fail). */
+int manifest_copy (struct manifest *dst, const struct manifest *src);
+
+/* Snapshot names: 1 to COW_NAME_MAX bytes of [A-Za-z0-9._+-:@], not
+ * starting with '.' or '-'.  Returns 0 or -1 with an error naming why. */
+int manifest_check_name (const char *name);
+int manifest_check_description (const char *desc);
+
+#endif /* COW_MANIFEST_H */
