@@ -314,6 +314,27 @@ peer_allowed (struct control_server *s, int fd, uid_t *uid)
   return false;
 }
 
+/* After an early reply: let the client finish sending (up to a bound)
+ * before closing, so that it reads the reply instead of a reset. */
+static void
+drain (int fd)
+{
+  char buf[4096];
+  size_t total = 0;
+
+  shutdown (fd, SHUT_WR);
+  while (total < 4 * CONTROL_MAX_REQUEST) {
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    ssize_t r;
+    if (poll (&p, 1, 1000) <= 0)
+      break;
+    r = read (fd, buf, sizeof buf);
+    if (r <= 0)
+      break;
+    total += (size_t) r;
+  }
+}
+
 static void
 send_error (int fd, int errnum, const char *msg)
 {
@@ -324,6 +345,7 @@ send_error (int fd, int errnum, const char *msg)
     write_all (fd, out, strlen (out));
   free (m);
   free (out);
+  drain (fd);
 }
 
 /* Read one request line within the limits. */

@@ -20,15 +20,60 @@ struct slot {
   uint64_t used;          /* LRU tick */
   unsigned pin;
   bool dirty;
+  size_t next;            /* next slot + 1 in its offset bucket; 0 = end */
+  size_t dnext;           /* next slot + 1 in its data-pointer bucket */
 };
 
+/* n slots are the budget; up to n more are used only while every slot is
+ * pinned (a flush pins the dirty tables it is writing), so that a guest
+ * request never fails for want of a slot.  A hash on the offset keeps a
+ * lookup O(1) however large the cache. */
 struct qcow2_cache {
   struct qcow2 *q;
   bool is_l2;
-  size_t n;
+  size_t n, cap;
   struct slot *slots;
+  size_t *buckets;        /* by offset: slot + 1; 0 = empty */
+  size_t *dbuckets;       /* by data pointer (set once per slot) */
+  size_t n_buckets;       /* a power of two */
   uint64_t tick;
 };
+
+static size_t
+bucket_of (const struct qcow2_cache *c, uint64_t offset)
+{
+  return (size_t) ((offset >> 9) * 0x9e3779b97f4a7c15ull >> 20)
+    & (c->n_buckets - 1);
+}
+
+static size_t
+dbucket_of (const struct qcow2_cache *c, const void *data)
+{
+  return (size_t) (((uintptr_t) data >> 9) * 0x9e3779b97f4a7c15ull >> 20)
+    & (c->n_buckets - 1);
+}
+
+static void
+hash_insert (struct qcow2_cache *c, struct slot *s)
+{
+  size_t b = bucket_of (c, s->offset);
+
+  s->next = c->buckets[b];
+  c->buckets[b] = (size_t) (s - c->slots) + 1;
+}
+
+static void
+hash_remove (struct qcow2_cache *c, struct slot *s)
+{
+  size_t *p = &c->buckets[bucket_of (c, s->offset)];
+  size_t me = (size_t) (s - c->slots) + 1;
+
+  while (*p && *p != me)
+    p = &c->slots[*p - 1].next;
+  if (*p)
+    *p = s->next;
+  s->next = 0;
+}
 
 struct batch_item {
   struct slot *slot;
@@ -53,15 +98,24 @@ qcow2_cache_create (struct qcow2 *q, size_t n, bool is_l2)
   c->q = q;
   c->is_l2 = is_l2;
   c->n = n;
-  c->slots = calloc (n, sizeof *c->slots);
-  if (c->slots == NULL)
+  c->cap = 2 * n;
+  c->slots = calloc (c->cap, sizeof *c->slots);
+  for (c->n_buckets = 16; c->n_buckets < c->cap; c->n_buckets *= 2)
+    ;
+  c->buckets = calloc (c->n_buckets, sizeof *c->buckets);
+  c->dbuckets = calloc (c->n_buckets, sizeof *c->dbuckets);
+  if (c->slots == NULL || c->buckets == NULL || c->dbuckets == NULL)
     goto oom;
   return c;
 
  oom:
   cow_error_errno ("qcow2 cache");
-  if (c)
+  if (c) {
+    free (c->slots);
+    free (c->buckets);
+    free (c->dbuckets);
     free (c);
+  }
   return NULL;
 }
 
@@ -70,27 +124,30 @@ qcow2_cache_destroy (struct qcow2_cache *c)
 {
   if (c == NULL)
     return;
-  for (size_t i = 0; i < c->n; i++)
+  for (size_t i = 0; i < c->cap; i++)
     free (c->slots[i].data);
   free (c->slots);
+  free (c->buckets);
+  free (c->dbuckets);
   free (c);
 }
 
 static struct slot *
 find (struct qcow2_cache *c, uint64_t offset)
 {
-  for (size_t i = 0; i < c->n; i++)
-    if (c->slots[i].offset == offset)
-      return &c->slots[i];
+  for (size_t i = c->buckets[bucket_of (c, offset)]; i; i = c->slots[i - 1].next)
+    if (c->slots[i - 1].offset == offset)
+      return &c->slots[i - 1];
   return NULL;
 }
 
+/* The slot of a table that a caller holds (pinned, hence present). */
 static struct slot *
 find_data (struct qcow2_cache *c, const void *table)
 {
-  for (size_t i = 0; i < c->n; i++)
-    if (c->slots[i].data == table)
-      return &c->slots[i];
+  for (size_t i = c->dbuckets[dbucket_of (c, table)]; i; i = c->slots[i - 1].dnext)
+    if (c->slots[i - 1].data == table)
+      return &c->slots[i - 1];
   abort ();                     /* a table not from this cache */
 }
 
@@ -125,18 +182,26 @@ victim (struct qcow2_cache *c)
 {
   struct slot *best = NULL, *best_clean = NULL;
 
-  for (size_t i = 0; i < c->n; i++) {
+  for (size_t i = 0; i < c->cap; i++) {
     struct slot *s = &c->slots[i];
     if (s->pin)
       continue;
-    if (s->offset == 0)
-      return s;
+    if (s->offset == 0) {
+      if (i < c->n)
+        return s;
+      continue;               /* overflow: only when nothing else is free */
+    }
     if (best == NULL || s->used < best->used)
       best = s;
     if (!s->dirty && (best_clean == NULL || s->used < best_clean->used))
       best_clean = s;
   }
-  return best_clean ? best_clean : best;
+  if (best_clean || best)
+    return best_clean ? best_clean : best;
+  for (size_t i = c->n; i < c->cap; i++)
+    if (c->slots[i].offset == 0 && c->slots[i].pin == 0)
+      return &c->slots[i];
+  return NULL;
 }
 
 void *
@@ -153,13 +218,22 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh)
     }
     if (s->dirty && write_slot (c, s) == -1)
       return NULL;
+    if (s->offset)
+      hash_remove (c, s);
     s->offset = 0;
     if (s->data == NULL) {
-      s->data = aligned_alloc (4096 > q->cluster_size ? 4096 : q->cluster_size,
-                               q->cluster_size);
-      if (s->data == NULL) {
+      /* Page aligned for O_DIRECT some day; posix_memalign, unlike
+       * aligned_alloc, allows a size below the alignment. */
+      if (posix_memalign (&s->data, 4096, q->cluster_size) != 0) {
+        s->data = NULL;
+        errno = ENOMEM;
         cow_error_errno ("%s: metadata cache", q->layer.path);
         return NULL;
+      }
+      {
+        size_t b = dbucket_of (c, s->data);
+        s->dnext = c->dbuckets[b];
+        c->dbuckets[b] = (size_t) (s - c->slots) + 1;
       }
     }
     if (fresh)
@@ -171,6 +245,7 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh)
     }
     s->offset = offset;
     s->dirty = false;
+    hash_insert (c, s);
   }
   s->used = ++c->tick;
   s->pin++;
@@ -194,7 +269,7 @@ qcow2_cache_mark_dirty (struct qcow2_cache *c, void *table)
 int
 qcow2_cache_writeback (struct qcow2_cache *c)
 {
-  for (size_t i = 0; i < c->n; i++) {
+  for (size_t i = 0; i < c->cap; i++) {
     struct slot *s = &c->slots[i];
     if (s->offset && s->dirty && write_slot (c, s) == -1)
       return -1;
@@ -208,7 +283,7 @@ qcow2_cache_collect (struct qcow2_cache *c)
   size_t n = 0, k = 0;
   struct qcow2_cache_batch *b;
 
-  for (size_t i = 0; i < c->n; i++)
+  for (size_t i = 0; i < c->cap; i++)
     if (c->slots[i].offset && c->slots[i].dirty)
       n++;
   b = calloc (1, sizeof *b + n * sizeof b->items[0]);
@@ -216,7 +291,7 @@ qcow2_cache_collect (struct qcow2_cache *c)
     cow_error_errno ("qcow2 cache batch");
     return NULL;
   }
-  for (size_t i = 0; i < c->n && k < n; i++) {
+  for (size_t i = 0; i < c->cap && k < n; i++) {
     struct slot *s = &c->slots[i];
     if (!s->offset || !s->dirty)
       continue;

@@ -476,7 +476,10 @@ get_or_make_l2 (struct qcow2 *q, uint64_t gc)
 
 /* Allocate and write clusters [gc, gc+n) whose old contents are described
  * by types/hosts; data covers bytes [in_cl, in_cl+len) of the run.
- * Called without the lock; the clusters are marked in flight. */
+ * Called without the lock; the clusters are marked in flight.  The old
+ * contents of a partly covered first and last cluster are read before
+ * anything is written, so a failed read (of a base that went away, say)
+ * leaves no guest data in the file. */
 static int
 write_new_clusters (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
                     const enum qcow2_ctype *types, const uint64_t *olds,
@@ -486,23 +489,35 @@ write_new_clusters (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
   uint64_t c = cs (q);
   uint64_t end = in_cl + len;            /* within the run */
   uint64_t tail = n * c - end;
-  char *bounce = NULL;
+  bool head_partial = in_cl || (n == 1 && tail);
+  bool tail_partial = n > 1 && tail;
+  char *head_buf = NULL, *tail_buf = NULL;
   int r = -1;
 
-  if (in_cl || tail) {
-    bounce = malloc (c);
-    if (bounce == NULL) {
+  if (head_partial) {
+    head_buf = malloc (c);
+    if (head_buf == NULL) {
       cow_error_errno ("malloc");
-      return -1;
+      goto out;
     }
+    if (fill_old (q, types[0], olds[0], gc, head_buf, below) == -1)
+      goto out;
+  }
+  if (tail_partial) {
+    tail_buf = malloc (c);
+    if (tail_buf == NULL) {
+      cow_error_errno ("malloc");
+      goto out;
+    }
+    if (fill_old (q, types[n - 1], olds[n - 1], gc + n - 1, tail_buf,
+                  below) == -1)
+      goto out;
   }
   /* The first cluster, if the request does not cover all of it. */
-  if (in_cl || (n == 1 && tail)) {
+  if (head_partial) {
     uint64_t upto = end < c ? end : c;
-    if (fill_old (q, types[0], olds[0], gc, bounce, below) == -1)
-      goto out;
-    memcpy (bounce + in_cl, data, upto - in_cl);
-    if (io_pwrite (q->fd, bounce, c, host) == -1)
+    memcpy (head_buf + in_cl, data, upto - in_cl);
+    if (io_pwrite (q->fd, head_buf, c, host) == -1)
       goto io_err;
     if (n == 1) {
       r = 0;
@@ -510,10 +525,7 @@ write_new_clusters (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
     }
     data += c - in_cl;
     host += c;
-    gc++;
     n--;
-    types++;
-    olds++;
     end -= c;
     in_cl = 0;
   }
@@ -524,18 +536,13 @@ write_new_clusters (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
       goto io_err;
     data += whole * c;
     host += whole * c;
-    gc += whole;
-    types += whole;
-    olds += whole;
     end -= whole * c;
     n -= whole;
   }
   /* The last cluster, partly covered. */
   if (n == 1) {
-    if (fill_old (q, types[0], olds[0], gc, bounce, below) == -1)
-      goto out;
-    memcpy (bounce, data, end);
-    if (io_pwrite (q->fd, bounce, c, host) == -1)
+    memcpy (tail_buf, data, end);
+    if (io_pwrite (q->fd, tail_buf, c, host) == -1)
       goto io_err;
   }
   r = 0;
@@ -544,7 +551,8 @@ write_new_clusters (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
  io_err:
   cow_error_errno ("%s: write at offset %" PRIu64, q->layer.path, host);
  out:
-  free (bounce);
+  free (head_buf);
+  free (tail_buf);
   return r;
 }
 
@@ -851,9 +859,10 @@ qcow2_layer_flush (struct layer *l)
 {
   struct qcow2 *q = (struct qcow2 *) l;
   struct qcow2_cache_batch *rb = NULL, *l2 = NULL;
-  uint64_t *reft = NULL, *l1 = NULL;
+  uint64_t *l1 = NULL;
   size_t n_flushing;
-  bool ok = false;
+  bool ok = false, reft_dirty;
+  int r;
 
   if (l->readonly)
     return 0;
@@ -864,15 +873,6 @@ qcow2_layer_flush (struct layer *l)
   pthread_mutex_lock (&q->lock);
   rb = qcow2_cache_collect (q->rb_cache);
   l2 = rb ? qcow2_cache_collect (q->l2_cache) : NULL;
-  if (l2 && q->reftable_dirty) {
-    reft = malloc (q->reftable_clusters * cs (q));
-    if (reft) {
-      memset (reft, 0, q->reftable_clusters * cs (q));
-      for (uint64_t i = 0; i < q->reftable_entries; i++)
-        be64_put (&reft[i], q->reftable[i]);
-      q->reftable_dirty = false;
-    }
-  }
   if (l2 && q->l1_dirty) {
     l1 = malloc ((size_t) q->l1_size * 8);
     if (l1) {
@@ -893,15 +893,17 @@ qcow2_layer_flush (struct layer *l)
     goto done;
   if (io_fsync (q->fd) == -1)
     goto sync_err;
-  if (reft) {
-    if (io_pwrite (q->fd, reft, q->reftable_clusters * cs (q),
-                   q->reftable_offset) == -1) {
-      cow_error_errno ("%s: writing the refcount table", l->path);
-      goto done;
-    }
-    if (io_fsync (q->fd) == -1)
-      goto sync_err;
-  }
+  /* The refcount table is written only under the lock, always in its
+   * newest state: eviction of a dirty L2 table writes it too, and an
+   * older copy written here could land after a newer one. */
+  pthread_mutex_lock (&q->lock);
+  reft_dirty = q->reftable_dirty;
+  r = qcow2_reftable_writeback (q);
+  pthread_mutex_unlock (&q->lock);
+  if (r == -1)
+    goto done;
+  if (reft_dirty && io_fsync (q->fd) == -1)
+    goto sync_err;
   if (!qcow2_cache_batch_empty (l2) || l1) {
     if (qcow2_cache_batch_write (q, l2) == -1)
       goto done;
@@ -927,22 +929,18 @@ qcow2_layer_flush (struct layer *l)
     qcow2_cache_batch_done (q->rb_cache, rb, ok);
   if (l2)
     qcow2_cache_batch_done (q->l2_cache, l2, ok);
-  if (!ok) {
-    if (reft)
-      q->reftable_dirty = true;
-    if (l1)
-      q->l1_dirty = true;
-  }
+  if (!ok && l1)
+    q->l1_dirty = true;
   else {
     for (size_t i = 0; i < n_flushing; i++)
       cluster_list_push (&q->free_synced, q->free_flushing.v[i]);
-    memmove (q->free_flushing.v, q->free_flushing.v + n_flushing,
-             (q->free_flushing.len - n_flushing) * sizeof (uint64_t));
+    if (n_flushing > 0)
+      memmove (q->free_flushing.v, q->free_flushing.v + n_flushing,
+               (q->free_flushing.len - n_flushing) * sizeof (uint64_t));
     q->free_flushing.len -= n_flushing;
     qcow2_release_synced (q);
   }
   pthread_mutex_unlock (&q->lock);
-  free (reft);
   free (l1);
   if (ok)
     punch_pending (q);

@@ -210,6 +210,9 @@ new_block (struct qcow2 *q, uint64_t cluster)
   for (;;) {
     if (idx >= q->reftable_entries && grow_reftable (q, idx) == -1)
       return -1;
+    /* Growing the table may itself have made this block. */
+    if (q->reftable[idx] != 0)
+      return 0;
     at = q->file_end / q->cluster_size;
     at_idx = at >> q->rb_bits;
     if (at_idx >= q->reftable_entries) {

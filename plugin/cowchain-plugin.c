@@ -198,8 +198,10 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
   }
   if (strcmp (key, "cluster-size") == 0) {
     int64_t r = nbdkit_parse_size (value);
-    if (r == -1)
+    if (r == -1) {
+      nbdkit_error ("cluster-size: '%s' is not a size", value);
       return -1;
+    }
     if (r < 512 || r > (2 << 20) || (r & (r - 1))) {
       nbdkit_error ("cluster-size: %s is not a power of two from 512 to 2M",
                     value);
@@ -250,8 +252,10 @@ cowchain_config (const char *key, const char *value)
     return parse_sync (value);
   if (strcmp (key, "cache-size") == 0) {
     int64_t s = nbdkit_parse_size (value);
-    if (s == -1)
+    if (s == -1) {
+      nbdkit_error ("cache-size: '%s' is not a size", value);
       return -1;
+    }
     if (s < (64 << 10)) {
       nbdkit_error ("cache-size: %s is below the minimum of 64K", value);
       return -1;
@@ -431,7 +435,7 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
 
 #define NEED(k) do { if (n != (k)) goto usage; } while (0)
 #define DISK(word) do {                                                 \
-    e = find_disk (word);                                               \
+    e = (word)[0] == '\0' || named_disks ? find_disk (word) : NULL;     \
     if (e == NULL) {                                                    \
       cow_error_set (ENOENT, "no disk named '%.64s'", word);     \
       return -1;                                                        \
@@ -572,9 +576,7 @@ cowchain_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
                      uint32_t *maximum)
 {
   *minimum = 1;
-  *preferred = cow_disk_cluster_size (h);
-  if (*preferred < 4096)
-    *preferred = 4096;
+  *preferred = cow_disk_cluster_size (h);  /* 512 B .. 2 MiB: valid */
   *maximum = 0xffffffff;
   return 0;
 }

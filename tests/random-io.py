@@ -19,6 +19,9 @@
 #   random-io.py verify --uri URI --ref REF [--conns N]
 #       the export must equal REF.
 #
+# --base names what the export holds when the driver starts: the base
+# image on a fresh overlay, or the --ref output of an earlier run.
+#
 # Concurrency and determinism: the requests sent at the same time never
 # overlap byte-wise (they may share clusters, which is the point), so the
 # model's result does not depend on the order the server runs them in.

@@ -1,0 +1,82 @@
+/* Helpers shared by the cmocka unit tests: temporary directories,
+ * deterministic random numbers, files, and running qemu-img as an
+ * external oracle. */
+#ifndef COW_TESTUTIL_H
+#define COW_TESTUTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* A fresh temporary directory (mkdtemp under $TMPDIR or /tmp); removed
+ * with everything in it by tu_rmtree.  Aborts on failure. */
+char *tu_mkdtemp (const char *tag);
+void tu_rmtree (const char *dir);
+/* dir + "/" + name, malloc'd. */
+char *tu_path (const char *dir, const char *name);
+
+/* xorshift64* generator: deterministic for a given seed. */
+uint64_t tu_rand (uint64_t *state);
+/* Uniform in [0, n) (n > 0). */
+uint64_t tu_rand_below (uint64_t *state, uint64_t n);
+void tu_fill_random (void *buf, size_t n, uint64_t *state);
+
+/* Whole-file helpers (abort on error). */
+void tu_write_file (const char *path, const void *buf, size_t n);
+void *tu_read_file (const char *path, size_t *n);
+uint64_t tu_file_size (const char *path);
+void tu_copy_file (const char *from, const char *to);
+/* Overwrite n bytes of a file at offset. */
+void tu_patch (const char *path, uint64_t offset, const void *buf, size_t n);
+void tu_patch_be32 (const char *path, uint64_t offset, uint32_t v);
+void tu_patch_be64 (const char *path, uint64_t offset, uint64_t v);
+
+/* Run a shell command (printf-style); returns its exit status, or -1
+ * if it did not exit normally.  The output is captured and returned in
+ * *out (malloc'd, may be NULL if out is NULL). */
+int tu_run (char **out, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* qemu-img check --output=json.  Returns the exit status (0 clean, 2
+ * corruptions, 3 leaks only, ...) and the counts; prints the report when
+ * the status is not 0. */
+struct tu_check {
+  int status;
+  int64_t leaks, corruptions, check_errors;
+  char *output;                 /* malloc'd */
+};
+int tu_qemu_check (const char *path, struct tu_check *res);
+/* Assert the image is clean (status 0). */
+void tu_assert_check_clean (const char *path);
+/* Assert no corruption: status 0, or 3 with leaks only.  Returns the
+ * number of leaked clusters. */
+int64_t tu_assert_check_no_corruption (const char *path);
+
+/* A field of qemu-img info --output=json: the integer after "key": or
+ * -1 if absent. */
+int64_t tu_qemu_info_int (const char *path, const char *key);
+/* The string after "key": (malloc'd), or NULL. */
+char *tu_qemu_info_str (const char *path, const char *key);
+
+/* In JSON text: the integer after "key": (-1 if absent), the string
+ * after "key": (malloc'd; NULL if absent). */
+int64_t tu_json_int (const char *json, const char *key);
+char *tu_json_str (const char *json, const char *key);
+
+/* Fail the current test with a message when hay does not contain needle. */
+#define tu_assert_contains(hay, needle)                                 \
+  do {                                                                  \
+    const char *tu_h_ = (hay), *tu_n_ = (needle);                       \
+    if (tu_h_ == NULL || strstr (tu_h_, tu_n_) == NULL) {               \
+      print_error ("'%s' does not contain '%s'\n",                      \
+                   tu_h_ ? tu_h_ : "(null)", tu_n_);                    \
+      fail ();                                                          \
+    }                                                                   \
+  } while (0)
+
+/* Compare two buffers and on mismatch report the first differing offset
+ * (plus base, for messages) before failing. */
+void tu_assert_bytes_equal (const void *got, const void *want, size_t n,
+                            uint64_t base, const char *what);
+
+#endif /* COW_TESTUTIL_H */
