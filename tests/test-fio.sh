@@ -34,12 +34,13 @@ run_fio ()
 {
     local label=$1 uri=$2; shift 2
     # Global options first; fio's engine option --uri must follow --ioengine.
-    if ! fio --output="$tmpdir/$label.fio" \
+    # In $tmpdir: fio leaves its verify state files in the current directory.
+    if ! (cd "$tmpdir" && fio --output="$tmpdir/$label.fio" \
          --ioengine=nbd --uri="$uri" --iodepth=16 --group_reporting \
          --name=writers --numjobs=4 --size=$job_size --offset_increment=16M \
          --bsrange=512-128k --blockalign=512 --rw=randwrite \
          --verify=crc32c --verify_fatal=1 --exitall_on_error=1 \
-         "$@" 2> "$tmpdir/$label.err"
+         "$@" 2> "$tmpdir/$label.err")
     then
         cat "$tmpdir/$label.err" "$tmpdir/$label.fio" >&2
         fail "fio $label"
