@@ -20,64 +20,9 @@
 #include "cowchain.h"
 #include "control.h"
 #include "error.h"
+#include "words.h"
 
 #define IO_TIMEOUT_MS 5000
-
-char *
-control_encode (const char *s)
-{
-  size_t n = strlen (s);
-  char *out = malloc (n * 3 + 2), *p = out;
-
-  if (out == NULL)
-    return NULL;
-  if (n == 0) {
-    strcpy (out, "-");
-    return out;
-  }
-  for (const unsigned char *c = (const unsigned char *) s; *c; c++) {
-    if ((isalnum (*c) || strchr ("._/:@+,=", *c)
-         || (*c == '-' && n > 1)) && *c < 0x80)
-      *p++ = (char) *c;
-    else
-      p += sprintf (p, "%%%02X", *c);
-  }
-  *p = '\0';
-  return out;
-}
-
-static int
-hexval (int c)
-{
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  return -1;
-}
-
-int
-control_decode (char *s)
-{
-  char *in = s, *out = s;
-
-  if (strcmp (s, "-") == 0) {
-    s[0] = '\0';
-    return 0;
-  }
-  while (*in) {
-    if (*in == '%') {
-      int h = hexval (in[1]), l = h >= 0 ? hexval (in[2]) : -1;
-      if (h < 0 || l < 0 || (h | l) == 0)
-        return -1;
-      *out++ = (char) (h * 16 + l);
-      in += 3;
-    }
-    else
-      *out++ = *in++;
-  }
-  *out = '\0';
-  return 0;
-}
 
 int
 control_split (char *line, char **words, int max)
@@ -86,7 +31,7 @@ control_split (char *line, char **words, int max)
   char *save, *tok;
 
   for (tok = strtok_r (line, " ", &save); tok; tok = strtok_r (NULL, " ", &save)) {
-    if (n == max || control_decode (tok) == -1)
+    if (n == max || word_decode (tok) == -1)
       return -1;
     words[n++] = tok;
   }
@@ -165,7 +110,7 @@ control_request (const char *socket_path, const char *const *argv, int argc,
     return -1;
   }
   for (int i = 0; i < argc; i++) {
-    char *w = control_encode (argv[i]);
+    char *w = word_encode (argv[i]);
     if (w == NULL) {
       fclose (f);
       free (req);
@@ -338,7 +283,7 @@ drain (int fd)
 static void
 send_error (int fd, int errnum, const char *msg)
 {
-  char head[32], *m = control_encode (msg), *out = NULL;
+  char head[32], *m = word_encode (msg), *out = NULL;
 
   snprintf (head, sizeof head, "error %d ", errnum ? errnum : EIO);
   if (m && asprintf (&out, "%s%s\n.\n", head, m) != -1)

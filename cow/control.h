@@ -2,7 +2,7 @@
  * both ends.  Over a UNIX stream socket:
  *
  *   request:  one line of words separated by single spaces, each word
- *             percent-encoded (control_encode), at most CONTROL_MAX_REQUEST
+ *             percent-encoded (word_encode), at most CONTROL_MAX_REQUEST
  *             bytes; the first word is the command.
  *   reply:    "ok" or "error ERRNO MESSAGE-WORD", then zero or more
  *             payload lines of encoded words, then a line ".".
@@ -27,11 +27,8 @@
 #define CONTROL_MAX_WORDS 16
 #define CONTROL_MAX_CONNECTIONS 8
 
-/* Percent-encode a word (never empty: "" becomes "-"; "-" is "%2D"). */
-char *control_encode (const char *s);
-/* Decode in place; returns -1 on a bad escape or an embedded NUL.  "-"
- * decodes to "". */
-int control_decode (char *s);
+#include "words.h"               /* word_encode, word_decode */
+
 /* Split a line into at most max words (in place, decoded). */
 int control_split (char *line, char **words, int max);
 

@@ -14,68 +14,29 @@
 #include "error.h"
 #include "io.h"
 #include "manifest.h"
+#include "words.h"
 
 #define MANIFEST_MAX_BYTES (4u << 20)
 
-static char *
-encode (const char *s)
-{
-  size_t n = strlen (s);
-  char *out = malloc (n * 3 + 2), *p = out;
-
-  if (out == NULL)
-    return NULL;
-  if (n == 0) {
-    strcpy (out, "-");
-    return out;
-  }
-  for (const unsigned char *c = (const unsigned char *) s; *c; c++) {
-    if (isalnum (*c) || strchr ("._/:@+", *c) || (*c == '-' && c != (const unsigned char *) s))
-      *p++ = (char) *c;
-    else
-      p += sprintf (p, "%%%02X", *c);
-  }
-  *p = '\0';
-  return out;
-}
-
-static int
-hexval (int c)
-{
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  return -1;
-}
-
-/* Decode a field; "-" is NULL (when allow_empty).  Returns 0 or -1. */
+/* Decode a field into a new string; "-" (empty) is NULL when
+ * allow_empty, an error otherwise.  Returns 0 or -1. */
 static int
 decode (const char *s, char **out, bool allow_empty)
 {
-  char *r, *p;
+  char *r = strdup (s);
 
   *out = NULL;
-  if (strcmp (s, "-") == 0 && allow_empty)
-    return 0;
-  r = malloc (strlen (s) + 1);
   if (r == NULL)
     return -1;
-  for (p = r; *s; s++) {
-    if (*s == '%') {
-      int h = hexval (s[1]), l = h >= 0 ? hexval (s[2]) : -1;
-      if (h < 0 || l < 0 || (h == 0 && l == 0)) {
-        free (r);
-        errno = EINVAL;
-        return -1;
-      }
-      *p++ = (char) (h * 16 + l);
-      s += 2;
-    }
-    else
-      *p++ = *s;
+  if (word_decode (r) == -1 || (r[0] == '\0' && !allow_empty)) {
+    free (r);
+    errno = EINVAL;
+    return -1;
   }
-  *p = '\0';
-  *out = r;
+  if (r[0] == '\0')
+    free (r);
+  else
+    *out = r;
   return 0;
 }
 
@@ -355,7 +316,7 @@ manifest_save (const char *dir, const struct manifest *m)
   }
   fprintf (f, "cowchain-manifest 1\n");
   {
-    char *b = encode (m->base), *fm = encode (m->base_format);
+    char *b = word_encode (m->base), *fm = word_encode (m->base_format);
     if (b && fm)
       fprintf (f, "base %s %s\n", b, fm);
     free (b);
@@ -363,9 +324,9 @@ manifest_save (const char *dir, const struct manifest *m)
   }
   for (size_t i = 0; i < m->n_layers; i++) {
     const struct manifest_layer *l = &m->layers[i];
-    char *fl = encode (l->file);
-    char *s = encode (l->snapshot ? l->snapshot : "");
-    char *d = encode (l->description ? l->description : "");
+    char *fl = word_encode (l->file);
+    char *s = word_encode (l->snapshot ? l->snapshot : "");
+    char *d = word_encode (l->description ? l->description : "");
     if (fl && s && d)
       fprintf (f, "layer %s %" PRId64 " %s %s\n", fl, l->created, s, d);
     free (fl);

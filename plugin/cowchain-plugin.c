@@ -405,9 +405,9 @@ reply_layers (struct disk_entry *e, struct control_reply *r)
   if (cow_disk_layers (e->disk, &v, &n) == -1)
     return -1;
   for (size_t i = 0; i < n; i++) {
-    char *p = control_encode (v[i].path);
-    char *s = control_encode (v[i].snapshot ? v[i].snapshot : "");
-    char *d = control_encode (v[i].description ? v[i].description : "");
+    char *p = word_encode (v[i].path);
+    char *s = word_encode (v[i].snapshot ? v[i].snapshot : "");
+    char *d = word_encode (v[i].description ? v[i].description : "");
     if (p && s && d)
       control_reply_line (r, "layer %s %" PRId64 " %s %s %s", p, v[i].created,
                           s, d, v[i].active ? "active" : "frozen");
@@ -451,9 +451,9 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
       char *name, *path, *base;
       if (ap == NULL)
         return -1;
-      name = control_encode (disks[i].name);
-      path = control_encode (ap);
-      base = control_encode (cow_disk_base (disks[i].disk));
+      name = word_encode (disks[i].name);
+      path = word_encode (ap);
+      base = word_encode (cow_disk_base (disks[i].disk));
       if (name && path && base) {
         if (cmd[0] == 's')
           control_reply_line (r, "disk %s %s %s %zu", name, path, base, k);
