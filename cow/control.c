@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -267,11 +268,16 @@ drain (int fd)
   char buf[4096];
   size_t total = 0;
 
+  struct timespec t0, t;
+
+  /* Bounded in bytes and in time: a client may not hold the thread. */
+  clock_gettime (CLOCK_MONOTONIC, &t0);
   shutdown (fd, SHUT_WR);
-  while (total < 4 * CONTROL_MAX_REQUEST) {
+  while (total < (16u << 20)) {
     struct pollfd p = { .fd = fd, .events = POLLIN };
     ssize_t r;
-    if (poll (&p, 1, 1000) <= 0)
+    clock_gettime (CLOCK_MONOTONIC, &t);
+    if (t.tv_sec - t0.tv_sec >= 2 || poll (&p, 1, 500) <= 0)
       break;
     r = read (fd, buf, sizeof buf);
     if (r <= 0)

@@ -19,6 +19,10 @@
 #                            options starting with '-' go to nbdkit, the
 #                            rest to the plugin.  Fails the test if the
 #                            server does not come up.
+#   no_leak_check=1 start_server ...
+#                            the same, without LeakSanitizer's check at exit
+#                            (it costs 1-2 s a run): for a session that only
+#                            reads back what an earlier, checked one wrote
 #   expect_start_failure NAME [-opt...] [key=value...]
 #                            the same, but the server must refuse to start;
 #                            its stderr is left in $tmpdir/NAME.log
@@ -273,10 +277,15 @@ _launch ()
     [ -e "$COWCHAIN_PLUGIN" ] ||
         fail "plugin not found: $COWCHAIN_PLUGIN (build first, or set COWCHAIN_PLUGIN)"
     rm -f "$tmpdir/$name.sock" "$tmpdir/$name.pid" "$tmpdir/$name.status"
+    local -a leak_env=()
+    if [ "$COWCHAIN_SANITIZERS" = 1 ] && [ "${no_leak_check:-0}" = 1 ]; then
+        leak_env=(ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0")
+    fi
     (
         st=0
         # stdin from /dev/null: never let a server read the test's stdin.
         env ${server_env[@]+"${server_env[@]}"} \
+            ${leak_env[@]+"${leak_env[@]}"} \
             ${server_wrapper[@]+"${server_wrapper[@]}"} \
             nbdkit -f --log=stderr \
             -U "$tmpdir/$name.sock" -P "$tmpdir/$name.pid" \
@@ -376,15 +385,10 @@ expect_start_failure ()
 {
     local name=$1
     : > "$tmpdir/$name.log"
-    # LeakSanitizer's check at exit costs about 2 s per nbdkit run here,
-    # too much for the dozens of refused starts; a refused start's leaks
-    # die with the process anyway.
-    local -a saved_env=(${server_env[@]+"${server_env[@]}"})
-    if [ "$COWCHAIN_SANITIZERS" = 1 ]; then
-        server_env+=(ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0")
-    fi
-    _launch "$@"
-    server_env=(${saved_env[@]+"${saved_env[@]}"})
+    # LeakSanitizer's check at exit costs 1-2 s per nbdkit run here, too
+    # much for the dozens of refused starts; a refused start's leaks die
+    # with the process anyway.
+    no_leak_check=1 _launch "$@"
     if _wait_ready "$name" "$launched_waiter"; then
         kill -KILL "$launched_pid"
         _collect "$name" "$launched_waiter"
