@@ -330,6 +330,7 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
   char *path = NULL, *base_dir = NULL, *next_fmt = NULL;
   dev_t devs[COW_MAX_DEPTH];
   ino_t inos[COW_MAX_DEPTH];
+  const size_t first = d->n_lower;
   int ret = -1;
 
   if (nbd_is_uri (cfg->base)) {
@@ -380,14 +381,16 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
       cow_error_errno ("%s: cannot open", path);
       goto out;
     }
-    for (size_t i = 0; i < d->n_lower; i++)
-      if (devs[i] == st.st_dev && inos[i] == st.st_ino) {
+    /* Layers from 'first' on are this base chain's (frozen layers of a
+     * state directory may come before). */
+    for (size_t i = first; i < d->n_lower; i++)
+      if (devs[i - first] == st.st_dev && inos[i - first] == st.st_ino) {
         cow_error_set (ELOOP, "%s: backing loop: '%s' is already in the "
                        "chain", cfg->base, path);
         goto out;
       }
-    devs[d->n_lower] = st.st_dev;
-    inos[d->n_lower] = st.st_ino;
+    devs[d->n_lower - first] = st.st_dev;
+    inos[d->n_lower - first] = st.st_ino;
     l = open_one (d->n_lower == 0 ? cfg->base : path, fmt, cfg);
     if (l == NULL)
       goto out;

@@ -245,8 +245,10 @@ json_bool_member (struct json *j, const char *key, bool v)
 
 static const char info_help[] =
   "Usage: cowchain info [OPTION]... IMAGE\n"
-  "Show what IMAGE is, like qemu-img info: its format (qcow2 or raw, by\n"
-  "its magic), virtual size, disk size and, for qcow2, cluster size,\n"
+  "       cowchain info [OPTION]... --disk=NAME [--control=SOCKET]\n"
+  "Show what IMAGE (or the active layer of a running server's disk) is,\n"
+  "like qemu-img info: its format (qcow2 or raw, by its magic), virtual\n"
+  "size, disk size and, for qcow2, cluster size,\n"
   "backing file and format, compat level, refcount width and flags.\n"
   "\n"
   "  --backing-chain        show the backing files too, down to the bottom\n"
@@ -254,6 +256,10 @@ static const char info_help[] =
   "  --output=human|json    output format (default: human); JSON in the\n"
   "                         shape of qemu-img info --output=json, an array\n"
   "                         with --backing-chain\n"
+  "  --disk=NAME            the active layer of this disk of the server\n"
+  "                         (\"\" = its default disk)\n"
+  "  --control=SOCKET       the server's control socket (default:\n"
+  "                         $COWCHAIN_CONTROL)\n"
   "  -h, --help             show this help\n"
   "\n"
   "Relative backing names are relative to the directory of the image that\n"
@@ -546,12 +552,15 @@ cmd_info (int argc, char **argv)
   static const struct option longopts[] = {
     { "backing-chain", no_argument, NULL, 'b' },
     { "output", required_argument, NULL, 'o' },
+    { "disk", required_argument, NULL, 'd' },
+    { "control", required_argument, NULL, 'c' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
   enum output_format output = OUTPUT_HUMAN;
   bool follow = false;
-  const char *image;
+  const char *image, *disk = NULL, *control = NULL;
+  char *active = NULL;
   struct image_info *chain;
   size_t n = 0;
   int c, r;
@@ -563,16 +572,33 @@ cmd_info (int argc, char **argv)
       if ((r = parse_output ("info", optarg, &output)) != EXIT_OK)
         return r;
       break;
+    case 'd': disk = optarg; break;
+    case 'c': control = optarg; break;
     case 'h': fputs (info_help, stdout); return cli_finish_output (EXIT_OK);
     default: return EXIT_ERROR;
     }
   }
-  if ((r = one_operand ("info", argc, argv, &image)) != EXIT_OK)
+  if (disk || control) {
+    /* A disk of a running server: its active layer. */
+    if (optind < argc)
+      return cli_usage_error ("info", "give IMAGE or --disk, not both");
+    if (control == NULL)
+      control = getenv ("COWCHAIN_CONTROL");
+    if (control == NULL)
+      return cli_usage_error ("info", "--disk needs --control=SOCKET (or "
+                              "COWCHAIN_CONTROL)");
+    active = cli_active_layer (control, disk ? disk : "");
+    if (active == NULL)
+      return EXIT_ERROR;
+    image = active;
+  }
+  else if ((r = one_operand ("info", argc, argv, &image)) != EXIT_OK)
     return r;
 
   chain = calloc (MAX_BACKING_DEPTH + 1, sizeof *chain);
   if (chain == NULL) {
     cli_error ("out of memory");
+    free (active);
     return EXIT_ERROR;
   }
   r = read_chain (image, follow, chain, &n) == 0 ? EXIT_OK : EXIT_ERROR;
@@ -600,6 +626,7 @@ cmd_info (int argc, char **argv)
   for (size_t i = 0; i < n; i++)
     image_info_free (&chain[i]);
   free (chain);
+  free (active);
   return cli_finish_output (r);
 }
 

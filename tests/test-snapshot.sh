@@ -60,6 +60,9 @@ active=$("$cow" blklist | awk '$1 == "(default)" {print $2}')
 qemu-img info --backing-chain "$active" > "$tmpdir/chain"
 [ "$(grep -c '^image:' "$tmpdir/chain")" = 4 ] || { cat "$tmpdir/chain"; fail "chain is not 3 layers + base"; }
 for f in "$tmpdir"/st/layer-*.qcow2; do check_image "$f"; done
+"$cow" info --disk "" --backing-chain > "$tmpdir/cinfo"
+[ "$(grep -c '^image:' "$tmpdir/cinfo")" = 4 ] || { cat "$tmpdir/cinfo"; fail "cowchain info --disk --backing-chain is not 3 layers + base"; }
+grep -q "^image: $active\$" "$tmpdir/cinfo" || { cat "$tmpdir/cinfo"; fail "cowchain info --disk did not start at the active layer"; }
 
 note "each snapshot, read offline, is the disk as it was"
 files=$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; [print(s["file"]) for s in json.load(sys.stdin)]')
