@@ -45,7 +45,7 @@ ROWS=(
     seqread_1m_qd1 seqread_1m_qd16
     seqwrite_1m_qd1 seqwrite_1m_qd16
     fresh_randwrite_4k_qd1 fresh_randwrite_4k_qd16
-    snapshot_pause
+    snapshot_pause depth_read
 )
 if [ -n "${BENCH_ROWS:-}" ]; then
     read -r -a ROWS <<< "$BENCH_ROWS"
@@ -358,6 +358,32 @@ PY
             note "snapshot pause: $pauses"
         fi
         stop_server snap
+    done
+}
+
+# depth_read: 4k random reads (qd16) through a chain of 64 layers (63
+# snapshots, each layer holding a few written clusters) against the same
+# disk at depth 1.  Most reads fall through every layer to the base.
+row_depth_read() {
+    local label="depth read" cow=$COWCHAIN_BUILDDIR/cowchain depth result i
+    cowchain_log "$label"
+    for depth in 1 64; do
+        rm -rf "$WORK/depthstate"
+        start_nbdkit depth "$PLUGIN" base="$BASE" base-format=raw \
+            state="$WORK/depthstate" control="$WORK/depth.ctl" \
+            cluster-size="$BENCH_CLUSTER"
+        for (( i = 1; i < depth; i++ )); do
+            qemu-io -f raw -c "write -P $((i % 250)) $(( (i * 7919 % (SIZE_MIB - 1)) ))M 64k" \
+                "$(uri_of depth)" > /dev/null
+            "$cow" snapshot --control "$WORK/depth.ctl" "d$i" > /dev/null
+        done
+        # shellcheck disable=SC2046  # fio_common is a word list
+        result=$(run_fio "$(uri_of depth)" "$(json_name "$label" "$depth" 1)" \
+            $(fio_common) --rw=randread --bs=4k --iodepth=16)
+        # shellcheck disable=SC2086
+        set -- $result
+        note "depth read, 4k randread qd16 at chain depth $depth: $1 IOPS"
+        stop_server depth
     done
 }
 

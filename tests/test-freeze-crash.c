@@ -137,55 +137,42 @@ count_snapshots (struct cow_disk *d, const char *name)
   return found;
 }
 
+/* Run one scenario with the kill after 0, 1, 2, ... write-side
+ * operations, until it completes without reaching the kill: 'before'
+ * prepares a fresh disk (real I/O), 'step' is what gets killed (its
+ * result, 0 or -1, is passed on), 'after' checks the reopened disk. */
 static void
-test_snapshot_killed (void **state)
+kill_at_every_step (const char *tag, void (*before) (struct cow_disk *),
+                    int (*step) (struct cow_disk *),
+                    void (*after) (struct cow_disk *, int))
 {
-  char *dir = tu_mkdtemp ("freeze"), *base = tu_path (dir, "base.raw");
-  char *st = tu_path (dir, "st"), buf[BLK];
+  char *dir = tu_mkdtemp (tag), *base = tu_path (dir, "base.raw");
+  char *st = tu_path (dir, "st"), *zero = calloc (1, SIZE);
   bool completed = false;
+  long n;
 
-  (void) state;
-  {
-    char *zero = calloc (1, SIZE);
-    tu_write_file (base, zero, SIZE);
-    free (zero);
-  }
-  for (long n = 0; !completed; n++) {
+  tu_write_file (base, zero, SIZE);
+  free (zero);
+  for (n = 0; !completed; n++) {
     struct cow_disk *d;
     int r;
 
     tu_run (NULL, "rm -rf '%s'", st);
     d = open_state (st, base);
-    fill (buf, 'A');                       /* flushed before the kill */
-    assert_int_equal (cow_disk_pwrite (d, buf, BLK, 0, 0), 0);
-    assert_int_equal (cow_disk_flush (d), 0);
-    fill (buf, 'B');                       /* written, not flushed */
-    assert_int_equal (cow_disk_pwrite (d, buf, BLK, BLK, 0), 0);
-
+    before (d);
     budget = n;
     io_set_ops (&killing);
-    r = cow_disk_snapshot (d, "s1", "before the kill");
-    if (r == 0) {
-      fill (buf, 'C');
-      if (cow_disk_pwrite (d, buf, BLK, 2 * BLK, COW_FLAG_FUA) == -1)
-        r = 1;                             /* the kill came after */
-    }
+    r = step (d);
     completed = budget > 0;
     cow_disk_close (d);                    /* the process dies here */
     io_set_ops (NULL);
 
     d = open_state (st, NULL);
-    expect_block (d, 0, 'A', "flushed write");
-    if (r == 0) {
-      assert_int_equal (count_snapshots (d, "s1"), 1);
-      expect_block (d, BLK, 'B', "write before an acknowledged snapshot");
-      expect_block (d, 2 * BLK, 'C', "FUA write after the snapshot");
-    }
-    else
-      assert_true (count_snapshots (d, "s1") <= 1);
+    after (d, r);
     check_dir (d, st);
     assert_int_equal (cow_disk_close (d), 0);
   }
+  print_message ("%s: killed at each of %ld steps\n", tag, n - 1);
   tu_rmtree (dir);
   free (dir);
   free (base);
@@ -193,58 +180,89 @@ test_snapshot_killed (void **state)
 }
 
 static void
+write_block (struct cow_disk *d, uint64_t off, char c, unsigned flags)
+{
+  char buf[BLK];
+
+  fill (buf, c);
+  assert_int_equal (cow_disk_pwrite (d, buf, BLK, off, flags), 0);
+}
+
+/* Snapshot: 'A' flushed, 'B' written, then the snapshot and a FUA 'C'. */
+static void
+snap_before (struct cow_disk *d)
+{
+  write_block (d, 0, 'A', 0);
+  assert_int_equal (cow_disk_flush (d), 0);
+  write_block (d, BLK, 'B', 0);
+}
+
+static int
+snap_step (struct cow_disk *d)
+{
+  char buf[BLK];
+
+  if (cow_disk_snapshot (d, "s1", "before the kill") == -1)
+    return -1;
+  fill (buf, 'C');
+  return cow_disk_pwrite (d, buf, BLK, 2 * BLK, COW_FLAG_FUA) == -1 ? 1 : 0;
+}
+
+static void
+snap_after (struct cow_disk *d, int r)
+{
+  expect_block (d, 0, 'A', "flushed write");
+  if (r != -1) {
+    assert_int_equal (count_snapshots (d, "s1"), 1);
+    expect_block (d, BLK, 'B', "write before an acknowledged snapshot");
+  }
+  if (r == 0)
+    expect_block (d, 2 * BLK, 'C', "FUA write after the snapshot");
+  assert_true (count_snapshots (d, "s1") <= 1);
+}
+
+static void
+test_snapshot_killed (void **state)
+{
+  (void) state;
+  kill_at_every_step ("freeze", snap_before, snap_step, snap_after);
+}
+
+/* Revert: s1 holds 'A', s2 and the active layer 'D' (flushed). */
+static void
+revert_before (struct cow_disk *d)
+{
+  write_block (d, 0, 'A', 0);
+  assert_int_equal (cow_disk_snapshot (d, "s1", NULL), 0);
+  write_block (d, 0, 'D', COW_FLAG_FUA);
+  assert_int_equal (cow_disk_snapshot (d, "s2", NULL), 0);
+}
+
+static int
+revert_step (struct cow_disk *d)
+{
+  return cow_disk_revert (d, "s1", true);
+}
+
+static void
+revert_after (struct cow_disk *d, int r)
+{
+  /* Done: the new chain.  Killed: the old chain (s2 kept, 'D') or the
+   * new one (s2 gone, 'A'), never a mix. */
+  if (r == 0 || count_snapshots (d, "s2") == 0) {
+    expect_block (d, 0, 'A', "reverted disk");
+    assert_int_equal (count_snapshots (d, "s2"), 0);
+  }
+  else
+    expect_block (d, 0, 'D', "old chain after a killed revert");
+  assert_int_equal (count_snapshots (d, "s1"), 1);
+}
+
+static void
 test_revert_killed (void **state)
 {
-  char *dir = tu_mkdtemp ("revert"), *base = tu_path (dir, "base.raw");
-  char *st = tu_path (dir, "st"), buf[BLK];
-  bool completed = false;
-
   (void) state;
-  {
-    char *zero = calloc (1, SIZE);
-    tu_write_file (base, zero, SIZE);
-    free (zero);
-  }
-  for (long n = 0; !completed; n++) {
-    struct cow_disk *d;
-    int r;
-
-    tu_run (NULL, "rm -rf '%s'", st);
-    d = open_state (st, base);
-    fill (buf, 'A');
-    assert_int_equal (cow_disk_pwrite (d, buf, BLK, 0, 0), 0);
-    assert_int_equal (cow_disk_snapshot (d, "s1", NULL), 0);
-    fill (buf, 'D');                       /* after s1, flushed */
-    assert_int_equal (cow_disk_pwrite (d, buf, BLK, 0, COW_FLAG_FUA), 0);
-    assert_int_equal (cow_disk_snapshot (d, "s2", NULL), 0);
-
-    budget = n;
-    io_set_ops (&killing);
-    r = cow_disk_revert (d, "s1", true);
-    completed = budget > 0;
-    cow_disk_close (d);
-    io_set_ops (NULL);
-
-    d = open_state (st, NULL);
-    if (r == 0) {
-      expect_block (d, 0, 'A', "reverted disk");
-      assert_int_equal (count_snapshots (d, "s2"), 0);
-    }
-    else {
-      /* Old chain (s2 kept, 'D') or new one (s2 gone, 'A'). */
-      if (count_snapshots (d, "s2") == 1)
-        expect_block (d, 0, 'D', "old chain after a killed revert");
-      else
-        expect_block (d, 0, 'A', "new chain after a killed revert");
-    }
-    assert_int_equal (count_snapshots (d, "s1"), 1);
-    check_dir (d, st);
-    assert_int_equal (cow_disk_close (d), 0);
-  }
-  tu_rmtree (dir);
-  free (dir);
-  free (base);
-  free (st);
+  kill_at_every_step ("revert", revert_before, revert_step, revert_after);
 }
 
 int
