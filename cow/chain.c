@@ -1183,8 +1183,10 @@ commit_freeze (struct cow_disk *d, struct pending_freeze *p)
   int r;
 
   r = old->ops->flush (old);
-  if (r == 0)
+  if (r == 0) {
+    qcow2_mark_frozen (old);
     r = manifest_save (d->state_dir, &p->next);
+  }
   if (r == -1) {
     /* Guest writes already went to the new layer: it cannot be undone.
      * Keep serving; the manifest still names the old chain, so the next

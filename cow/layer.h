@@ -70,6 +70,9 @@ const char *qcow2_backing_file (struct layer *l);
 const char *qcow2_backing_format (struct layer *l);
 uint32_t qcow2_cluster_size (struct layer *l);
 int qcow2_version (struct layer *l);
+/* The layer will get no more writes (it was frozen under a snapshot):
+ * reads may skip locking where its L1 table says a range is empty. */
+void qcow2_mark_frozen (struct layer *l);
 /* Recognise a qcow2 file by its magic: 1 yes, 0 no, -1 error. */
 int qcow2_probe (const char *path);
 

@@ -292,15 +292,28 @@ qcow2_layer_read (struct layer *l, void *buf, uint32_t count, uint64_t offset,
     uint64_t host, n, len, e = 0;
     int r = 0;
 
-    pthread_mutex_lock (&q->lock);
-    if (get_run (q, gc, want, &type, &host, &n) == -1) {
-      pthread_mutex_unlock (&q->lock);
-      return -1;
+    /* A read-only layer's L1 table never changes: a range without an L2
+     * table needs no lock (deep chains are mostly such ranges). */
+    if ((l->readonly || __atomic_load_n (&q->frozen, __ATOMIC_ACQUIRE))
+        && (gc >> q->l2_bits) < q->l1_size
+        && (q->l1[gc >> q->l2_bits] & QCOW2_OFFSET_MASK) == 0) {
+      uint64_t per = 1ull << q->l2_bits;
+      type = QCOW2_UNALLOCATED;
+      n = per - (gc & (per - 1));
+      if (n > want)
+        n = want;
     }
-    if (type == QCOW2_NORMAL || type == QCOW2_SHARED)
-      data_io_begin (q);
-    e = host;
-    pthread_mutex_unlock (&q->lock);
+    else {
+      pthread_mutex_lock (&q->lock);
+      if (get_run (q, gc, want, &type, &host, &n) == -1) {
+        pthread_mutex_unlock (&q->lock);
+        return -1;
+      }
+      if (type == QCOW2_NORMAL || type == QCOW2_SHARED)
+        data_io_begin (q);
+      e = host;
+      pthread_mutex_unlock (&q->lock);
+    }
 
     len = n * cs (q) - in_cl;
     if (len > count)

@@ -479,6 +479,12 @@ qcow2_backing_format (struct layer *l)
   return ((struct qcow2 *) l)->backing_format;
 }
 
+void
+qcow2_mark_frozen (struct layer *l)
+{
+  __atomic_store_n (&((struct qcow2 *) l)->frozen, true, __ATOMIC_RELEASE);
+}
+
 int
 qcow2_version (struct layer *l)
 {

@@ -135,6 +135,8 @@ struct qcow2 {
   unsigned data_io;
 
   bool corrupt;                 /* a broken invariant was found */
+  bool frozen;                  /* atomic: no more writes will come (its
+                                   L1 table is fixed) */
 };
 
 /* qcow2.c: header */
