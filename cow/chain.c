@@ -507,8 +507,11 @@ new_layer_name (struct cow_disk *d, const struct manifest *m)
     if (p == NULL)
       return NULL;
     if (stat (p, &st) == -1 && errno == ENOENT) {
+      char *r = strdup (name);
       free (p);
-      return strdup (name);
+      if (r == NULL)
+        cow_error_errno ("strdup");
+      return r;
     }
     free (p);
   }

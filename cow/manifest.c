@@ -231,8 +231,10 @@ manifest_load (const char *dir, struct manifest *m)
   int fd, lineno = 0, ret = -1;
 
   memset (m, 0, sizeof *m);
-  if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1)
+  if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1) {
+    cow_error_errno ("asprintf");
     return -1;
+  }
   fd = io_open (path, O_RDONLY, 0);
   if (fd == -1) {
     if (errno == ENOENT) {

@@ -422,23 +422,36 @@ open_common (const char *path, bool readonly, uint64_t cache_size,
                    "a qcow2 header", path, file_size);
     goto err;
   }
-  /* Read the largest possible header cluster; fields say how much counts. */
-  h = calloc (1, 1u << QCOW2_MAX_CLUSTER_BITS);
-  if (h == NULL) {
-    cow_error_errno ("calloc");
-    goto err;
-  }
-  if (io_pread (q->fd, h, file_size < (1u << QCOW2_MAX_CLUSTER_BITS)
-                ? file_size : (1u << QCOW2_MAX_CLUSTER_BITS), 0) == -1) {
-    cow_error_errno ("%s: reading the header", path);
-    goto err;
+  /* The header cluster: its size comes from cluster_bits, which is
+   * checked here only to size the buffer (parse_header names a bad one);
+   * an out-of-range value reads just the fixed header. */
+  {
+    uint8_t fixed[QCOW2_HEADER_LENGTH_WRITTEN] = { 0 };
+    uint32_t cbits;
+    size_t len;
+
+    if (io_pread (q->fd, fixed, sizeof fixed, 0) == -1) {
+      cow_error_errno ("%s: reading the header", path);
+      goto err;
+    }
+    cbits = get32 (fixed + 20);
+    len = cbits >= QCOW2_MIN_CLUSTER_BITS && cbits <= QCOW2_MAX_CLUSTER_BITS
+      ? (size_t) 1 << cbits : sizeof fixed;
+    h = calloc (1, len);
+    if (h == NULL) {
+      cow_error_errno ("calloc");
+      goto err;
+    }
+    if (io_pread (q->fd, h, file_size < len ? file_size : len, 0) == -1) {
+      cow_error_errno ("%s: reading the header", path);
+      goto err;
+    }
   }
   /* When creating, create() fills in the L1 table after opening. */
   if (parse_header (q, h, file_size, readonly, creating) == -1)
     goto err;
   if (load_tables (q) == -1)
     goto err;
-  q->file_size_at_open = file_size;
   q->file_end = (file_size + q->cluster_size - 1) & ~(q->cluster_size - 1);
 
   if (cache_size == 0)

@@ -93,7 +93,6 @@ struct qcow2 {
   uint32_t nb_snapshots;
   char *backing_file;
   char *backing_format;
-  uint64_t file_size_at_open;
 
   /* Serialises flushes with each other (never held by I/O). */
   pthread_mutex_t flush_lock;

@@ -378,8 +378,11 @@ cowchain_get_ready (void)
   return 0;
 }
 
+/* The disk a name chooses; "" or NULL is the default one.  Lenient (NBD
+ * clients): a server without disk= keys serves its one disk under any
+ * export name.  Strict (the control socket): only the real names. */
 static struct disk_entry *
-find_disk (const char *name)
+find_disk (const char *name, bool lenient)
 {
   if (name == NULL || name[0] == '\0') {
     if (default_export)
@@ -390,7 +393,7 @@ find_disk (const char *name)
   for (size_t i = 0; i < n_disks; i++)
     if (strcmp (disks[i].name, name) == 0)
       return &disks[i];
-  if (!named_disks)
+  if (lenient && !named_disks)
     return &disks[0];
   return NULL;
 }
@@ -435,7 +438,7 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
 
 #define NEED(k) do { if (n != (k)) goto usage; } while (0)
 #define DISK(word) do {                                                 \
-    e = (word)[0] == '\0' || named_disks ? find_disk (word) : NULL;     \
+    e = find_disk (word, false);                                        \
     if (e == NULL) {                                                    \
       cow_error_set (ENOENT, "no disk named '%.64s'", word);     \
       return -1;                                                        \
@@ -549,7 +552,7 @@ static void *
 cowchain_open (int readonly)
 {
   const char *name = nbdkit_export_name ();
-  struct disk_entry *e = find_disk (name);
+  struct disk_entry *e = find_disk (name, true);
 
   if (e == NULL) {
     nbdkit_error ("no disk (export) named '%s'", name);
