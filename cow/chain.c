@@ -24,62 +24,7 @@
 #include "io.h"
 #include "layer.h"
 #include "manifest.h"
-
-#define COW_MAX_DEPTH 128
-
-/* One read-only layer under the active one, with the way to what lies
- * under it. */
-struct chain_node {
-  struct layer *l;
-  struct layer_below below;
-};
-
-struct cow_disk {
-  struct layer *top;
-  struct layer_below top_below;
-  /* [0 .. n_frozen-1]: frozen layers, newest first; then the base and its
-   * own backing chain. */
-  struct chain_node lower[COW_MAX_DEPTH];
-  size_t n_lower;
-  size_t n_frozen;
-
-  /* State-directory disks: the committed manifest (changed under
-   * admin_lock and chain_lock), and the lock file held while open. */
-  char *state_dir;
-  struct manifest man;
-  int lock_fd;
-  int compat;
-  uint32_t cluster_size;
-  uint64_t cache_size;
-  /* Overlay-mode disks. */
-  char *overlay;
-  char *base_name;
-
-  /* admin_lock serialises snapshot and revert with each other. */
-  pthread_mutex_t admin_lock;
-  /* durability_lock: FLUSH, FUA and sync=always hold it shared; a snapshot
-   * holds it exclusive from its switch until the manifest is on disk, so
-   * that no flush is answered for writes the manifest does not yet reach.
-   * Taken before chain_lock. */
-  pthread_rwlock_t durability_lock;
-  uint64_t last_pause_ns;
-  uint64_t size;
-
-  /* chain_lock: I/O holds it shared, changes of the chain (none yet
-   * besides close) hold it exclusive. */
-  pthread_rwlock_t chain_lock;
-
-  enum cow_sync_mode sync_mode;
-  uint32_t sync_interval_ms;
-  unsigned dirty;               /* atomic: written since the last flush */
-
-  /* The interval sync thread; sync_lock protects stop. */
-  pthread_t sync_thread;
-  bool sync_running;
-  pthread_mutex_t sync_lock;
-  pthread_cond_t sync_cond;
-  bool stop;
-};
+#include "disk.h"
 
 /* Read from one lower layer: past its end reads as zero. */
 static int
@@ -100,15 +45,15 @@ node_read (void *opaque, void *buf, uint32_t count, uint64_t offset)
   return n->l->ops->read (n->l, buf, part, offset, &n->below);
 }
 
-static void
+void
 link_chain (struct cow_disk *d)
 {
   for (size_t i = 0; i < d->n_lower; i++) {
     d->lower[i].below.read = i + 1 < d->n_lower ? node_read : NULL;
     d->lower[i].below.opaque = i + 1 < d->n_lower ? &d->lower[i + 1] : NULL;
   }
-  d->top_below.read = node_read;
-  d->top_below.opaque = &d->lower[0];
+  d->top_below.read = d->n_lower ? node_read : NULL;
+  d->top_below.opaque = d->n_lower ? &d->lower[0] : NULL;
 }
 
 static void
@@ -123,6 +68,7 @@ close_lower (struct cow_disk *d)
 static void
 free_disk (struct cow_disk *d)
 {
+  job_disk_destroy (d);
   pthread_rwlock_destroy (&d->chain_lock);
   pthread_rwlock_destroy (&d->durability_lock);
   pthread_mutex_destroy (&d->admin_lock);
@@ -139,7 +85,7 @@ free_disk (struct cow_disk *d)
 
 /* The backing name to store in the overlay: relative to the overlay's
  * directory where possible. */
-static char *
+char *
 backing_name_for (const char *overlay, const char *base)
 {
   char odir[PATH_MAX], bpath[PATH_MAX];
@@ -477,7 +423,7 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
   return d->top ? 0 : -1;
 }
 
-static char *
+char *
 state_path (const struct cow_disk *d, const char *file)
 {
   char *p;
@@ -490,7 +436,7 @@ state_path (const struct cow_disk *d, const char *file)
 }
 
 /* A layer file name used neither in the manifest nor in the directory. */
-static char *
+char *
 new_layer_name (struct cow_disk *d, const struct manifest *m)
 {
   for (unsigned i = 1; i < 1000000; i++) {
@@ -521,7 +467,7 @@ new_layer_name (struct cow_disk *d, const struct manifest *m)
 
 /* Create a new empty layer in the state directory over 'backing' (a layer
  * file name there, or NULL for the base) and open it. */
-static struct layer *
+struct layer *
 create_layer (struct cow_disk *d, const char *file, const char *backing)
 {
   struct qcow2_create_opts o = {
@@ -538,6 +484,8 @@ create_layer (struct cow_disk *d, const char *file, const char *backing)
     o.backing_file = backing;
     o.backing_format = "qcow2";
   }
+  else if (d->man.no_base)
+    ;                           /* self-contained */
   else {
     bname = nbd_is_uri (d->man.base) ? strdup (d->man.base)
       : backing_name_for (path, d->man.base);
@@ -556,7 +504,7 @@ create_layer (struct cow_disk *d, const char *file, const char *backing)
   return l;
 }
 
-static void
+void
 unlink_layer (struct cow_disk *d, const char *file)
 {
   char *p = state_path (d, file);
@@ -614,9 +562,29 @@ lock_state_dir (struct cow_disk *d)
   return 0;
 }
 
-/* Check every layer's backing name against the manifest. */
+/* Is name a layer file of this state directory that the manifest does
+ * not list (one that a merge took out of the chain)? */
+static bool
+is_merged_layer (const struct cow_disk *d, const char *name)
+{
+  if (name == NULL || strncmp (name, "layer-", 6) != 0 || strchr (name, '/'))
+    return false;
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (strcmp (d->man.layers[i].file, name) == 0)
+      return false;
+  return true;
+}
+
+/* Check every layer's backing name against the manifest.
+ *
+ * A merge records the new chain in the manifest first and rewrites the
+ * backing name of the layer above the merged ones after; a crash between
+ * the two leaves that layer naming a layer file that the manifest no
+ * longer lists (or, pulled self-contained, still naming the base).  Its
+ * contents already read the same over the new backing, so the name is
+ * repaired here.  Any other mismatch is refused. */
 static int
-check_chain_names (struct cow_disk *d)
+check_chain_names (struct cow_disk *d, bool readonly)
 {
   size_t n = d->man.n_layers;
 
@@ -624,20 +592,55 @@ check_chain_names (struct cow_disk *d)
     struct layer *l = i + 1 == n ? d->top : d->lower[n - 2 - i].l;
     const char *bn = qcow2_backing_file (l);
     const char *bf = qcow2_backing_format (l);
-    if (i == 0) {
-      char *p = state_path (d, d->man.layers[0].file);
-      int c = p ? check_backing (l, p, d->man.base, d->man.base_format) : -1;
-      free (p);
-      if (c == -1)
-        return -1;
-    }
-    else if (bn == NULL || strcmp (bn, d->man.layers[i - 1].file) != 0
-             || (bf && strcmp (bf, "qcow2") != 0)) {
-      cow_error_set (EINVAL, "%s/%s: backing file '%s' is not '%s' as the "
-                     "manifest records", d->state_dir, d->man.layers[i].file,
-                     bn ? bn : "(none)", d->man.layers[i - 1].file);
+    char *p = state_path (d, d->man.layers[i].file), *want = NULL;
+    const char *wfmt = NULL;
+    bool ok, repair;
+    int r = -1;
+
+    if (p == NULL)
       return -1;
+    if (i == 0 && d->man.no_base) {
+      ok = bn == NULL;
+      repair = true;
     }
+    else if (i == 0) {
+      repair = is_merged_layer (d, bn);
+      ok = repair ? false
+        : check_backing (l, p, d->man.base, d->man.base_format) == 0;
+      if (repair) {
+        want = nbd_is_uri (d->man.base) ? strdup (d->man.base)
+          : backing_name_for (p, d->man.base);
+        wfmt = d->man.base_format;
+        if (want == NULL) {
+          cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
+          goto next;
+        }
+      }
+    }
+    else {
+      ok = bn && strcmp (bn, d->man.layers[i - 1].file) == 0
+        && (bf == NULL || strcmp (bf, "qcow2") == 0);
+      repair = is_merged_layer (d, bn);
+      want = strdup (d->man.layers[i - 1].file);
+      wfmt = "qcow2";
+      if (want == NULL) {
+        cow_error_errno ("strdup");
+        goto next;
+      }
+      if (!ok && !repair)
+        cow_error_set (EINVAL, "%s: backing file '%s' is not '%s' as the "
+                       "manifest records", p, bn ? bn : "(none)", want);
+    }
+    if (ok)
+      r = 0;
+    else if (repair)
+      /* Read-only: the manifest's chain is what is opened anyway. */
+      r = readonly ? 0 : qcow2_set_backing (l, want, wfmt);
+  next:
+    free (want);
+    free (p);
+    if (r == -1)
+      return -1;
   }
   return 0;
 }
@@ -664,7 +667,9 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
   r = manifest_load (d->state_dir, &d->man);
   if (r == -1)
     return -1;
-  if (r == 1 && cfg->base) {
+  /* A disk pulled self-contained no longer needs the base it was
+   * configured with. */
+  if (r == 1 && cfg->base && !d->man.no_base) {
     char a[PATH_MAX], b[PATH_MAX];
     bool same = nbd_is_uri (cfg->base)
       ? strcmp (cfg->base, d->man.base) == 0
@@ -676,7 +681,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
       return -1;
     }
   }
-  if (r == 1 && cfg->base_format
+  if (r == 1 && cfg->base_format && !d->man.no_base
       && strcmp (cfg->base_format, d->man.base_format) != 0) {
     cow_error_set (EINVAL, "%s: the base's format is recorded as %s, not %s",
                    d->state_dir, d->man.base_format, cfg->base_format);
@@ -715,10 +720,11 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
       d->n_frozen++;
     }
   }
-  if (open_lower (d, &bcfg, &fmt) == -1)
+  if (!d->man.no_base && open_lower (d, &bcfg, &fmt) == -1)
     return -1;
   link_chain (d);
-  d->size = d->lower[0].l->size;
+  if (d->n_lower > 0)
+    d->size = d->lower[0].l->size;
   d->compat = cfg->compat ? cfg->compat : 3;
   d->cluster_size = cfg->cluster_size ? cfg->cluster_size : 65536;
 
@@ -754,7 +760,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
     d->cluster_size = qcow2_cluster_size (d->top);
     d->compat = qcow2_version (d->top);
   }
-  if (check_chain_names (d) == -1)
+  if (check_chain_names (d, cfg->readonly) == -1)
     return -1;
   remove_orphans (d);
   return 0;
@@ -795,6 +801,7 @@ cow_disk_open (const struct cow_disk_config *cfg)
   pthread_mutex_init (&d->admin_lock, NULL);
   pthread_mutex_init (&d->sync_lock, NULL);
   pthread_cond_init (&d->sync_cond, NULL);
+  job_disk_init (d);
   d->lock_fd = -1;
   d->sync_mode = cfg->sync_mode;
   d->sync_interval_ms = cfg->sync_interval_ms;
@@ -874,6 +881,7 @@ cow_disk_close (struct cow_disk *d)
 
   if (d == NULL)
     return 0;
+  job_disk_stop (d);
   if (d->sync_running) {
     pthread_mutex_lock (&d->sync_lock);
     d->stop = true;
@@ -955,6 +963,14 @@ change_end (struct cow_disk *d, bool durable, int r)
   return r;
 }
 
+/* An active commit copies again what the guest changed meanwhile. */
+static inline void
+note_change (struct cow_disk *d, uint32_t count, uint64_t offset)
+{
+  if (__atomic_load_n (&d->track_dirty, __ATOMIC_ACQUIRE))
+    job_mark_dirty (d, offset, count);
+}
+
 int
 cow_disk_pwrite (struct cow_disk *d, const void *buf, uint32_t count,
                  uint64_t offset, unsigned flags)
@@ -965,6 +981,7 @@ cow_disk_pwrite (struct cow_disk *d, const void *buf, uint32_t count,
     return -1;
   change_begin (d, wants_durable (d, flags));
   r = d->top->ops->write (d->top, buf, count, offset, &d->top_below);
+  note_change (d, count, offset);
   return change_end (d, wants_durable (d, flags), r);
 }
 
@@ -979,6 +996,7 @@ cow_disk_zero (struct cow_disk *d, uint32_t count, uint64_t offset,
   change_begin (d, wants_durable (d, flags));
   r = d->top->ops->zero (d->top, count, offset,
                          (flags & COW_FLAG_FAST_ZERO) != 0, &d->top_below);
+  note_change (d, count, offset);
   return change_end (d, wants_durable (d, flags), r);
 }
 
@@ -992,6 +1010,7 @@ cow_disk_trim (struct cow_disk *d, uint32_t count, uint64_t offset,
     return -1;
   change_begin (d, wants_durable (d, flags));
   r = d->top->ops->trim (d->top, count, offset);
+  note_change (d, count, offset);
   return change_end (d, wants_durable (d, flags), r);
 }
 
@@ -1077,7 +1096,7 @@ cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
  * after it, the new chain, whose frozen layer was flushed first.
  */
 
-static uint64_t
+uint64_t
 now_ns (void)
 {
   struct timespec ts;
@@ -1224,6 +1243,11 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
   }
   for (size_t i = 0; i < n; i++)
     pthread_mutex_lock (&disks[i]->admin_lock);
+  for (size_t i = 0; i < n; i++)
+    if (job_active_commit (disks[i])) {
+      ret = -1;
+      goto out;
+    }
   /* New layers first, with no I/O paused. */
   for (; ready < n; ready++)
     if (prepare_freeze (disks[ready], name, description, &p[ready]) == -1)
@@ -1252,6 +1276,8 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
   }
   for (size_t i = 0; i < n; i++)
     pthread_rwlock_unlock (&disks[i]->durability_lock);
+  for (size_t i = 0; i < n; i++)
+    job_check_depth (disks[i]);
  out:
   for (size_t i = n; i-- > 0; )
     pthread_mutex_unlock (&disks[i]->admin_lock);
@@ -1281,6 +1307,8 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
     return -1;
   }
   pthread_mutex_lock (&d->admin_lock);
+  if (job_busy (d, "revert"))
+    goto out;
   n = d->man.n_layers;
   for (k = 0; k < n; k++)
     if (d->man.layers[k].snapshot
@@ -1411,7 +1439,9 @@ cow_layer_info_free (struct cow_layer_info *v, size_t n)
 const char *
 cow_disk_base (const struct cow_disk *d)
 {
-  return d->state_dir ? d->man.base : d->base_name;
+  if (d->state_dir)
+    return d->man.no_base ? "" : d->man.base;
+  return d->base_name;
 }
 
 uint64_t

@@ -1,7 +1,8 @@
 /* The chain commands of `cowchain`: snapshot, list, revert, blklist,
- * status.  Online they talk to a running server through its control
- * socket (--control PATH or COWCHAIN_CONTROL); offline (--state DIR) they
- * open the disk's state directory themselves, which the directory's lock
+ * status, and how every disk command finds its disk (cli_target_*).
+ * Online they talk to a running server through its control socket
+ * (--control PATH or COWCHAIN_CONTROL); offline (--state DIR) they open
+ * the disk's state directory themselves, which the directory's lock
  * refuses while a server holds it. */
 #include <config.h>
 
@@ -19,27 +20,12 @@
 #include "control.h"
 #include "cowchain.h"
 
-/* Where a command finds the disk. */
-struct target {
-  const char *control;        /* online */
-  const char *state;          /* offline */
-  const char *disk;           /* online: export name; "" = default */
-};
+/*----------------------------------------------------------------------
+ * Finding the disk (cli.h).
+ */
 
-#define TARGET_OPTIONS \
-  { "control", required_argument, NULL, 'c' }, \
-  { "state", required_argument, NULL, 's' }, \
-  { "disk", required_argument, NULL, 'd' }
-
-#define TARGET_HELP \
-  "  -c, --control=SOCKET  a running server's control socket (default:\n" \
-  "                        $COWCHAIN_CONTROL)\n" \
-  "  -s, --state=DIR       a stopped disk's state directory (offline)\n" \
-  "  -d, --disk=NAME       which disk of the server (default: the default\n" \
-  "                        export)\n"
-
-static int
-target_option (struct target *t, int c, const char *arg)
+int
+cli_target_option (struct cli_target *t, int c, const char *arg)
 {
   switch (c) {
   case 'c': t->control = arg; return 1;
@@ -49,8 +35,8 @@ target_option (struct target *t, int c, const char *arg)
   return 0;
 }
 
-static int
-target_done (const char *cmd, struct target *t)
+int
+cli_target_done (const char *cmd, struct cli_target *t)
 {
   if (t->control && t->state)
     return cli_usage_error (cmd, "give --control or --state, not both");
@@ -68,8 +54,8 @@ target_done (const char *cmd, struct target *t)
   return EXIT_OK;
 }
 
-static struct cow_disk *
-open_offline (const struct target *t)
+struct cow_disk *
+cli_open_offline (const struct cli_target *t)
 {
   struct cow_disk_config cfg = { .state_dir = t->state };
   struct cow_disk *d;
@@ -84,8 +70,8 @@ open_offline (const struct target *t)
   return d;
 }
 
-static int
-close_offline (struct cow_disk *d, int status)
+int
+cli_close_offline (struct cow_disk *d, int status)
 {
   if (cow_disk_close (d) == -1 && status == EXIT_OK) {
     cli_error ("%s", cow_last_error ());
@@ -94,9 +80,8 @@ close_offline (struct cow_disk *d, int status)
   return status;
 }
 
-/* One request to the server; payload lines in *out. */
-static int
-ask (const struct target *t, char ***out, int argc, ...)
+int
+cli_ask (const struct cli_target *t, char ***out, int argc, ...)
 {
   const char *argv[CONTROL_MAX_WORDS];
   va_list ap;
@@ -136,14 +121,14 @@ cmd_snapshot (int argc, char **argv)
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
-  struct target t = { 0 };
+  struct cli_target t = { 0 };
   const char *desc = "", *name;
   bool atomic = false;
   char **lines = NULL;
   int c, r;
 
   while ((c = cli_next_option ("snapshot", argc, argv, "c:s:d:aD:h", opts)) != -1) {
-    if (target_option (&t, c, optarg))
+    if (cli_target_option (&t, c, optarg))
       continue;
     switch (c) {
     case 'a': atomic = true; break;
@@ -159,24 +144,24 @@ cmd_snapshot (int argc, char **argv)
   if (atomic && t.disk)
     return cli_usage_error ("snapshot", "--atomic covers every disk; leave "
                             "out --disk");
-  r = target_done ("snapshot", &t);
+  r = cli_target_done ("snapshot", &t);
   if (r != EXIT_OK)
     return r;
   if (t.state) {
-    struct cow_disk *d = open_offline (&t);
+    struct cow_disk *d = cli_open_offline (&t);
     if (d == NULL)
       return EXIT_ERROR;
     if (cow_disk_snapshot (d, name, desc) == -1) {
       cli_error ("%s", cow_last_error ());
-      return close_offline (d, EXIT_ERROR);
+      return cli_close_offline (d, EXIT_ERROR);
     }
-    r = close_offline (d, EXIT_OK);
+    r = cli_close_offline (d, EXIT_OK);
     if (r == EXIT_OK)
       printf ("Snapshot %s created\n", name);
     return cli_finish_output (r);
   }
-  r = atomic ? ask (&t, &lines, 3, "snapshot-atomic", name, desc)
-    : ask (&t, &lines, 4, "snapshot", t.disk, name, desc);
+  r = atomic ? cli_ask (&t, &lines, 3, "snapshot-atomic", name, desc)
+    : cli_ask (&t, &lines, 4, "snapshot", t.disk, name, desc);
   if (r != EXIT_OK)
     return r;
   printf ("Snapshot %s created", name);
@@ -213,7 +198,7 @@ free_rows (struct layer_row *v, size_t n)
 
 /* The disk's layers, bottom to top, online or offline. */
 static int
-get_layers (const struct target *t, struct layer_row **out, size_t *n)
+get_layers (const struct cli_target *t, struct layer_row **out, size_t *n)
 {
   struct layer_row *v = NULL;
   size_t k = 0;
@@ -221,7 +206,7 @@ get_layers (const struct target *t, struct layer_row **out, size_t *n)
   *out = NULL;
   *n = 0;
   if (t->state) {
-    struct cow_disk *d = open_offline (t);
+    struct cow_disk *d = cli_open_offline (t);
     struct cow_layer_info *li;
     size_t m;
     int r;
@@ -230,7 +215,7 @@ get_layers (const struct target *t, struct layer_row **out, size_t *n)
     r = cow_disk_layers (d, &li, &m);
     if (r == -1) {
       cli_error ("%s", cow_last_error ());
-      return close_offline (d, EXIT_ERROR);
+      return cli_close_offline (d, EXIT_ERROR);
     }
     v = calloc (m, sizeof *v);
     for (size_t i = 0; v && i < m; i++) {
@@ -244,15 +229,15 @@ get_layers (const struct target *t, struct layer_row **out, size_t *n)
     cow_layer_info_free (li, m);
     if (v == NULL) {
       cli_error ("out of memory");
-      return close_offline (d, EXIT_ERROR);
+      return cli_close_offline (d, EXIT_ERROR);
     }
     *out = v;
     *n = m;
-    return close_offline (d, EXIT_OK);
+    return cli_close_offline (d, EXIT_OK);
   }
   else {
     char **lines;
-    if (ask (t, &lines, 2, "list", t->disk) != EXIT_OK)
+    if (cli_ask (t, &lines, 2, "list", t->disk) != EXIT_OK)
       return EXIT_ERROR;
     for (char **l = lines; *l; l++)
       k++;
@@ -308,7 +293,7 @@ cmd_list (int argc, char **argv)
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
-  struct target t = { 0 };
+  struct cli_target t = { 0 };
   struct layer_row *v;
   bool tree = false, json = false;
   const char *parent = NULL;
@@ -316,7 +301,7 @@ cmd_list (int argc, char **argv)
   int c, r;
 
   while ((c = cli_next_option ("list", argc, argv, "c:s:d:h", opts)) != -1) {
-    if (target_option (&t, c, optarg))
+    if (cli_target_option (&t, c, optarg))
       continue;
     switch (c) {
     case 't': tree = true; break;
@@ -333,7 +318,7 @@ cmd_list (int argc, char **argv)
   }
   if (optind != argc)
     return cli_usage_error ("list", "unexpected argument '%s'", argv[optind]);
-  r = target_done ("list", &t);
+  r = cli_target_done ("list", &t);
   if (r != EXIT_OK)
     return r;
   if (get_layers (&t, &v, &n) != EXIT_OK)
@@ -417,13 +402,13 @@ cmd_revert (int argc, char **argv)
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
-  struct target t = { 0 };
+  struct cli_target t = { 0 };
   bool force = false;
   char **lines;
   int c, r;
 
   while ((c = cli_next_option ("revert", argc, argv, "c:s:d:fh", opts)) != -1) {
-    if (target_option (&t, c, optarg))
+    if (cli_target_option (&t, c, optarg))
       continue;
     switch (c) {
     case 'f': force = true; break;
@@ -434,21 +419,22 @@ cmd_revert (int argc, char **argv)
   if (optind + 1 != argc)
     return cli_usage_error ("revert", optind >= argc ? "missing NAME"
                             : "unexpected argument '%s'", argv[optind + 1]);
-  r = target_done ("revert", &t);
+  r = cli_target_done ("revert", &t);
   if (r != EXIT_OK)
     return r;
   if (t.state) {
-    struct cow_disk *d = open_offline (&t);
+    struct cow_disk *d = cli_open_offline (&t);
     if (d == NULL)
       return EXIT_ERROR;
     if (cow_disk_revert (d, argv[optind], force) == -1) {
       cli_error ("%s", cow_last_error ());
-      return close_offline (d, EXIT_ERROR);
+      return cli_close_offline (d, EXIT_ERROR);
     }
-    r = close_offline (d, EXIT_OK);
+    r = cli_close_offline (d, EXIT_OK);
   }
   else {
-    r = ask (&t, &lines, 4, "revert", t.disk, argv[optind], force ? "force" : "");
+    r = cli_ask (&t, &lines, 4, "revert", t.disk, argv[optind],
+                 force ? "force" : "");
     if (r == EXIT_OK)
       control_free_lines (lines);
   }
@@ -486,7 +472,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
-  struct target t = { 0 };
+  struct cli_target t = { 0 };
   bool details = false, status = strcmp (cmd, "status") == 0;
   char **lines;
   int c, r;
@@ -510,7 +496,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   if (!t.control)
     return cli_usage_error (cmd, "give --control=SOCKET (or set "
                             "COWCHAIN_CONTROL)");
-  r = ask (&t, &lines, 1, status ? "status" : "blklist");
+  r = cli_ask (&t, &lines, 1, status ? "status" : "blklist");
   if (r != EXIT_OK)
     return r;
   if (status)
@@ -553,7 +539,7 @@ cmd_status (int argc, char **argv)
 char *
 cli_active_layer (const char *control, const char *disk)
 {
-  struct target t = { .control = control, .disk = disk ? disk : "" };
+  struct cli_target t = { .control = control, .disk = disk ? disk : "" };
   struct layer_row *v;
   size_t n;
   char *p = NULL;

@@ -1,9 +1,10 @@
-/* Shared pieces of the `cowchain` tool (cowchain.c) and its chain
- * commands (cli-chain.c). */
+/* Shared pieces of the `cowchain` tool (cowchain.c), its chain commands
+ * (cli-chain.c) and its job commands (cli-job.c). */
 #ifndef COW_CLI_H
 #define COW_CLI_H
 
 #include <getopt.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #define EXIT_OK 0
@@ -19,6 +20,42 @@ int cli_next_option (const char *cmd, int argc, char **argv,
                      const char *shortopts, const struct option *longopts);
 /* Print s as a JSON string (quoted, escaped). */
 void cli_json_string (FILE *f, const char *s);
+/* A size like qemu-img prints it ("1.5 GiB"). */
+void cli_human_size (uint64_t v, char *buf, size_t len);
+
+struct cow_disk;
+
+/* Where a disk command finds the disk (cli-chain.c). */
+struct cli_target {
+  const char *control;        /* online */
+  const char *state;          /* offline */
+  const char *disk;           /* online: export name; "" = default */
+};
+
+#define TARGET_OPTIONS \
+  { "control", required_argument, NULL, 'c' }, \
+  { "state", required_argument, NULL, 's' }, \
+  { "disk", required_argument, NULL, 'd' }
+
+#define TARGET_HELP \
+  "  -c, --control=SOCKET  a running server's control socket (default:\n" \
+  "                        $COWCHAIN_CONTROL)\n" \
+  "  -s, --state=DIR       a stopped disk's state directory (offline)\n" \
+  "  -d, --disk=NAME       which disk of the server (default: the default\n" \
+  "                        export)\n"
+
+/* 1 if c was one of TARGET_OPTIONS (recorded in t), else 0. */
+int cli_target_option (struct cli_target *t, int c, const char *arg);
+/* After the options: check them, take $COWCHAIN_CONTROL if neither
+ * --control nor --state was given, default the disk to "". */
+int cli_target_done (const char *cmd, struct cli_target *t);
+/* Offline: open the disk of t->state, reporting any error. */
+struct cow_disk *cli_open_offline (const struct cli_target *t);
+/* Close it; status, or EXIT_ERROR if closing failed. */
+int cli_close_offline (struct cow_disk *d, int status);
+/* Online: one request of argc words to the server, payload lines in
+ * *out (free with control_free_lines); errors reported. */
+int cli_ask (const struct cli_target *t, char ***out, int argc, ...);
 
 /* The active layer of a disk of a running server (for info --disk). */
 char *cli_active_layer (const char *control, const char *disk);
@@ -30,5 +67,17 @@ int cmd_list (int argc, char **argv);
 int cmd_revert (int argc, char **argv);
 int cmd_blklist (int argc, char **argv);
 int cmd_status (int argc, char **argv);
+
+extern const char commit_help[], pull_help[], delete_help[], jobs_help[],
+  wait_help[], pause_help[], resume_help[], cancel_help[], speed_help[];
+int cmd_commit (int argc, char **argv);
+int cmd_pull (int argc, char **argv);
+int cmd_delete (int argc, char **argv);
+int cmd_jobs (int argc, char **argv);
+int cmd_wait (int argc, char **argv);
+int cmd_pause (int argc, char **argv);
+int cmd_resume (int argc, char **argv);
+int cmd_cancel (int argc, char **argv);
+int cmd_speed (int argc, char **argv);
 
 #endif /* COW_CLI_H */

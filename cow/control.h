@@ -16,6 +16,24 @@
  *   snapshot DISK NAME DESC      -> "pause-ns N"
  *   snapshot-atomic NAME DESC    -> all disks at one cut; "pause-ns N"
  *   revert DISK NAME force|-     -> nothing
+ *
+ * Background merges (see cowchain.h).  SPEED: bytes per second in
+ * decimal, 0 = unlimited.  FLAGS: "-" or a comma list of
+ * allow-base-write and force.  BASE "-" = the default base.
+ *   commit DISK TOP BASE FLAGS SPEED -> nothing (the job has started)
+ *   pull DISK BASE FLAGS SPEED   -> nothing
+ *   delete DISK NAME SPEED       -> nothing
+ *   jobs [DISK]                  -> per disk (every disk, or only DISK):
+ *                                   "job DISK KIND STATE TOP BASE DONE TOTAL
+ *                                   SPEED RATE STARTED ENDED ERRNO MESSAGE"
+ *                                   (KIND/TOP/BASE/MESSAGE "-" if none;
+ *                                   STATE a cow_job_state_name, "none" if
+ *                                   no job ran; DONE/TOTAL bytes; SPEED the
+ *                                   limit, RATE the measured bytes/s;
+ *                                   STARTED/ENDED seconds since the epoch,
+ *                                   ENDED 0 while running)
+ *   job-pause DISK, job-resume DISK, job-cancel DISK -> nothing
+ *   job-speed DISK SPEED         -> nothing
  */
 #ifndef COW_CONTROL_H
 #define COW_CONTROL_H

@@ -123,8 +123,8 @@ cli_next_option (const char *cmd, int argc, char **argv, const char *shortopts,
 
 /* A size the way qemu-img prints it: at most three significant digits,
  * in the largest binary unit that keeps the number under 1000. */
-static void
-human_size (uint64_t v, char *buf, size_t len)
+void
+cli_human_size (uint64_t v, char *buf, size_t len)
 {
   static const char *const units[] = {
     "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"
@@ -426,9 +426,9 @@ print_info_human (const struct image_info *ii)
 
   printf ("image: %s\n", ii->filename);
   printf ("file format: %s\n", ii->format);
-  human_size (ii->virtual_size, size, sizeof size);
+  cli_human_size (ii->virtual_size, size, sizeof size);
   printf ("virtual size: %s (%" PRIu64 " bytes)\n", size, ii->virtual_size);
-  human_size (ii->actual_size, size, sizeof size);
+  cli_human_size (ii->actual_size, size, sizeof size);
   printf ("disk size: %s\n", size);
   if (strcmp (ii->format, "qcow2") != 0)
     return;
@@ -860,6 +860,20 @@ static const struct command commands[] = {
     blklist_help, cmd_blklist },
   { "status", "each disk of a server: active layer, base, depth",
     status_help, cmd_status },
+  { "commit", "merge layers down into a lower one, in the background",
+    commit_help, cmd_commit },
+  { "pull", "copy lower layers up into the active one, in the background",
+    pull_help, cmd_pull },
+  { "delete", "delete a snapshot, merging its layer in the background",
+    delete_help, cmd_delete },
+  { "jobs", "the background job of each disk and its progress",
+    jobs_help, cmd_jobs },
+  { "wait", "wait for background jobs to end", wait_help, cmd_wait },
+  { "pause", "pause a disk's background job", pause_help, cmd_pause },
+  { "resume", "resume a disk's paused job", resume_help, cmd_resume },
+  { "cancel", "cancel a disk's background job", cancel_help, cmd_cancel },
+  { "speed", "change the speed limit of a disk's job", speed_help,
+    cmd_speed },
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])
@@ -881,7 +895,8 @@ main_help (FILE *f)
            "Exit status:\n"
            "  0  success\n"
            "  1  error: bad usage, an image that cannot be read, a check\n"
-           "     that could not be completed\n"
+           "     that could not be completed, a job that failed or was\n"
+           "     cancelled (wait, --wait, offline commit/pull/delete)\n"
            "  2  check: the image has errors (data may be corrupted)\n"
            "  3  check: the image leaks clusters, and has no errors\n"
            "\n"

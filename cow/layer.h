@@ -42,6 +42,8 @@ struct layer_ops {
               uint64_t *len, enum layer_status *status);
   /* Flush (if writable) and free.  Returns -1 if the flush failed. */
   int (*close) (struct layer *l);
+  /* Accept writes from now on (a merge's target); NULL: cannot. */
+  int (*reopen_rw) (struct layer *l);
 };
 
 struct layer {
@@ -73,6 +75,16 @@ int qcow2_version (struct layer *l);
 /* The layer will get no more writes (it was frozen under a snapshot):
  * reads may skip locking where its L1 table says a range is empty. */
 void qcow2_mark_frozen (struct layer *l);
+/* Rewrite the backing file name (NULL: none) and format in the header,
+ * synced.  The caller makes sure the new backing reads the same. */
+int qcow2_set_backing (struct layer *l, const char *name, const char *format);
+/* Fill the clusters of the range that the layer does not hold yet, with
+ * buf or (buf NULL, compat 1.1 only) with zero clusters; never overwrites
+ * what the guest wrote.  offset cluster aligned. */
+int qcow2_layer_populate (struct layer *l, const void *buf, uint32_t count,
+                          uint64_t offset);
+/* Is this layer a qcow2 one? */
+bool layer_is_qcow2 (const struct layer *l);
 /* Recognise a qcow2 file by its magic: 1 yes, 0 no, -1 error. */
 int qcow2_probe (const char *path);
 

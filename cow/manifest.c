@@ -100,6 +100,7 @@ manifest_copy (struct manifest *dst, const struct manifest *src)
   memset (dst, 0, sizeof *dst);
   dst->base = dup_or_null (src->base);
   dst->base_format = dup_or_null (src->base_format);
+  dst->no_base = src->no_base;
   if ((src->base && !dst->base) || (src->base_format && !dst->base_format)) {
     manifest_free (dst);
     cow_error_errno ("manifest");
@@ -181,7 +182,13 @@ parse_line (struct manifest *m, char *line, const char *path, int lineno)
   }
   if (n == 0)
     return 0;
-  if (strcmp (f[0], "base") == 0 && n == 3 && m->base == NULL) {
+  if (strcmp (f[0], "nobase") == 0 && n == 1 && m->base == NULL
+      && !m->no_base) {
+    m->no_base = true;
+    return 0;
+  }
+  if (strcmp (f[0], "base") == 0 && n == 3 && m->base == NULL
+      && !m->no_base) {
     if (decode (f[1], &m->base, false) == -1
         || decode (f[2], &m->base_format, false) == -1)
       goto bad;
@@ -275,7 +282,7 @@ manifest_load (const char *dir, struct manifest *m)
     if (parse_line (m, line, path, lineno) == -1)
       goto out;
   }
-  if (m->base == NULL || m->n_layers == 0) {
+  if ((m->base == NULL && !m->no_base) || m->n_layers == 0) {
     cow_error_set (EINVAL, "%s: no base or no layers recorded", path);
     goto out;
   }
@@ -317,7 +324,9 @@ manifest_save (const char *dir, const struct manifest *m)
     goto out;
   }
   fprintf (f, "cowchain-manifest 1\n");
-  {
+  if (m->no_base)
+    fprintf (f, "nobase\n");
+  else {
     char *b = word_encode (m->base), *fm = word_encode (m->base_format);
     if (b && fm)
       fprintf (f, "base %s %s\n", b, fm);

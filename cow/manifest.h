@@ -5,13 +5,14 @@
  * Format (text, one record per line; strings percent-encoded so that a
  * field never holds a space, newline or control byte):
  *   cowchain-manifest 1
- *   base PATH FORMAT
+ *   base PATH FORMAT        (or "nobase": the layers are self-contained)
  *   layer FILE CREATED SNAPSHOT DESCRIPTION     (bottom to top)
  * SNAPSHOT and DESCRIPTION are "-" when empty; the last layer is active.
  */
 #ifndef COW_MANIFEST_H
 #define COW_MANIFEST_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stddef.h>
 
@@ -30,6 +31,7 @@ struct manifest_layer {
 struct manifest {
   char *base;
   char *base_format;
+  bool no_base;           /* pulled self-contained: base is NULL */
   struct manifest_layer *layers;
   size_t n_layers;
 };

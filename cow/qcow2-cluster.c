@@ -712,6 +712,105 @@ qcow2_layer_write (struct layer *l, const void *buf, uint32_t count,
   return 0;
 }
 
+/* Fill the guest clusters of [offset, offset+count) that this layer does
+ * not hold yet: with data from buf, or with zero clusters when buf is
+ * NULL.  Clusters it holds (written by the guest meanwhile) are left
+ * alone; a cluster being allocated by a guest write is waited for, then
+ * left alone too, so a pull never overwrites newer guest data.  offset is
+ * cluster aligned; count is whole clusters or reaches the virtual end. */
+int
+qcow2_layer_populate (struct layer *l, const void *buf, uint32_t count,
+                      uint64_t offset)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  static const enum qcow2_ctype unalloc[MAX_RUN_CLUSTERS];
+  static const uint64_t no_host[MAX_RUN_CLUSTERS];
+  uint64_t c = cs (q), per = 1ull << q->l2_bits;
+  const char *data = buf;
+
+  if (check_writable (q) == -1)
+    return -1;
+  if ((offset & (c - 1)) != 0 || (buf == NULL && q->version < 3)) {
+    cow_error_set (EINVAL, "%s: populate of %" PRIu32 " bytes at %" PRIu64
+                   ": not cluster aligned, or zero clusters in compat 0.10",
+                   l->path, count, offset);
+    return -1;
+  }
+  while (count > 0) {
+    uint64_t gc = offset >> q->cluster_bits;
+    uint64_t want = (count + c - 1) >> q->cluster_bits;
+    enum qcow2_ctype type;
+    uint64_t host, n, len;
+    uint64_t *l2;
+
+    if (want > MAX_RUN_CLUSTERS)
+      want = MAX_RUN_CLUSTERS;
+    pthread_mutex_lock (&q->lock);
+    while (inflight_overlaps (q, gc, 1))
+      pthread_cond_wait (&q->alloc_done, &q->lock);
+    if (get_run (q, gc, want, &type, &host, &n) == -1)
+      goto err_unlock;
+    len = n * c < count ? n * c : count;
+    if (type != QCOW2_UNALLOCATED) {
+      pthread_mutex_unlock (&q->lock);
+      goto next;
+    }
+    n = inflight_free_prefix (q, gc, n);
+    len = n * c < count ? n * c : count;
+    if (buf == NULL) {
+      l2 = get_or_make_l2 (q, gc);
+      if (l2 == NULL)
+        goto err_unlock;
+      for (uint64_t i = 0; i < n; i++)
+        be64_put (&l2[(gc + i) & (per - 1)], QCOW2_OFLAG_ZERO);
+      qcow2_cache_mark_dirty (q->l2_cache, l2);
+      qcow2_cache_put (q->l2_cache, l2);
+      pthread_mutex_unlock (&q->lock);
+      goto next;
+    }
+    host = qcow2_alloc_clusters (q, n);
+    if (host == 0)
+      goto err_unlock;
+    if (inflight_add (q, gc, n) == -1) {
+      qcow2_free_unused (q, host, n);
+      goto err_unlock;
+    }
+    pthread_mutex_unlock (&q->lock);
+    /* A last cluster past the virtual end is padded with zeroes. */
+    if (write_new_clusters (q, gc, n, host, unalloc, no_host, data, 0, len,
+                            NULL) == -1) {
+      pthread_mutex_lock (&q->lock);
+      qcow2_free_unused (q, host, n);
+      inflight_remove (q, gc);
+      pthread_mutex_unlock (&q->lock);
+      return -1;
+    }
+    pthread_mutex_lock (&q->lock);
+    l2 = get_or_make_l2 (q, gc);
+    if (l2 == NULL) {
+      qcow2_free_unused (q, host, n);
+      inflight_remove (q, gc);
+      goto err_unlock;
+    }
+    for (uint64_t i = 0; i < n; i++)
+      be64_put (&l2[(gc + i) & (per - 1)], (host + i * c) | QCOW2_OFLAG_COPIED);
+    qcow2_cache_mark_dirty (q->l2_cache, l2);
+    qcow2_cache_put (q->l2_cache, l2);
+    inflight_remove (q, gc);
+    pthread_mutex_unlock (&q->lock);
+  next:
+    if (data)
+      data += len;
+    offset += len;
+    count -= (uint32_t) len;
+  }
+  return 0;
+
+ err_unlock:
+  pthread_mutex_unlock (&q->lock);
+  return -1;
+}
+
 static int
 write_zeroes (struct qcow2 *q, uint64_t count, uint64_t offset,
               const struct layer_below *below)

@@ -374,6 +374,8 @@ qcow2_layer_close (struct layer *l)
   return r;
 }
 
+static int qcow2_layer_reopen_rw (struct layer *l);
+
 static const struct layer_ops qcow2_ops = {
   .kind = "qcow2",
   .read = qcow2_layer_read,
@@ -383,6 +385,7 @@ static const struct layer_ops qcow2_ops = {
   .flush = qcow2_layer_flush,
   .map = qcow2_layer_map,
   .close = qcow2_layer_close,
+  .reopen_rw = qcow2_layer_reopen_rw,
 };
 
 static struct qcow2 *
@@ -496,6 +499,143 @@ void
 qcow2_mark_frozen (struct layer *l)
 {
   __atomic_store_n (&((struct qcow2 *) l)->frozen, true, __ATOMIC_RELEASE);
+}
+
+bool
+layer_is_qcow2 (const struct layer *l)
+{
+  return l->ops == &qcow2_ops;
+}
+
+/* Take writes again (a frozen layer that a merge writes into). */
+static int
+qcow2_layer_reopen_rw (struct layer *l)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  int fd;
+
+  if (!l->readonly) {
+    __atomic_store_n (&q->frozen, false, __ATOMIC_RELEASE);
+    return 0;
+  }
+  if (q->incompat & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY)) {
+    cow_error_set (EROFS, "%s: image is marked corrupt or dirty; run "
+                   "cowchain check -r first", l->path);
+    return -1;
+  }
+  if (q->nb_snapshots > 0) {
+    cow_error_set (ENOTSUP, "%s: image has internal snapshots; cowchain "
+                   "does not write such images", l->path);
+    return -1;
+  }
+  fd = io_open (l->path, O_RDWR, 0);
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot open for writing", l->path);
+    return -1;
+  }
+  /* Atomically: reads running on the old descriptor go on unharmed. */
+  if (dup2 (fd, q->fd) == -1) {
+    cow_error_errno ("%s: dup2", l->path);
+    io_close (fd);
+    return -1;
+  }
+  io_close (fd);
+  l->readonly = false;
+  __atomic_store_n (&q->frozen, false, __ATOMIC_RELEASE);
+  return 0;
+}
+
+/* Rewrite the backing file name (NULL: none) and its format in the
+ * header cluster, keeping any other header extensions; synced.  Through a
+ * descriptor of its own, so that it works on a read-only layer too. */
+int
+qcow2_set_backing (struct layer *l, const char *name, const char *format)
+{
+  struct qcow2 *q = (struct qcow2 *) l;
+  uint64_t c = q->cluster_size, hl = q->header_length, off, in;
+  size_t blen = name ? strlen (name) : 0, flen = format ? strlen (format) : 0;
+  uint8_t *old = NULL, *h = NULL;
+  char *nb = NULL, *nf = NULL;
+  int fd = -1, r = -1;
+
+  if ((name && (nb = strdup (name)) == NULL)
+      || (format && (nf = strdup (format)) == NULL)
+      || (old = malloc (c)) == NULL || (h = calloc (1, c)) == NULL) {
+    cow_error_errno ("set backing");
+    goto out;
+  }
+  fd = io_open (l->path, O_RDWR, 0);
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot open for writing", l->path);
+    goto out;
+  }
+  if (io_pread (fd, old, c, 0) == -1) {
+    cow_error_errno ("%s: reading the header", l->path);
+    goto out;
+  }
+  memcpy (h, old, hl);
+  off = hl;
+  /* Other extensions as they were; parse_header checked their bounds. */
+  for (in = hl; in + 8 <= c; ) {
+    uint32_t type = get32 (old + in), len = get32 (old + in + 4);
+    uint64_t step = 8 + (((uint64_t) len + 7) & ~7ull);
+    if (type == QCOW2_EXT_END || step > c - in)
+      break;
+    if (type != QCOW2_EXT_BACKING_FORMAT) {
+      if (off + step > c)
+        goto too_big;
+      memcpy (h + off, old + in, step);
+      off += step;
+    }
+    in += step;
+  }
+  if (flen) {
+    if (off + 8 + ((flen + 7) & ~7u) > c)
+      goto too_big;
+    put32 (h + off, QCOW2_EXT_BACKING_FORMAT);
+    put32 (h + off + 4, (uint32_t) flen);
+    memcpy (h + off + 8, format, flen);
+    off += 8 + ((flen + 7) & ~7u);
+  }
+  off += 8;                         /* end of extensions (zeroes) */
+  if (blen > QCOW2_MAX_BACKING_NAME || off + blen > c)
+    goto too_big;
+  put64 (h + 8, blen ? off : 0);
+  put32 (h + 16, (uint32_t) blen);
+  memcpy (h + off, name ? name : "", blen);
+  off += blen;
+  /* One write of the changed part of the header cluster. */
+  {
+    uint64_t old_end = q->backing_file ? get64 (old + 8) + get32 (old + 16) : in + 8;
+    uint64_t end = off > old_end ? off : old_end;
+    if (end > c)
+      end = c;
+    if (io_pwrite (fd, h, end, 0) == -1 || io_fsync (fd) == -1) {
+      cow_error_errno ("%s: rewriting the header", l->path);
+      goto out;
+    }
+  }
+  pthread_mutex_lock (&q->lock);
+  free (q->backing_file);
+  free (q->backing_format);
+  q->backing_file = nb;
+  q->backing_format = nf;
+  nb = nf = NULL;
+  pthread_mutex_unlock (&q->lock);
+  r = 0;
+  goto out;
+
+ too_big:
+  cow_error_set (ENAMETOOLONG, "%s: backing file name '%s' does not fit in "
+                 "the header cluster", l->path, name ? name : "");
+ out:
+  if (fd != -1)
+    io_close (fd);
+  free (old);
+  free (h);
+  free (nb);
+  free (nf);
+  return r;
 }
 
 int

@@ -153,6 +153,30 @@ raw_close (struct layer *l)
   return ret;
 }
 
+/* A base that a commit writes into (allow-base-write). */
+static int
+raw_reopen_rw (struct layer *l)
+{
+  struct raw *r = (struct raw *) l;
+  int fd;
+
+  if (!l->readonly)
+    return 0;
+  fd = io_open (l->path, O_RDWR, 0);
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot open for writing", l->path);
+    return -1;
+  }
+  if (dup2 (fd, r->fd) == -1) {
+    cow_error_errno ("%s: dup2", l->path);
+    io_close (fd);
+    return -1;
+  }
+  io_close (fd);
+  l->readonly = false;
+  return 0;
+}
+
 static const struct layer_ops raw_ops = {
   .kind = "raw",
   .read = raw_read,
@@ -162,6 +186,7 @@ static const struct layer_ops raw_ops = {
   .flush = raw_flush,
   .map = raw_map,
   .close = raw_close,
+  .reopen_rw = raw_reopen_rw,
 };
 
 struct layer *

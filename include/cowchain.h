@@ -118,6 +118,88 @@ const char *cow_disk_base (const struct cow_disk *d);
 /* Pause (ns) that the last snapshot imposed on guest I/O. */
 uint64_t cow_disk_last_pause_ns (const struct cow_disk *d);
 
+/* Background merges (state-directory disks only).  One job at a time per
+ * disk, on its own thread; guest I/O goes on.  A job changes the chain
+ * only in its last step (under the exclusive chain lock, through the
+ * manifest), so a job that is cancelled, fails or is killed leaves the
+ * chain as it was and can be started again.
+ *
+ * Layers are named by snapshot name, by layer file name
+ * ("layer-000003.qcow2"), or by the words "active" and "base".
+ *
+ * commit: the disk as seen at 'top' is written into 'base' (default: the
+ *   layer right under top); the layers above base up to top leave the
+ *   chain and base takes top's snapshot name.  top may be the active
+ *   layer (active commit: the guest keeps writing, the job converges,
+ *   then base becomes the active layer).  Writing into the original base
+ *   needs allow_base_write.  Snapshots whose state would be lost (names
+ *   on base and between it and top) need force; they are dropped when
+ *   the job starts (the states they name start changing then), so a
+ *   cancelled commit leaves the chain without them.
+ * pull: the data of the layers under the active one, down to (not
+ *   including) 'base' (default: everything, the original base too), is
+ *   copied into the active layer, which then backs onto base (or onto
+ *   nothing: self-contained).  Snapshots cut from the chain need force.
+ * delete: the snapshot name is removed at once and its layer merged into
+ *   the layer above it (what the guest sees never changes).
+ *
+ * Errors when starting: ENOENT unknown layer, EINVAL bad range, EBUSY a
+ * job is running or snapshots would be lost without force, EPERM base
+ * write without allow_base_write, ENOTSUP no state directory or a remote
+ * base to write. */
+enum cow_job_kind { COW_JOB_COMMIT = 1, COW_JOB_PULL, COW_JOB_DELETE };
+enum cow_job_state {
+  COW_JOB_NONE = 0,     /* no job has run since the disk was opened */
+  COW_JOB_RUNNING,
+  COW_JOB_PAUSED,
+  COW_JOB_COMPLETED,
+  COW_JOB_FAILED,
+  COW_JOB_CANCELLED,
+};
+
+struct cow_job_opts {
+  const char *top;          /* commit: required */
+  const char *base;         /* NULL: the default above */
+  bool allow_base_write;
+  bool force;
+  uint64_t speed;           /* bytes per second; 0 = unlimited */
+};
+
+int cow_disk_commit (struct cow_disk *d, const struct cow_job_opts *o);
+int cow_disk_pull (struct cow_disk *d, const struct cow_job_opts *o);
+int cow_disk_delete (struct cow_disk *d, const char *name,
+                     const struct cow_job_opts *o);
+
+struct cow_job_info {
+  enum cow_job_kind kind;
+  enum cow_job_state state;
+  char *top;                /* layer file names ("base" / "none") */
+  char *base;
+  uint64_t done, total;     /* bytes */
+  uint64_t speed;           /* limit, bytes per second; 0 = none */
+  uint64_t rate;            /* measured, bytes per second */
+  int64_t started, ended;   /* seconds since the epoch; ended 0 = running */
+  int error;                /* errno of a failed job */
+  char *message;            /* its error message, or NULL */
+};
+/* The running job, or else the last one (state COW_JOB_NONE if none);
+ * free with cow_job_info_clear. */
+int cow_disk_job_info (struct cow_disk *d, struct cow_job_info *out);
+void cow_job_info_clear (struct cow_job_info *i);
+const char *cow_job_kind_name (enum cow_job_kind k);
+const char *cow_job_state_name (enum cow_job_state s);
+/* ENOENT if no job is running. */
+int cow_disk_job_pause (struct cow_disk *d);
+int cow_disk_job_resume (struct cow_disk *d);
+int cow_disk_job_cancel (struct cow_disk *d);
+int cow_disk_job_set_speed (struct cow_disk *d, uint64_t speed);
+/* Wait until no job runs; returns 0 if the last job completed, -1 with
+ * its error otherwise (ECANCELED if cancelled). */
+int cow_disk_job_wait (struct cow_disk *d);
+/* Merge automatically (as delete does) the oldest frozen layer without a
+ * snapshot name while the chain has more than n layers; 0 = never. */
+void cow_disk_set_max_depth (struct cow_disk *d, unsigned n);
+
 /* Last error of the calling thread. */
 const char *cow_last_error (void);
 int cow_last_errno (void);

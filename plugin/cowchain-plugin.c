@@ -30,6 +30,7 @@ struct disk_entry {
   size_t n_allow_backing;
   uint32_t cluster_size;
   int compat;
+  unsigned max_depth;           /* 0 = no automatic merges */
   struct cow_disk *disk;
 };
 
@@ -221,6 +222,16 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
     }
     return 0;
   }
+  if (strcmp (key, "max-depth") == 0) {
+    unsigned n;
+    if (nbdkit_parse_unsigned ("max-depth", value, &n) == -1 || n > 1000) {
+      nbdkit_error ("max-depth: '%s' is not a number from 0 to 1000 "
+                    "(0 = off)", value);
+      return -1;
+    }
+    e->max_depth = n;
+    return 0;
+  }
   if (strcmp (key, "allow-backing") == 0) {
     char **v = realloc (e->allow_backing,
                         (e->n_allow_backing + 2) * sizeof *v);
@@ -317,6 +328,11 @@ cowchain_config_complete (void)
       nbdkit_error ("%s: base=IMAGE is required", what);
       return -1;
     }
+    if (e->overlay && e->max_depth) {
+      nbdkit_error ("%s: max-depth= needs state=DIR (an overlay= disk has "
+                    "one layer)", what);
+      return -1;
+    }
   }
   if (default_export) {
     size_t i;
@@ -339,6 +355,9 @@ cowchain_config_complete (void)
   "                         snapshots; base= may be left out once it exists\n" \
   "cluster-size=SIZE        cluster size of new layers (512..2M, default 64K)\n" \
   "compat=1.1|0.10          qcow2 version of new layers (default 1.1)\n" \
+  "max-depth=N              merge unnamed frozen layers in the background\n" \
+  "                         while the chain has more than N layers (state=\n" \
+  "                         disks; 0..1000, default 0 = never)\n" \
   "allow-backing=PATH       a file a qcow2 base's chain may name outside\n" \
   "                         the base's directory (repeatable)\n" \
   "disk=NAME                start another disk (NBD export NAME); the keys\n" \
@@ -430,9 +449,93 @@ active_path (struct disk_entry *e, struct cow_layer_info **v, size_t *n)
   return (*v)[*n - 1].path;
 }
 
+/* A control word that must be a decimal number: digits only, no sign,
+ * no blanks, no overflow. */
+static int
+parse_number (const char *what, const char *word, uint64_t *out)
+{
+  uint64_t v = 0;
+
+  if (word[0] == '\0')
+    goto bad;
+  for (const char *c = word; *c; c++) {
+    if (*c < '0' || *c > '9')
+      goto bad;
+    if (v > (UINT64_MAX - (uint64_t) (*c - '0')) / 10) {
+      cow_error_set (ERANGE, "%s: '%.32s' is too large", what, word);
+      return -1;
+    }
+    v = v * 10 + (uint64_t) (*c - '0');
+  }
+  *out = v;
+  return 0;
+ bad:
+  cow_error_set (EINVAL, "%s: '%.32s' is not a decimal number", what, word);
+  return -1;
+}
+
+/* FLAGS of commit and pull: "" or a comma list of allow-base-write and
+ * force. */
+static int
+parse_job_flags (const char *word, struct cow_job_opts *o)
+{
+  const char *p = word;
+
+  while (*p) {
+    size_t len = strcspn (p, ",");
+    if (len == 16 && strncmp (p, "allow-base-write", len) == 0)
+      o->allow_base_write = true;
+    else if (len == 5 && strncmp (p, "force", len) == 0)
+      o->force = true;
+    else {
+      cow_error_set (EINVAL, "FLAGS: '%.*s' is not allow-base-write or force",
+                     (int) (len < 32 ? len : 32), p);
+      return -1;
+    }
+    p += len;
+    if (*p == ',' && *++p == '\0') {
+      cow_error_set (EINVAL, "FLAGS: '%.64s' ends with a comma", word);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* One "job" line of the jobs command. */
+static int
+reply_job (struct disk_entry *e, struct control_reply *r)
+{
+  struct cow_job_info ji;
+  char *name, *top, *base, *msg;
+  bool ran;
+
+  if (cow_disk_job_info (e->disk, &ji) == -1)
+    return -1;
+  ran = ji.state != COW_JOB_NONE;
+  name = word_encode (e->name);
+  top = word_encode (ran && ji.top ? ji.top : "");
+  base = word_encode (ran && ji.base ? ji.base : "");
+  msg = word_encode (ji.message ? ji.message : "");
+  if (name && top && base && msg)
+    control_reply_line (r, "job %s %s %s %s %s %" PRIu64 " %" PRIu64
+                        " %" PRIu64 " %" PRIu64 " %" PRId64 " %" PRId64
+                        " %d %s", name,
+                        ran ? cow_job_kind_name (ji.kind) : "-",
+                        cow_job_state_name (ji.state), top, base, ji.done,
+                        ji.total, ji.speed, ji.rate, ji.started, ji.ended,
+                        ji.error, msg);
+  free (name);
+  free (top);
+  free (base);
+  free (msg);
+  cow_job_info_clear (&ji);
+  return 0;
+}
+
 static int
 control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
 {
+  struct cow_job_opts o = { 0 };
   struct disk_entry *e = NULL;
   const char *cmd = w[0];
 
@@ -502,6 +605,66 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
       goto usage;
     return cow_disk_revert (e->disk, w[2], w[3][0] != '\0');
   }
+  if (strcmp (cmd, "commit") == 0) {
+    NEED (6);
+    DISK (w[1]);
+    o.top = w[2];
+    o.base = w[3][0] ? w[3] : NULL;
+    if (parse_job_flags (w[4], &o) == -1
+        || parse_number ("SPEED", w[5], &o.speed) == -1)
+      return -1;
+    return cow_disk_commit (e->disk, &o);
+  }
+  if (strcmp (cmd, "pull") == 0) {
+    NEED (5);
+    DISK (w[1]);
+    o.base = w[2][0] ? w[2] : NULL;
+    if (parse_job_flags (w[3], &o) == -1
+        || parse_number ("SPEED", w[4], &o.speed) == -1)
+      return -1;
+    return cow_disk_pull (e->disk, &o);
+  }
+  if (strcmp (cmd, "delete") == 0) {
+    NEED (4);
+    DISK (w[1]);
+    if (parse_number ("SPEED", w[3], &o.speed) == -1)
+      return -1;
+    return cow_disk_delete (e->disk, w[2], &o);
+  }
+  if (strcmp (cmd, "jobs") == 0) {
+    if (n == 2) {
+      DISK (w[1]);
+      return reply_job (e, r);
+    }
+    NEED (1);
+    for (size_t i = 0; i < n_disks; i++)
+      if (reply_job (&disks[i], r) == -1)
+        return -1;
+    return 0;
+  }
+  if (strcmp (cmd, "job-pause") == 0) {
+    NEED (2);
+    DISK (w[1]);
+    return cow_disk_job_pause (e->disk);
+  }
+  if (strcmp (cmd, "job-resume") == 0) {
+    NEED (2);
+    DISK (w[1]);
+    return cow_disk_job_resume (e->disk);
+  }
+  if (strcmp (cmd, "job-cancel") == 0) {
+    NEED (2);
+    DISK (w[1]);
+    return cow_disk_job_cancel (e->disk);
+  }
+  if (strcmp (cmd, "job-speed") == 0) {
+    uint64_t speed;
+    NEED (3);
+    DISK (w[1]);
+    if (parse_number ("SPEED", w[2], &speed) == -1)
+      return -1;
+    return cow_disk_job_set_speed (e->disk, speed);
+  }
   cow_error_set (EINVAL, "unknown command '%.32s'", cmd);
   return -1;
  usage:
@@ -511,14 +674,20 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
 #undef DISK
 }
 
+/* Threads started before nbdkit forks into the background would not
+ * exist in the server, so the sync thread and max-depth (whose merges run
+ * on a job thread) wait until after the fork. */
 static int
 cowchain_after_fork (void)
 {
-  for (size_t i = 0; i < n_disks; i++)
+  for (size_t i = 0; i < n_disks; i++) {
     if (cow_disk_start_sync (disks[i].disk) == -1) {
       nbdkit_error ("%s", cow_last_error ());
       return -1;
     }
+    if (disks[i].max_depth)
+      cow_disk_set_max_depth (disks[i].disk, disks[i].max_depth);
+  }
   if (control_path) {
     control = control_start (control_path, allow_uids, n_allow_uids,
                              control_handler_fn, NULL);

@@ -1,0 +1,1529 @@
+/* Background merges: commit (down), pull (up) and snapshot delete, on a
+ * thread of their own while guest I/O goes on.
+ *
+ * DESIGN.md invariant 4: a job changes the chain only in its last step.
+ * Until then it only adds data that reads the same:
+ *   - commit writes the disk as seen at 'top' into 'base'.  The layers
+ *     above base up to top still hide everything it writes, so the guest's
+ *     view never changes; base's own snapshot name is dropped when the job
+ *     starts (its state is being overwritten).
+ *   - pull fills the clusters of the target that it does not hold yet with
+ *     what they read from below (qcow2_layer_populate never overwrites a
+ *     guest write).
+ * The last step, under admin_lock: flush the target, replace the manifest
+ * (the commit point), take the merged layers out of the in-memory chain
+ * under the exclusive chain lock, rewrite one backing name in a header
+ * (a crash before that is repaired at open, see check_chain_names), and
+ * delete the merged files.  An active commit does its final copy, flush
+ * and manifest update under the exclusive chain lock, so that no guest
+ * write lands between the copy and the switch.
+ *
+ * Locks: admin_lock (chain changes, taken first) -> job_lock (the job's
+ * state and controls).  The copy holds chain_lock shared for one chunk at
+ * a time and never waits on job_cond with it held.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cowchain.h"
+#include "disk.h"
+#include "error.h"
+#include "layer.h"
+#include "manifest.h"
+
+#define JOB_CHUNK (1u << 20)
+/* Active commit: copy under the exclusive lock once this little is left
+ * dirty, or after this many passes. */
+#define FINAL_DIRTY_BYTES (4u << 20)
+#define MAX_DIRTY_PASSES 20
+
+enum base_kind {
+  BASE_LAYER,     /* a layer of the state directory */
+  BASE_ORIG,      /* the disk's original base */
+  BASE_NONE,      /* nothing: pull self-contained */
+};
+
+struct cow_job {
+  struct cow_disk *d;
+  enum cow_job_kind kind;
+
+  /* Under d->job_lock. */
+  enum cow_job_state state;
+  bool pause_req, cancel_req;
+  uint64_t speed;
+  uint64_t done, total, rate;
+  int64_t started, ended;
+  int err;
+  char *msg;
+  char *top_name, *base_name;     /* for reports */
+
+  /* Fixed at start. */
+  bool commit;                    /* commit; else pull (also delete) */
+  bool active;                    /* commit of the active layer */
+  enum base_kind bk;
+  struct layer *target;           /* commit: base; pull: the layer filled */
+  struct layer *top;              /* commit: top; pull: the target */
+  struct layer *base_layer;       /* BASE_LAYER: that layer */
+  bool target_was_frozen;
+  const char *stop_at;            /* test hook: COWCHAIN_JOB_STOP_AT */
+
+  /* The copy thread's own. */
+  uint64_t window_t0, window_done;
+  uint64_t rate_t0, rate_done;
+  char *buf;
+};
+
+/*----------------------------------------------------------------------
+ * Small helpers.
+ */
+
+static int64_t
+wall_now (void)
+{
+  return (int64_t) time (NULL);
+}
+
+static void
+free_job (struct cow_job *j)
+{
+  if (j == NULL)
+    return;
+  free (j->msg);
+  free (j->top_name);
+  free (j->base_name);
+  free (j->buf);
+  free (j);
+}
+
+/* The layer object of manifest index i (caller holds admin_lock). */
+static struct layer *
+layer_at (struct cow_disk *d, size_t i)
+{
+  size_t n = d->man.n_layers;
+  return i + 1 == n ? d->top : d->lower[n - 2 - i].l;
+}
+
+/* Manifest index of a layer object; -1 if it is not a state layer. */
+static long
+index_of (struct cow_disk *d, const struct layer *l)
+{
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (layer_at (d, i) == l)
+      return (long) i;
+  return -1;
+}
+
+/* The way to read what lies under layer l (the top or a lower node). */
+static const struct layer_below *
+below_of (struct cow_disk *d, const struct layer *l)
+{
+  if (l == d->top)
+    return &d->top_below;
+  for (size_t i = 0; i < d->n_lower; i++)
+    if (d->lower[i].l == l)
+      return &d->lower[i].below;
+  return NULL;
+}
+
+static size_t
+lower_index (struct cow_disk *d, const struct layer *l)
+{
+  for (size_t i = 0; i < d->n_lower; i++)
+    if (d->lower[i].l == l)
+      return i;
+  return SIZE_MAX;
+}
+
+#define IDX_BASE (-1L)
+
+/* A layer word: a snapshot name, a layer file name, "active" or "base". */
+static int
+resolve (struct cow_disk *d, const char *word, long *idx)
+{
+  size_t n = d->man.n_layers;
+
+  for (size_t i = 0; i < n; i++)
+    if (d->man.layers[i].snapshot
+        && strcmp (d->man.layers[i].snapshot, word) == 0) {
+      *idx = (long) i;
+      return 0;
+    }
+  for (size_t i = 0; i < n; i++)
+    if (strcmp (d->man.layers[i].file, word) == 0) {
+      *idx = (long) i;
+      return 0;
+    }
+  if (strcmp (word, "active") == 0) {
+    *idx = (long) n - 1;
+    return 0;
+  }
+  if (strcmp (word, "base") == 0) {
+    if (d->man.no_base) {
+      cow_error_set (ENOENT, "%s: the disk has no base (it was pulled "
+                     "self-contained)", d->state_dir);
+      return -1;
+    }
+    *idx = IDX_BASE;
+    return 0;
+  }
+  cow_error_set (ENOENT, "%s: no snapshot or layer named '%s' (see "
+                 "cowchain list)", d->state_dir, word);
+  return -1;
+}
+
+static const char *
+word_of (struct cow_disk *d, long i)
+{
+  if (i == IDX_BASE)
+    return "base";
+  return d->man.layers[i].snapshot ? d->man.layers[i].snapshot
+    : d->man.layers[i].file;
+}
+
+/* Refuse (EBUSY) if snapshots in manifest [from, to] would be lost. */
+static int
+check_lost (struct cow_disk *d, long from, long to, bool force,
+            const char *verb)
+{
+  for (long i = from < 0 ? 0 : from; i <= to; i++)
+    if (d->man.layers[i].snapshot && !force) {
+      cow_error_set (EBUSY, "%s: %s would drop snapshot '%s'; use --force "
+                     "to drop it", d->state_dir, verb,
+                     d->man.layers[i].snapshot);
+      return -1;
+    }
+  return 0;
+}
+
+/* Drop the snapshot names of manifest layers [from, to], durably. */
+static int
+drop_names (struct cow_disk *d, long from, long to)
+{
+  struct manifest next;
+  bool any = false;
+
+  for (long i = from < 0 ? 0 : from; i <= to; i++)
+    any |= d->man.layers[i].snapshot != NULL;
+  if (!any)
+    return 0;
+  if (manifest_copy (&next, &d->man) == -1)
+    return -1;
+  for (long i = from < 0 ? 0 : from; i <= to; i++) {
+    free (next.layers[i].snapshot);
+    free (next.layers[i].description);
+    next.layers[i].snapshot = next.layers[i].description = NULL;
+  }
+  if (manifest_save (d->state_dir, &next) == -1) {
+    manifest_free (&next);
+    return -1;
+  }
+  manifest_free (&d->man);
+  d->man = next;
+  return 0;
+}
+
+/* Remove manifest entries [from, to] (inclusive) from m. */
+static void
+manifest_cut (struct manifest *m, size_t from, size_t to)
+{
+  size_t k = to - from + 1;
+
+  for (size_t i = from; i <= to; i++) {
+    free (m->layers[i].file);
+    free (m->layers[i].snapshot);
+    free (m->layers[i].description);
+  }
+  memmove (&m->layers[from], &m->layers[to + 1],
+           (m->n_layers - to - 1) * sizeof m->layers[0]);
+  m->n_layers -= k;
+}
+
+/* Take lower[from .. from+k-1] out of the chain (caller holds chain_lock
+ * exclusive); their layers go to out. */
+static void
+drop_lower (struct cow_disk *d, size_t from, size_t k, struct layer **out)
+{
+  size_t frozen = d->n_frozen;
+
+  for (size_t i = 0; i < k; i++) {
+    out[i] = d->lower[from + i].l;
+    if (from + i < frozen)
+      d->n_frozen--;
+  }
+  memmove (&d->lower[from], &d->lower[from + k],
+           (d->n_lower - from - k) * sizeof d->lower[0]);
+  d->n_lower -= k;
+}
+
+/*----------------------------------------------------------------------
+ * Controls: pause, cancel, speed.
+ */
+
+/* Between chunks: honour pause and cancel, and the speed limit.  Returns
+ * -1 if cancelled.  Called without chain_lock. */
+static int
+job_yield (struct cow_job *j)
+{
+  struct cow_disk *d = j->d;
+  int r = 0;
+
+  pthread_mutex_lock (&d->job_lock);
+  for (;;) {
+    uint64_t now = now_ns ();
+    if (j->cancel_req) {
+      r = -1;
+      break;
+    }
+    if (j->pause_req) {
+      j->state = COW_JOB_PAUSED;
+      pthread_cond_broadcast (&d->job_cond);
+      pthread_cond_wait (&d->job_cond, &d->job_lock);
+      j->window_t0 = now_ns ();
+      j->window_done = j->done;
+      continue;
+    }
+    j->state = COW_JOB_RUNNING;
+    if (now - j->rate_t0 >= 1000000000u) {
+      j->rate = (j->done - j->rate_done) * 1000000000u / (now - j->rate_t0);
+      j->rate_t0 = now;
+      j->rate_done = j->done;
+    }
+    if (j->speed) {
+      /* Ahead of the limit: sleep until the window catches up. */
+      uint64_t due = j->window_t0
+        + (uint64_t) ((double) (j->done - j->window_done) * 1e9
+                      / (double) j->speed);
+      if (due > now) {
+        struct timespec ts;
+        uint64_t wake;
+        clock_gettime (CLOCK_REALTIME, &ts);
+        wake = (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec
+          + (due - now);
+        ts.tv_sec = (time_t) (wake / 1000000000u);
+        ts.tv_nsec = (long) (wake % 1000000000u);
+        pthread_cond_timedwait (&d->job_cond, &d->job_lock, &ts);
+        continue;
+      }
+    }
+    break;
+  }
+  pthread_mutex_unlock (&d->job_lock);
+  return r;
+}
+
+/* Test hook: with COWCHAIN_JOB_STOP_AT=stage the job pauses itself there
+ * (so that a test can kill the server at that exact stage). */
+static void
+stop_at (struct cow_job *j, const char *stage)
+{
+  struct cow_disk *d = j->d;
+
+  if (j->stop_at == NULL || strcmp (j->stop_at, stage) != 0)
+    return;
+  pthread_mutex_lock (&d->job_lock);
+  j->pause_req = true;
+  j->state = COW_JOB_PAUSED;
+  pthread_cond_broadcast (&d->job_cond);
+  while (j->pause_req && !j->cancel_req)
+    pthread_cond_wait (&d->job_cond, &d->job_lock);
+  j->state = COW_JOB_RUNNING;
+  pthread_mutex_unlock (&d->job_lock);
+}
+
+static void
+add_done (struct cow_job *j, uint64_t n)
+{
+  pthread_mutex_lock (&j->d->job_lock);
+  j->done += n;
+  if (j->done > j->total)
+    j->total = j->done;
+  pthread_mutex_unlock (&j->d->job_lock);
+}
+
+/*----------------------------------------------------------------------
+ * Copying (caller holds chain_lock shared).
+ */
+
+/* The status of [pos, pos+max) through the merged layers: the first
+ * layer from the top that holds something there.  For a pull the target
+ * itself is not counted; the layers are those under it down to the base
+ * (the base chain too when pulling self-contained). */
+static int
+range_status (struct cow_job *j, uint64_t pos, uint64_t max, uint64_t *len,
+              enum layer_status *st)
+{
+  struct cow_disk *d = j->d;
+  struct layer *first = j->commit ? j->top : j->target;
+  bool in = false;
+  const struct layer *stop = j->bk == BASE_LAYER ? j->base_layer
+    : j->bk == BASE_ORIG ? (d->n_frozen < d->n_lower
+                            ? d->lower[d->n_frozen].l : NULL)
+    : NULL;
+  struct layer *seq[COW_MAX_DEPTH + 1];
+  size_t n = 0;
+
+  /* The chain top-down, from the first merged layer to the stop. */
+  seq[n++] = d->top;
+  for (size_t i = 0; i < d->n_lower; i++)
+    seq[n++] = d->lower[i].l;
+  *len = max;
+  *st = LAYER_ABSENT;
+  for (size_t i = 0; i < n; i++) {
+    struct layer *l = seq[i];
+    if (l == stop)
+      break;
+    if (!in) {
+      if (l != first)
+        continue;
+      in = true;
+      if (!j->commit)
+        continue;               /* a pull's target itself */
+    }
+    if (l->ops->map (l, pos, *len, len, st) == -1)
+      return -1;
+    if (*len == 0)
+      *len = max;
+    if (*st != LAYER_ABSENT)
+      return 0;
+  }
+  return 0;
+}
+
+static bool
+all_zero (const char *p, uint64_t n)
+{
+  return n == 0 || (p[0] == 0 && memcmp (p, p + 1, n - 1) == 0);
+}
+
+/* Commit: write the view at top over [pos, pos+len) into the target,
+ * where the merged layers hold something. */
+static int
+commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
+{
+  struct cow_disk *d = j->d;
+  const struct layer_below *tb = below_of (d, j->target);
+  const struct layer_below *topb = below_of (d, j->top);
+  uint64_t end = pos + len;
+
+  while (pos < end) {
+    uint64_t n;
+    enum layer_status st;
+
+    if (range_status (j, pos, end - pos, &n, &st) == -1)
+      return -1;
+    if (n > JOB_CHUNK)
+      n = JOB_CHUNK;
+    if (st == LAYER_DATA) {
+      if (j->top->ops->read (j->top, j->buf, (uint32_t) n, pos, topb) == -1
+          || j->target->ops->write (j->target, j->buf, (uint32_t) n, pos,
+                                    tb) == -1)
+        return -1;
+    }
+    else if (st == LAYER_ZERO) {
+      if (j->target->ops->zero (j->target, (uint32_t) n, pos, false,
+                                tb) == -1)
+        return -1;
+    }
+    if (count && st != LAYER_ABSENT)
+      add_done (j, n);
+    pos += n;
+  }
+  return 0;
+}
+
+/* Pull: fill what the target does not hold over [pos, pos+len) with
+ * what it reads from below, where the merged layers hold something. */
+static int
+pull_range (struct cow_job *j, uint64_t pos, uint64_t len)
+{
+  struct cow_disk *d = j->d;
+  struct layer *x = j->target;
+  const struct layer_below *xb = below_of (d, x);
+  uint64_t c = qcow2_cluster_size (x), end = pos + len;
+  bool v3 = qcow2_version (x) >= 3;
+
+  while (pos < end) {
+    uint64_t n, m, a, b;
+    enum layer_status st;
+
+    if (x->ops->map (x, pos, end - pos, &n, &st) == -1)
+      return -1;
+    if (st != LAYER_ABSENT) {
+      pos += n;
+      continue;
+    }
+    if (range_status (j, pos, n, &m, &st) == -1)
+      return -1;
+    if (m > JOB_CHUNK)
+      m = JOB_CHUNK;
+    /* Whole target clusters (rounding only ever copies what the target
+     * would read there anyway). */
+    a = pos & ~(c - 1);
+    b = (pos + m + c - 1) & ~(c - 1);
+    if (b > d->size)
+      b = d->size;
+    if (st == LAYER_ZERO && j->bk == BASE_NONE)
+      ;                         /* reads zero without a backing anyway */
+    else if (st == LAYER_ZERO && v3 && a == pos
+             && (b == pos + m || pos + m == d->size)) {
+      if (qcow2_layer_populate (x, NULL, (uint32_t) (b - a), a) == -1)
+        return -1;
+    }
+    else if (st != LAYER_ABSENT && xb->read) {
+      if (xb->read (xb->opaque, j->buf, (uint32_t) (b - a), a) == -1)
+        return -1;
+      if (!(j->bk == BASE_NONE && all_zero (j->buf, b - a))
+          && qcow2_layer_populate (x, j->buf, (uint32_t) (b - a), a) == -1)
+        return -1;
+    }
+    if (st != LAYER_ABSENT)
+      add_done (j, m);
+    pos += m;
+  }
+  return 0;
+}
+
+/* Bytes the merged layers hold (the job's total). */
+static int
+measure (struct cow_job *j, uint64_t *total)
+{
+  struct cow_disk *d = j->d;
+  uint64_t pos = 0;
+
+  *total = 0;
+  while (pos < d->size) {
+    uint64_t n;
+    enum layer_status st;
+    int r;
+
+    pthread_rwlock_rdlock (&d->chain_lock);
+    r = range_status (j, pos, d->size - pos, &n, &st);
+    pthread_rwlock_unlock (&d->chain_lock);
+    if (r == -1)
+      return -1;
+    if (st != LAYER_ABSENT)
+      *total += n;
+    pos += n;
+  }
+  return 0;
+}
+
+/* One pass over the whole disk, a chunk at a time. */
+static int
+copy_all (struct cow_job *j)
+{
+  struct cow_disk *d = j->d;
+  bool half = false;
+
+  for (uint64_t pos = 0; pos < d->size; pos += JOB_CHUNK) {
+    uint64_t len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
+    int r;
+
+    if (job_yield (j) == -1)
+      return -2;
+    pthread_rwlock_rdlock (&d->chain_lock);
+    r = j->commit ? commit_range (j, pos, len, true) : pull_range (j, pos, len);
+    pthread_rwlock_unlock (&d->chain_lock);
+    if (r == -1)
+      return -1;
+    if (!half && j->done * 2 >= j->total && j->total > 0) {
+      half = true;
+      stop_at (j, "mid-copy");
+    }
+  }
+  return 0;
+}
+
+/*----------------------------------------------------------------------
+ * Active commit: the clusters the guest changes meanwhile.
+ */
+
+void
+job_mark_dirty (struct cow_disk *d, uint64_t offset, uint64_t count)
+{
+  uint64_t c = d->cluster_size;
+  uint64_t first = offset / c, last = count ? (offset + count - 1) / c : first;
+
+  for (uint64_t i = first; i <= last; i++)
+    __atomic_or_fetch (&d->dirty_map[i / 64], 1ull << (i % 64), __ATOMIC_RELEASE);
+}
+
+static size_t
+dirty_words (struct cow_disk *d)
+{
+  uint64_t clusters = (d->size + d->cluster_size - 1) / d->cluster_size;
+  return (size_t) ((clusters + 63) / 64);
+}
+
+static uint64_t
+dirty_bytes (struct cow_disk *d)
+{
+  uint64_t n = 0;
+
+  for (size_t i = 0; i < dirty_words (d); i++)
+    n += (uint64_t) __builtin_popcountll (__atomic_load_n (&d->dirty_map[i],
+                                                           __ATOMIC_ACQUIRE));
+  return n * d->cluster_size;
+}
+
+/* Copy the clusters marked dirty (clearing the marks first).  locked:
+ * the caller holds chain_lock exclusive; else it is taken per word. */
+static int
+copy_dirty (struct cow_job *j, bool locked)
+{
+  struct cow_disk *d = j->d;
+  uint64_t c = d->cluster_size;
+
+  for (size_t w = 0; w < dirty_words (d); w++) {
+    uint64_t bits = __atomic_exchange_n (&d->dirty_map[w], 0, __ATOMIC_ACQ_REL);
+    int r = 0;
+
+    if (bits == 0)
+      continue;
+    if (!locked) {
+      if (job_yield (j) == -1) {
+        __atomic_or_fetch (&d->dirty_map[w], bits, __ATOMIC_RELEASE);
+        return -2;
+      }
+      pthread_rwlock_rdlock (&d->chain_lock);
+    }
+    for (unsigned b = 0; b < 64 && r == 0; b++)
+      if (bits & (1ull << b)) {
+        uint64_t pos = ((uint64_t) w * 64 + b) * c;
+        uint64_t len = pos + c > d->size ? d->size - pos : c;
+        r = commit_range (j, pos, len, false);
+      }
+    if (!locked)
+      pthread_rwlock_unlock (&d->chain_lock);
+    if (r == -1)
+      return -1;
+  }
+  return 0;
+}
+
+static void
+stop_tracking (struct cow_disk *d)
+{
+  pthread_rwlock_wrlock (&d->chain_lock);
+  __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
+  pthread_rwlock_unlock (&d->chain_lock);
+  free (d->dirty_map);
+  d->dirty_map = NULL;
+}
+
+/*----------------------------------------------------------------------
+ * The last step (caller holds admin_lock).
+ */
+
+static void
+close_and_unlink (struct cow_disk *d, struct layer **ls, size_t k,
+                  char **files, size_t nf)
+{
+  for (size_t i = 0; i < k; i++)
+    ls[i]->ops->close (ls[i]);
+  for (size_t i = 0; i < nf; i++) {
+    unlink_layer (d, files[i]);
+    free (files[i]);
+  }
+}
+
+/* Copy the file names of manifest [from, to]. */
+static char **
+names_of (struct cow_disk *d, long from, long to)
+{
+  char **v = calloc ((size_t) (to - from + 2), sizeof *v);
+
+  if (v == NULL)
+    return NULL;
+  for (long i = from; i <= to; i++)
+    if ((v[i - from] = strdup (d->man.layers[i].file)) == NULL) {
+      for (long k = from; k < i; k++)
+        free (v[k - from]);
+      free (v);
+      return NULL;
+    }
+  return v;
+}
+
+/* The backing name for layer l (manifest index i) over manifest index b,
+ * the original base (IDX_BASE) or nothing. */
+static int
+rebase_header (struct cow_disk *d, struct layer *l, long b, enum base_kind bk)
+{
+  char *name = NULL;
+  int r;
+
+  if (bk == BASE_NONE)
+    return qcow2_set_backing (l, NULL, NULL);
+  if (bk == BASE_LAYER)
+    return qcow2_set_backing (l, d->man.layers[b].file, "qcow2");
+  name = nbd_is_uri (d->man.base) ? strdup (d->man.base)
+    : backing_name_for (l->path, d->man.base);
+  if (name == NULL) {
+    cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
+    return -1;
+  }
+  r = qcow2_set_backing (l, name, d->man.base_format);
+  free (name);
+  return r;
+}
+
+/* Commit of a frozen top: base holds the view at top; the layers above
+ * base up to top leave; the layer above top backs onto base. */
+static int
+switch_commit (struct cow_job *j)
+{
+  struct cow_disk *d = j->d;
+  long t = index_of (d, j->top);
+  long b = j->bk == BASE_LAYER ? index_of (d, j->base_layer) : IDX_BASE;
+  struct layer *above = layer_at (d, (size_t) t + 1);
+  struct layer *gone[COW_MAX_DEPTH];
+  struct manifest next;
+  char **files;
+  size_t k = (size_t) (t - b);
+  int r;
+
+  if (j->target->ops->flush (j->target) == -1)
+    return -1;
+  if (manifest_copy (&next, &d->man) == -1)
+    return -1;
+  files = names_of (d, b + 1, t);
+  if (files == NULL) {
+    cow_error_errno ("names");
+    manifest_free (&next);
+    return -1;
+  }
+  if (b >= 0) {
+    struct manifest_layer *nb = &next.layers[b], *nt = &next.layers[t];
+    free (nb->snapshot);
+    free (nb->description);
+    nb->snapshot = nt->snapshot;
+    nb->description = nt->description;
+    nb->created = nt->created;
+    nt->snapshot = nt->description = NULL;
+  }
+  manifest_cut (&next, (size_t) (b + 1), (size_t) t);
+  if (manifest_save (d->state_dir, &next) == -1) {
+    manifest_free (&next);
+    for (size_t i = 0; i < k; i++)
+      free (files[i]);
+    free (files);
+    return -1;
+  }
+  stop_at (j, "after-manifest");
+  pthread_rwlock_wrlock (&d->chain_lock);
+  drop_lower (d, lower_index (d, j->top), k, gone);
+  link_chain (d);
+  pthread_rwlock_unlock (&d->chain_lock);
+  manifest_free (&d->man);
+  d->man = next;
+  /* A failure here is repaired at the next open. */
+  r = rebase_header (d, above, b, j->bk);
+  (void) r;
+  close_and_unlink (d, gone, k, files, k);
+  free (files);
+  return 0;
+}
+
+/* Active commit: the final copy, flush and manifest under the exclusive
+ * chain lock; base becomes the active layer (or, committing into the
+ * original base, a new empty layer on it does). */
+static int
+switch_active_commit (struct cow_job *j)
+{
+  struct cow_disk *d = j->d;
+  long n = (long) d->man.n_layers;
+  long b = j->bk == BASE_LAYER ? index_of (d, j->base_layer) : IDX_BASE;
+  struct layer *gone[COW_MAX_DEPTH + 1], *nl = NULL;
+  struct manifest next;
+  char *nfile = NULL, **files;
+  size_t k = (size_t) (n - 1 - b);
+  uint64_t t0;
+  int r;
+
+  files = names_of (d, b + 1, n - 1);
+  if (files == NULL) {
+    cow_error_errno ("names");
+    return -1;
+  }
+  if (manifest_copy (&next, &d->man) == -1)
+    goto err_files;
+  manifest_cut (&next, (size_t) (b + 1), (size_t) (n - 1));
+  if (b == IDX_BASE) {
+    nfile = new_layer_name (d, &d->man);
+    if (nfile == NULL
+        || manifest_push (&next, nfile, wall_now (), NULL, NULL) == -1
+        || (nl = create_layer (d, nfile, NULL)) == NULL)
+      goto err_next;
+  }
+  pthread_rwlock_wrlock (&d->chain_lock);
+  t0 = now_ns ();
+  r = copy_dirty (j, true);
+  if (r == 0)
+    r = j->target->ops->flush (j->target);
+  if (r == 0)
+    r = manifest_save (d->state_dir, &next);
+  if (r != 0) {
+    pthread_rwlock_unlock (&d->chain_lock);
+    goto err_next;
+  }
+  __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
+  /* gone: the old top, the frozen layers above base (and base itself,
+   * last, which becomes the top: it is not closed). */
+  gone[0] = d->top;
+  if (b >= 0) {
+    drop_lower (d, 0, (size_t) (n - 1 - b), gone + 1);
+    d->top = j->target;
+  }
+  else {
+    drop_lower (d, 0, d->n_frozen, gone + 1);
+    d->top = nl;
+  }
+  link_chain (d);
+  d->last_pause_ns = now_ns () - t0;
+  pthread_rwlock_unlock (&d->chain_lock);
+  free (d->dirty_map);
+  d->dirty_map = NULL;
+  manifest_free (&d->man);
+  d->man = next;
+  close_and_unlink (d, gone, k, files, k);
+  free (files);
+  free (nfile);
+  return 0;
+
+ err_next:
+  manifest_free (&next);
+  if (nl) {
+    nl->ops->close (nl);
+    unlink_layer (d, nfile);
+  }
+  free (nfile);
+ err_files:
+  for (size_t i = 0; i < k; i++)
+    free (files[i]);
+  free (files);
+  return -1;
+}
+
+/* Pull into target: the layers between it and its new backing leave. */
+static int
+switch_pull (struct cow_job *j)
+{
+  struct cow_disk *d = j->d;
+  long x = index_of (d, j->target);
+  long b = j->bk == BASE_LAYER ? index_of (d, j->base_layer) : IDX_BASE;
+  struct layer *gone[COW_MAX_DEPTH];
+  struct manifest next;
+  char **files;
+  size_t k = (size_t) (x - 1 - b), nb = 0;
+
+  if (j->target->ops->flush (j->target) == -1)
+    return -1;
+  if (manifest_copy (&next, &d->man) == -1)
+    return -1;
+  files = k ? names_of (d, b + 1, x - 1) : calloc (1, sizeof (char *));
+  if (files == NULL) {
+    cow_error_errno ("names");
+    manifest_free (&next);
+    return -1;
+  }
+  if (k)
+    manifest_cut (&next, (size_t) (b + 1), (size_t) (x - 1));
+  if (j->bk == BASE_NONE) {
+    free (next.base);
+    free (next.base_format);
+    next.base = next.base_format = NULL;
+    next.no_base = true;
+  }
+  if (manifest_save (d->state_dir, &next) == -1) {
+    manifest_free (&next);
+    for (size_t i = 0; i < k; i++)
+      free (files[i]);
+    free (files);
+    return -1;
+  }
+  stop_at (j, "after-manifest");
+  pthread_rwlock_wrlock (&d->chain_lock);
+  {
+    size_t from = j->target == d->top ? 0 : lower_index (d, j->target) + 1;
+    drop_lower (d, from, k, gone);
+    if (j->bk == BASE_NONE) {
+      nb = d->n_lower - d->n_frozen;
+      drop_lower (d, d->n_frozen, nb, gone + k);
+    }
+  }
+  link_chain (d);
+  pthread_rwlock_unlock (&d->chain_lock);
+  /* rebase_header reads the base from the old manifest. */
+  rebase_header (d, j->target, b, j->bk);
+  manifest_free (&d->man);
+  d->man = next;
+  close_and_unlink (d, gone, k + nb, files, k);
+  free (files);
+  return 0;
+}
+
+/*----------------------------------------------------------------------
+ * The job thread.
+ */
+
+static int
+run_copy (struct cow_job *j)
+{
+  struct cow_disk *d = j->d;
+  int r;
+
+  /* A chunk, rounded out to target clusters of up to 2 MiB. */
+  j->buf = malloc (JOB_CHUNK + (4u << 20));
+  if (j->buf == NULL) {
+    cow_error_errno ("malloc");
+    return -1;
+  }
+  pthread_mutex_lock (&d->job_lock);
+  j->window_t0 = j->rate_t0 = now_ns ();
+  pthread_mutex_unlock (&d->job_lock);
+  stop_at (j, "before-copy");
+  r = copy_all (j);
+  if (r != 0 || !j->active)
+    return r;
+  /* Active commit: go over what the guest changed until little is left. */
+  for (int pass = 0; pass < MAX_DIRTY_PASSES; pass++) {
+    if (dirty_bytes (d) <= FINAL_DIRTY_BYTES)
+      break;
+    r = copy_dirty (j, false);
+    if (r != 0)
+      return r;
+  }
+  return 0;
+}
+
+static void finish_locked (struct cow_job *j, int r);
+static bool next_auto_job (struct cow_disk *d);
+
+static void *
+job_thread (void *arg)
+{
+  struct cow_disk *d = arg;
+
+  for (;;) {
+    struct cow_job *j = d->job;
+    int r = run_copy (j);
+
+    if (r == 0)
+      stop_at (j, "before-switch");
+    pthread_mutex_lock (&d->admin_lock);
+    if (r == 0) {
+      r = j->commit ? (j->active ? switch_active_commit (j)
+                       : switch_commit (j))
+        : switch_pull (j);
+    }
+    finish_locked (j, r);
+    if (r != 0 || !next_auto_job (d)) {
+      pthread_mutex_unlock (&d->admin_lock);
+      return NULL;
+    }
+    pthread_mutex_unlock (&d->admin_lock);
+  }
+}
+
+/* The job's end: state, message, and the target back to frozen. */
+static void
+finish_locked (struct cow_job *j, int r)
+{
+  struct cow_disk *d = j->d;
+  char *msg = NULL;
+  int err = 0;
+
+  if (r == -1) {
+    err = cow_last_errno () ? cow_last_errno () : EIO;
+    msg = strdup (cow_last_error ());
+  }
+  if (j->active && d->dirty_map)
+    stop_tracking (d);
+  /* Under the chain, the target takes no more writes. */
+  if (layer_is_qcow2 (j->target) && j->target != d->top)
+    qcow2_mark_frozen (j->target);
+  pthread_mutex_lock (&d->job_lock);
+  j->state = r == 0 ? COW_JOB_COMPLETED
+    : r == -2 ? COW_JOB_CANCELLED : COW_JOB_FAILED;
+  j->err = r == 0 ? 0 : r == -2 ? ECANCELED : err;
+  j->msg = r == -2 ? strdup ("the job was cancelled") : msg;
+  if (r == -2)
+    free (msg);
+  j->ended = wall_now ();
+  if (r == 0)
+    j->done = j->total;
+  free (j->buf);
+  j->buf = NULL;
+  pthread_cond_broadcast (&d->job_cond);
+  pthread_mutex_unlock (&d->job_lock);
+}
+
+/*----------------------------------------------------------------------
+ * Starting jobs (caller holds admin_lock).
+ */
+
+bool
+job_busy (struct cow_disk *d, const char *what)
+{
+  bool busy;
+
+  pthread_mutex_lock (&d->job_lock);
+  busy = d->job && (d->job->state == COW_JOB_RUNNING
+                    || d->job->state == COW_JOB_PAUSED);
+  if (busy)
+    cow_error_set (EBUSY, "%s: a %s job (top %s, base %s) is running on this "
+                   "disk; wait for it or cancel it before %s", d->state_dir,
+                   cow_job_kind_name (d->job->kind), d->job->top_name,
+                   d->job->base_name, what);
+  pthread_mutex_unlock (&d->job_lock);
+  return busy;
+}
+
+bool
+job_active_commit (struct cow_disk *d)
+{
+  bool busy;
+
+  pthread_mutex_lock (&d->job_lock);
+  busy = d->job && d->job->active && (d->job->state == COW_JOB_RUNNING
+                                      || d->job->state == COW_JOB_PAUSED);
+  if (busy)
+    cow_error_set (EBUSY, "%s: an active commit is running on this disk; "
+                   "wait for it or cancel it before taking a snapshot",
+                   d->state_dir);
+  pthread_mutex_unlock (&d->job_lock);
+  return busy;
+}
+
+static struct cow_job *
+new_job (struct cow_disk *d, enum cow_job_kind kind, const char *top,
+         const char *base, uint64_t speed)
+{
+  struct cow_job *j = calloc (1, sizeof *j);
+
+  if (j == NULL || (j->top_name = strdup (top)) == NULL
+      || (j->base_name = strdup (base)) == NULL) {
+    cow_error_errno ("calloc");
+    free_job (j);
+    return NULL;
+  }
+  j->d = d;
+  j->kind = kind;
+  j->state = COW_JOB_RUNNING;
+  j->speed = speed;
+  j->started = wall_now ();
+  j->stop_at = getenv ("COWCHAIN_JOB_STOP_AT");
+  return j;
+}
+
+/* Make the target writable; under the exclusive chain lock so that no
+ * read runs its lock-free frozen path meanwhile. */
+static int
+open_target (struct cow_disk *d, struct cow_job *j)
+{
+  int r;
+
+  if (j->target->ops->reopen_rw == NULL) {
+    cow_error_set (ENOTSUP, "%s: a %s base cannot be written", j->target->path,
+                   j->target->ops->kind);
+    return -1;
+  }
+  j->target_was_frozen = j->target != d->top;
+  pthread_rwlock_wrlock (&d->chain_lock);
+  r = j->target->ops->reopen_rw (j->target);
+  pthread_rwlock_unlock (&d->chain_lock);
+  return r;
+}
+
+/* Install j as the disk's job and run it (on a new thread unless called
+ * from the job thread itself). */
+static int
+launch (struct cow_disk *d, struct cow_job *j, bool from_thread)
+{
+  int e;
+
+  if (j->active) {
+    d->dirty_map = calloc (dirty_words (d), sizeof (uint64_t));
+    if (d->dirty_map == NULL) {
+      cow_error_errno ("dirty bitmap");
+      free_job (j);
+      return -1;
+    }
+    __atomic_store_n (&d->track_dirty, true, __ATOMIC_RELEASE);
+  }
+  if (measure (j, &j->total) == -1) {
+    if (j->active)
+      stop_tracking (d);
+    free_job (j);
+    return -1;
+  }
+  if (!from_thread && d->job_thread_joinable) {
+    /* The last job's thread has ended its work and released admin_lock
+     * for good (it ends while holding it, see job_thread). */
+    pthread_join (d->job_thread, NULL);
+    d->job_thread_joinable = false;
+  }
+  pthread_mutex_lock (&d->job_lock);
+  free_job (d->job);
+  d->job = j;
+  pthread_mutex_unlock (&d->job_lock);
+  if (from_thread)
+    return 0;
+  e = pthread_create (&d->job_thread, NULL, job_thread, d);
+  if (e) {
+    if (j->active)
+      stop_tracking (d);
+    pthread_mutex_lock (&d->job_lock);
+    j->state = COW_JOB_FAILED;
+    j->err = e;
+    j->msg = strdup ("cannot start the job thread");
+    pthread_mutex_unlock (&d->job_lock);
+    cow_error_set (e, "cannot start the job thread");
+    return -1;
+  }
+  d->job_thread_joinable = true;
+  return 0;
+}
+
+static int
+check_state_disk (struct cow_disk *d)
+{
+  if (d->state_dir == NULL) {
+    cow_error_set (ENOTSUP, "merges need a state directory (state=), not a "
+                   "plain overlay");
+    return -1;
+  }
+  if (d->top->readonly) {
+    cow_error_set (EROFS, "%s: the disk is open read-only", d->state_dir);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+start_commit (struct cow_disk *d, const struct cow_job_opts *o)
+{
+  long n = (long) d->man.n_layers, t, b;
+  struct cow_job *j;
+
+  if (o->top == NULL) {
+    cow_error_set (EINVAL, "commit needs --top");
+    return -1;
+  }
+  if (resolve (d, o->top, &t) == -1)
+    return -1;
+  if (t == IDX_BASE) {
+    cow_error_set (EINVAL, "%s: the base cannot be the top of a commit",
+                   d->state_dir);
+    return -1;
+  }
+  if (o->base) {
+    if (resolve (d, o->base, &b) == -1)
+      return -1;
+  }
+  else
+    b = t - 1;
+  if (b == IDX_BASE && d->man.no_base) {
+    cow_error_set (EINVAL, "%s: '%s' is the bottom layer and the disk has "
+                   "no base: nothing to commit into", d->state_dir, o->top);
+    return -1;
+  }
+  if (b >= t) {
+    cow_error_set (EINVAL, "%s: base '%s' is not below top '%s'",
+                   d->state_dir, word_of (d, b), word_of (d, t));
+    return -1;
+  }
+  if (b == IDX_BASE && !o->allow_base_write) {
+    cow_error_set (EPERM, "%s: committing into the original base '%s' "
+                   "changes it for every disk that uses it; add "
+                   "--allow-base-write", d->state_dir, d->man.base);
+    return -1;
+  }
+  if (check_lost (d, b, t - 1, o->force, "this commit") == -1)
+    return -1;
+  j = new_job (d, COW_JOB_COMMIT, d->man.layers[t].file,
+               b == IDX_BASE ? "base" : d->man.layers[b].file, o->speed);
+  if (j == NULL)
+    return -1;
+  j->commit = true;
+  j->active = t == n - 1;
+  j->top = layer_at (d, (size_t) t);
+  j->bk = b == IDX_BASE ? BASE_ORIG : BASE_LAYER;
+  j->base_layer = b == IDX_BASE ? NULL : layer_at (d, (size_t) b);
+  j->target = b == IDX_BASE ? d->lower[d->n_frozen].l : j->base_layer;
+  /* From the first write into base on, the states seen at base and at
+   * the layers between it and top change: their names go now. */
+  if (open_target (d, j) == -1 || drop_names (d, b, t - 1) == -1) {
+    if (j->target_was_frozen && layer_is_qcow2 (j->target))
+      qcow2_mark_frozen (j->target);
+    free_job (j);
+    return -1;
+  }
+  return launch (d, j, false);
+}
+
+/* A pull into manifest layer x over b (IDX_BASE with bk). */
+static struct cow_job *
+make_pull (struct cow_disk *d, enum cow_job_kind kind, long x, long b,
+           enum base_kind bk, uint64_t speed)
+{
+  struct cow_job *j = new_job (d, kind, d->man.layers[x].file,
+                               bk == BASE_LAYER ? d->man.layers[b].file
+                               : bk == BASE_ORIG ? "base" : "none", speed);
+
+  if (j == NULL)
+    return NULL;
+  j->bk = bk;
+  j->target = j->top = layer_at (d, (size_t) x);
+  j->base_layer = bk == BASE_LAYER ? layer_at (d, (size_t) b) : NULL;
+  if (open_target (d, j) == -1) {
+    free_job (j);
+    return NULL;
+  }
+  return j;
+}
+
+static int
+start_pull (struct cow_disk *d, const struct cow_job_opts *o)
+{
+  long n = (long) d->man.n_layers, b;
+  enum base_kind bk;
+  struct cow_job *j;
+
+  if (o->base) {
+    if (resolve (d, o->base, &b) == -1)
+      return -1;
+    bk = b == IDX_BASE ? BASE_ORIG : BASE_LAYER;
+    if (b == n - 1) {
+      cow_error_set (EINVAL, "%s: '%s' is the active layer; pull needs a "
+                     "base below it", d->state_dir, o->base);
+      return -1;
+    }
+  }
+  else {
+    b = IDX_BASE;
+    bk = BASE_NONE;
+  }
+  if ((b == n - 2 || (b == IDX_BASE && n == 1))
+      && !(bk == BASE_NONE && !d->man.no_base)) {
+    cow_error_set (EINVAL, "%s: nothing to pull: the active layer already "
+                   "backs onto %s", d->state_dir,
+                   bk == BASE_NONE ? "nothing" : word_of (d, b));
+    return -1;
+  }
+  if (check_lost (d, b + 1, n - 2, o->force, "this pull") == -1)
+    return -1;
+  j = make_pull (d, COW_JOB_PULL, n - 1, b, bk, o->speed);
+  return j ? launch (d, j, false) : -1;
+}
+
+/* The merge that removes frozen manifest layer l: pulled into the layer
+ * above it. */
+static struct cow_job *
+make_delete (struct cow_disk *d, long l, uint64_t speed)
+{
+  enum base_kind bk = l > 0 ? BASE_LAYER
+    : d->man.no_base ? BASE_NONE : BASE_ORIG;
+
+  return make_pull (d, COW_JOB_DELETE, l + 1, l - 1, bk, speed);
+}
+
+static int
+start_delete (struct cow_disk *d, const char *name,
+              const struct cow_job_opts *o)
+{
+  long n = (long) d->man.n_layers, l;
+  struct cow_job *j;
+
+  if (resolve (d, name, &l) == -1)
+    return -1;
+  if (l == IDX_BASE || l == n - 1) {
+    cow_error_set (EINVAL, "%s: '%s' is not a snapshot (the %s cannot be "
+                   "deleted)", d->state_dir, name,
+                   l == IDX_BASE ? "base" : "active layer");
+    return -1;
+  }
+  if (drop_names (d, l, l) == -1)
+    return -1;
+  j = make_delete (d, l, o ? o->speed : 0);
+  if (j == NULL)
+    return -1;
+  free (j->top_name);
+  j->top_name = strdup (name);
+  if (j->top_name == NULL) {
+    cow_error_errno ("strdup");
+    free_job (j);
+    return -1;
+  }
+  return launch (d, j, false);
+}
+
+/* The oldest frozen layer without a name, if the chain is too deep. */
+static long
+auto_candidate (struct cow_disk *d)
+{
+  if (d->max_depth == 0 || d->state_dir == NULL
+      || d->man.n_layers <= d->max_depth)
+    return -1;
+  for (size_t i = 0; i + 1 < d->man.n_layers; i++)
+    if (d->man.layers[i].snapshot == NULL)
+      return (long) i;
+  return -1;
+}
+
+static bool
+next_auto_job (struct cow_disk *d)
+{
+  long l = auto_candidate (d);
+  struct cow_job *j;
+
+  if (l < 0)
+    return false;
+  j = make_delete (d, l, 0);
+  return j && launch (d, j, true) == 0;
+}
+
+void
+job_check_depth (struct cow_disk *d)
+{
+  long l;
+  struct cow_job *j;
+
+  if (job_busy (d, "another merge"))
+    return;
+  l = auto_candidate (d);
+  if (l < 0)
+    return;
+  j = make_delete (d, l, 0);
+  if (j)
+    launch (d, j, false);
+}
+
+/*----------------------------------------------------------------------
+ * Public API.
+ */
+
+typedef int (*start_fn) (struct cow_disk *d, const struct cow_job_opts *o);
+
+static int
+start_locked (struct cow_disk *d, start_fn fn, const struct cow_job_opts *o,
+              const char *verb)
+{
+  int r = -1;
+
+  if (check_state_disk (d) == -1)
+    return -1;
+  pthread_mutex_lock (&d->admin_lock);
+  if (!job_busy (d, verb))
+    r = fn (d, o);
+  pthread_mutex_unlock (&d->admin_lock);
+  return r;
+}
+
+int
+cow_disk_commit (struct cow_disk *d, const struct cow_job_opts *o)
+{
+  return start_locked (d, start_commit, o, "starting a commit");
+}
+
+int
+cow_disk_pull (struct cow_disk *d, const struct cow_job_opts *o)
+{
+  return start_locked (d, start_pull, o, "starting a pull");
+}
+
+int
+cow_disk_delete (struct cow_disk *d, const char *name,
+                 const struct cow_job_opts *o)
+{
+  int r = -1;
+
+  if (check_state_disk (d) == -1)
+    return -1;
+  pthread_mutex_lock (&d->admin_lock);
+  if (!job_busy (d, "deleting a snapshot"))
+    r = start_delete (d, name, o);
+  pthread_mutex_unlock (&d->admin_lock);
+  return r;
+}
+
+int
+cow_disk_job_info (struct cow_disk *d, struct cow_job_info *out)
+{
+  struct cow_job *j;
+
+  memset (out, 0, sizeof *out);
+  pthread_mutex_lock (&d->job_lock);
+  j = d->job;
+  if (j) {
+    out->kind = j->kind;
+    out->state = j->state;
+    out->top = strdup (j->top_name);
+    out->base = strdup (j->base_name);
+    out->done = j->done;
+    out->total = j->total;
+    out->speed = j->speed;
+    out->rate = j->state == COW_JOB_RUNNING ? j->rate : 0;
+    out->started = j->started;
+    out->ended = j->ended;
+    out->error = j->err;
+    out->message = j->msg ? strdup (j->msg) : NULL;
+  }
+  pthread_mutex_unlock (&d->job_lock);
+  if (j && (out->top == NULL || out->base == NULL
+            || (j->msg && out->message == NULL))) {
+    cow_job_info_clear (out);
+    cow_error_errno ("job info");
+    return -1;
+  }
+  return 0;
+}
+
+void
+cow_job_info_clear (struct cow_job_info *i)
+{
+  free (i->top);
+  free (i->base);
+  free (i->message);
+  memset (i, 0, sizeof *i);
+}
+
+const char *
+cow_job_kind_name (enum cow_job_kind k)
+{
+  switch (k) {
+  case COW_JOB_COMMIT: return "commit";
+  case COW_JOB_PULL: return "pull";
+  case COW_JOB_DELETE: return "delete";
+  }
+  return "none";
+}
+
+const char *
+cow_job_state_name (enum cow_job_state s)
+{
+  switch (s) {
+  case COW_JOB_NONE: return "none";
+  case COW_JOB_RUNNING: return "running";
+  case COW_JOB_PAUSED: return "paused";
+  case COW_JOB_COMPLETED: return "completed";
+  case COW_JOB_FAILED: return "failed";
+  case COW_JOB_CANCELLED: return "cancelled";
+  }
+  return "none";
+}
+
+/* Apply a control to the running job. */
+static int
+control (struct cow_disk *d, int what, uint64_t speed)
+{
+  struct cow_job *j;
+  int r = 0;
+
+  pthread_mutex_lock (&d->job_lock);
+  j = d->job;
+  if (j == NULL || (j->state != COW_JOB_RUNNING
+                    && j->state != COW_JOB_PAUSED)) {
+    cow_error_set (ENOENT, "%s: no job is running on this disk",
+                   d->state_dir ? d->state_dir : d->top->path);
+    r = -1;
+  }
+  else {
+    switch (what) {
+    case 0: j->pause_req = true; break;
+    case 1: j->pause_req = false; break;
+    case 2: j->cancel_req = true; break;
+    case 3:
+      j->speed = speed;
+      j->window_t0 = now_ns ();
+      j->window_done = j->done;
+      break;
+    }
+    pthread_cond_broadcast (&d->job_cond);
+    /* A pause is reported once the copy has stopped between chunks. */
+    while (what == 0 && j->state == COW_JOB_RUNNING && j->pause_req)
+      pthread_cond_wait (&d->job_cond, &d->job_lock);
+  }
+  pthread_mutex_unlock (&d->job_lock);
+  return r;
+}
+
+int cow_disk_job_pause (struct cow_disk *d) { return control (d, 0, 0); }
+int cow_disk_job_resume (struct cow_disk *d) { return control (d, 1, 0); }
+int cow_disk_job_cancel (struct cow_disk *d) { return control (d, 2, 0); }
+
+int
+cow_disk_job_set_speed (struct cow_disk *d, uint64_t speed)
+{
+  return control (d, 3, speed);
+}
+
+int
+cow_disk_job_wait (struct cow_disk *d)
+{
+  struct cow_job *j;
+  int r = 0;
+
+  pthread_mutex_lock (&d->job_lock);
+  for (;;) {
+    j = d->job;
+    if (j == NULL || (j->state != COW_JOB_RUNNING
+                      && j->state != COW_JOB_PAUSED))
+      break;
+    pthread_cond_wait (&d->job_cond, &d->job_lock);
+  }
+  if (j && j->state != COW_JOB_COMPLETED) {
+    cow_error_set (j->err ? j->err : EIO, "%s job failed: %s",
+                   cow_job_kind_name (j->kind), j->msg ? j->msg : "unknown");
+    r = -1;
+  }
+  pthread_mutex_unlock (&d->job_lock);
+  return r;
+}
+
+void
+cow_disk_set_max_depth (struct cow_disk *d, unsigned n)
+{
+  pthread_mutex_lock (&d->admin_lock);
+  d->max_depth = n;
+  job_check_depth (d);
+  pthread_mutex_unlock (&d->admin_lock);
+}
+
+void
+job_disk_init (struct cow_disk *d)
+{
+  pthread_mutex_init (&d->job_lock, NULL);
+  pthread_cond_init (&d->job_cond, NULL);
+}
+
+void
+job_disk_stop (struct cow_disk *d)
+{
+  pthread_mutex_lock (&d->job_lock);
+  if (d->job)
+    d->job->cancel_req = true;
+  pthread_cond_broadcast (&d->job_cond);
+  pthread_mutex_unlock (&d->job_lock);
+  if (d->job_thread_joinable) {
+    pthread_join (d->job_thread, NULL);
+    d->job_thread_joinable = false;
+  }
+}
+
+void
+job_disk_destroy (struct cow_disk *d)
+{
+  free_job (d->job);
+  d->job = NULL;
+  free (d->dirty_map);
+  pthread_mutex_destroy (&d->job_lock);
+  pthread_cond_destroy (&d->job_cond);
+}
