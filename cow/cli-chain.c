@@ -514,7 +514,8 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
       continue;
     name = w[1][0] ? w[1] : "(default)";
     if (status && k == 5)
-      printf (" %-10s %-6s %-45s %s\n", name, w[4], w[2], w[3]);
+      printf (" %-10s %-6s %-45s %s\n", name, w[4], w[2],
+              w[3][0] ? w[3] : "(none: self-contained)");
     else if (details)
       printf (" %-8s %-8s %-10s %s\n", "file", "disk", name, w[2]);
     else if (!status)

@@ -181,6 +181,13 @@ data_io_begin (struct qcow2 *q)
 
 static void punch_pending (struct qcow2 *q);
 
+static int
+cmp_u64 (const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+  return x < y ? -1 : x > y;
+}
+
 static void
 data_io_end (struct qcow2 *q)
 {
@@ -207,9 +214,15 @@ punch_pending (struct qcow2 *q)
   pthread_mutex_unlock (&q->lock);
   if (l.len == 0)
     return;
-  for (size_t i = 0; i < l.len; i++)
-    io_punch_hole (q->fd, l.v[i] * cs (q), cs (q));
+  /* One hole per run of neighbouring clusters. */
+  qsort (l.v, l.len, sizeof l.v[0], cmp_u64);
+  for (size_t i = 0, j; i < l.len; i = j) {
+    for (j = i + 1; j < l.len && l.v[j] == l.v[j - 1] + 1; j++)
+      ;
+    io_punch_hole (q->fd, l.v[i] * cs (q), (j - i) * cs (q));
+  }
   pthread_mutex_lock (&q->lock);
+  q->free_ready_sorted = false;
   for (size_t i = 0; i < l.len; i++)
     cluster_list_push (&q->free_ready, l.v[i]);
   pthread_mutex_unlock (&q->lock);
@@ -648,7 +661,8 @@ write_step (struct qcow2 *q, const char *data, uint64_t count, uint64_t offset,
       olds[n] = e;
   }
   qcow2_cache_put (q->l2_cache, l2);
-  host = qcow2_alloc_clusters (q, n);
+  /* Freed clusters first: a shorter run, the rest on the next step. */
+  host = qcow2_alloc_run (q, n, &n);
   if (host == 0)
     goto err_unlock;
   if (inflight_add (q, gc, n) == -1) {
@@ -768,9 +782,10 @@ qcow2_layer_populate (struct layer *l, const void *buf, uint32_t count,
       pthread_mutex_unlock (&q->lock);
       goto next;
     }
-    host = qcow2_alloc_clusters (q, n);
+    host = qcow2_alloc_run (q, n, &n);
     if (host == 0)
       goto err_unlock;
+    len = n * c < count ? n * c : count;
     if (inflight_add (q, gc, n) == -1) {
       qcow2_free_unused (q, host, n);
       goto err_unlock;

@@ -270,13 +270,25 @@ qcow2_refcount_set (struct qcow2 *q, uint64_t cluster, uint64_t ref)
   return 0;
 }
 
+static int
+cmp_desc (const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+  return x > y ? -1 : x < y;
+}
+
 uint64_t
 qcow2_alloc_clusters (struct qcow2 *q, uint64_t n)
 {
   uint64_t start;
 
   if (n == 1 && q->free_ready.len > 0) {
-    uint64_t c = q->free_ready.v[--q->free_ready.len];
+    uint64_t c;
+    if (!q->free_ready_sorted) {
+      qsort (q->free_ready.v, q->free_ready.len, sizeof (uint64_t), cmp_desc);
+      q->free_ready_sorted = true;
+    }
+    c = q->free_ready.v[--q->free_ready.len];
     if (qcow2_refcount_set (q, c, 1) == -1) {
       q->free_ready.len++;
       return 0;
@@ -306,13 +318,45 @@ qcow2_alloc_clusters (struct qcow2 *q, uint64_t n)
   return start * q->cluster_size;
 }
 
+uint64_t
+qcow2_alloc_run (struct qcow2 *q, uint64_t n, uint64_t *got)
+{
+  struct cluster_list *f = &q->free_ready;
+  uint64_t c, k = 1;
+
+  if (f->len == 0) {
+    *got = n;
+    return qcow2_alloc_clusters (q, n);
+  }
+  /* Kept in descending order, so that the lowest cluster is at the end
+   * and its free neighbours come right before it. */
+  if (!q->free_ready_sorted) {
+    qsort (f->v, f->len, sizeof f->v[0], cmp_desc);
+    q->free_ready_sorted = true;
+  }
+  c = f->v[f->len - 1];
+  while (k < n && k < f->len && f->v[f->len - 1 - k] == c + k)
+    k++;
+  for (uint64_t i = 0; i < k; i++)
+    if (qcow2_refcount_set (q, c + i, 1) == -1) {
+      while (i-- > 0)
+        qcow2_refcount_set (q, c + i, 0);
+      return 0;
+    }
+  f->len -= k;
+  *got = k;
+  return c * q->cluster_size;
+}
+
 void
 qcow2_free_unused (struct qcow2 *q, uint64_t host, uint64_t n)
 {
   for (uint64_t i = 0; i < n; i++) {
     uint64_t c = host / q->cluster_size + i;
-    if (qcow2_refcount_set (q, c, 0) == 0)
+    if (qcow2_refcount_set (q, c, 0) == 0) {
+      q->free_ready_sorted = false;
       cluster_list_push (&q->free_ready, c);
+    }
   }
 }
 

@@ -127,6 +127,7 @@ struct qcow2 {
   struct cluster_list free_flushing;   /* being made stable by a flush */
   struct cluster_list free_synced;     /* waiting for I/O to drain */
   struct cluster_list free_ready;      /* free: may be reused */
+  bool free_ready_sorted;              /* descending (see alloc_run) */
   struct cluster_list punch;           /* to punch holes for, unlocked */
 
   /* Data reads and writes running outside the lock on mapped clusters.
@@ -170,6 +171,9 @@ int qcow2_refcount_set (struct qcow2 *q, uint64_t cluster, uint64_t ref);
 /* Allocate n contiguous host clusters (refcount 1); returns host offset or
  * 0 with the last error set. */
 uint64_t qcow2_alloc_clusters (struct qcow2 *q, uint64_t n);
+/* A run of at most n contiguous host clusters, freed ones first (*got
+ * says how many); returns host offset or 0. */
+uint64_t qcow2_alloc_run (struct qcow2 *q, uint64_t n, uint64_t *got);
 /* Return clusters never made visible (their refcount goes back to 0). */
 void qcow2_free_unused (struct qcow2 *q, uint64_t host, uint64_t n);
 /* Queue a cluster dropped by an L2 change (see the top of this file). */
