@@ -10,6 +10,23 @@
 # and prints a table of IOPS, MB/s and ratios.  Quote the ratios, not the
 # absolute numbers: the machines are shared and noisy.
 #
+# Rows that print notes under the table instead (each needs cowchain in
+# BENCH_SERVERS; the merge rows' own comments say how they are built):
+#   snapshot_pause  4k randwrite qd16 latency with and without a
+#                   `cowchain snapshot` every second
+#   depth_read      4k randread qd16 through 64 layers against 1
+#   merge_speed     MB/s of `cowchain commit` of a layer holding BENCH_SIZE
+#                   into an empty one, against `qemu-img commit` of a copy
+#                   of the same chain and `cp` of a file that size, all
+#                   ending in an fsync; ratios cowchain/qemu-img and
+#                   cowchain/cp (about 35 s per BENCH_REPEAT pass)
+#   merge_iops      4k randread and randwrite qd16 IOPS of the guest with
+#                   no job and during a commit kept running (restarted) for
+#                   as long as fio runs; their ratio, and the merge's own
+#                   MB/s then and alone (about 80 s, plus 50 s per extra
+#                   BENCH_REPEAT pass)
+# One pass of these is one sample on a noisy machine: BENCH_REPEAT=3 or 5.
+#
 # Environment:
 #   BENCH_SIZE      virtual disk size, K/M/G suffixes (default 1G)
 #   BENCH_RUNTIME   seconds per fio job, time based (default 10)
@@ -46,6 +63,7 @@ ROWS=(
     seqwrite_1m_qd1 seqwrite_1m_qd16
     fresh_randwrite_4k_qd1 fresh_randwrite_4k_qd16
     snapshot_pause depth_read
+    merge_speed merge_iops
 )
 if [ -n "${BENCH_ROWS:-}" ]; then
     read -r -a ROWS <<< "$BENCH_ROWS"
@@ -373,7 +391,7 @@ row_depth_read() {
             state="$WORK/depthstate" control="$WORK/depth.ctl" \
             cluster-size="$BENCH_CLUSTER"
         for (( i = 1; i < depth; i++ )); do
-            qemu-io -f raw -c "write -P $((i % 250)) $(( (i * 7919 % (SIZE_MIB - 1)) ))M 64k" \
+            qemu-io -f raw -c "write -P $((i % 250)) $(( i * 7919 % (SIZE_MIB - 1) ))M 64k" \
                 "$(uri_of depth)" > /dev/null
             "$cow" snapshot --control "$WORK/depth.ctl" "d$i" > /dev/null
         done
@@ -385,6 +403,408 @@ row_depth_read() {
         note "depth read, 4k randread qd16 at chain depth $depth: $1 IOPS"
         stop_server depth
     done
+}
+
+# now_ns: the wall clock in nanoseconds (for spans of seconds).
+now_ns() {
+    date +%s%N
+}
+
+# mbps BYTES NANOSECONDS: the rate in MB/s (10^6 bytes, as fio counts).
+mbps() {
+    awk -v b="$1" -v ns="$2" 'BEGIN { printf "%.0f", (ns > 0 ? b / (ns / 1e9) / 1e6 : 0) }'
+}
+
+# secs NANOSECONDS: in seconds, two places.
+secs() {
+    awk -v ns="$1" 'BEGIN { printf "%.2f", ns / 1e9 }'
+}
+
+# median NUMBER...
+median() {
+    printf '%s\n' "$@" | sort -g |
+        awk '{ a[NR] = $1 } END { print NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+# ratio A B: A/B to two places, or "-".
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'
+}
+
+# warm_pages: write and delete a scratch file a little larger than the
+# disk, then sync the filesystem.  On a virtual machine, page-cache pages
+# that were never touched, or that the guest handed back to the host,
+# cost several ms per MiB on first use (a 1 GiB commit measured 1.5 s
+# right after another file was deleted, 5-6 s without); this leaves the
+# same amount of recently freed memory, and no dirty data, before each
+# timed operation.
+warm_pages() {
+    dd if=/dev/zero of="$WORK/warm.tmp" bs=1M count=$((SIZE_MIB + 64)) status=none
+    rm -f "$WORK/warm.tmp"
+    sync -f "$WORK"
+}
+
+# merge_chain NAME: start instance NAME on a new state directory
+# $WORK/NAME.state with control socket $WORK/NAME.ctl, and build the chain
+#   base <- L1 (snapshot s0, empty) <- L2 (snapshot s1, all BENCH_SIZE
+#   written with fio's random buffers) <- L3 (active, empty)
+# Sets MERGE_L1 and MERGE_L2 to the paths of L1 and L2.
+merge_chain() {
+    local name=$1 cow=$COWCHAIN_BUILDDIR/cowchain result
+    rm -rf "$WORK/$name.state"
+    start_nbdkit "$name" "$PLUGIN" base="$BASE" base-format=raw \
+        state="$WORK/$name.state" control="$WORK/$name.ctl" \
+        cluster-size="$BENCH_CLUSTER"
+    "$cow" snapshot --control "$WORK/$name.ctl" s0 > /dev/null
+    result=$(run_fio "$(uri_of "$name")" "$WORK/$name-fill.json" \
+        --rw=write --bs=1M --iodepth=16 --size="$SIZE_BYTES")
+    if [ "$result" = "ERR ERR" ]; then
+        echo "error: filling the layer of $name failed" >&2
+        return 1
+    fi
+    "$cow" snapshot --control "$WORK/$name.ctl" s1 > /dev/null
+    # shellcheck disable=SC2046  # two paths without blanks (under $WORK)
+    set -- $("$cow" list --control "$WORK/$name.ctl" --output=json |
+        "$COWCHAIN_PYTHON" -c '
+import json, sys
+files = {s["name"]: s["file"] for s in json.load(sys.stdin)}
+print(files["s0"], files["s1"])')
+    MERGE_L1=${1:-}
+    MERGE_L2=${2:-}
+    if [ -z "$MERGE_L2" ]; then
+        echo "error: no layer files for s0 and s1 in cowchain list" >&2
+        return 1
+    fi
+}
+
+# merge_speed: how fast a commit merges BENCH_SIZE of data, against
+# qemu-img commit of the same chain and cp of a file of that size.  The
+# chain is merge_chain's; the timed operations all copy L2's BENCH_SIZE of
+# data into a new file or an empty layer:
+#   cowchain  `cowchain commit --top s1 --base s0 --force --wait` on the
+#             running server (no guest I/O), then `sync L1`; the time
+#             includes the tool's start and its 100 ms polling
+#   qemu-img  `qemu-img commit -d L2' && sync L1'` on copies L1', L2' of the
+#             two layer files (copied and synced before any timing)
+#   cp        `cp --reflink=never L2' F && sync F`, on the same filesystem
+# Page cache: it is not dropped (that needs root and disturbs everything
+# else on a shared machine), so the three start alike instead: every source was freshly written and synced (L2 by
+# the fill and the snapshot's flush, L2' by cp and sync), every source is
+# fully cached and clean, every destination is new or an empty layer, and
+# every timed operation ends with its data on stable storage (the commit
+# job flushes L1 before it switches the manifest; qemu-img flushes on
+# close; the sync afterwards is there for all three alike), each after
+# warm_pages (the same free memory, no dirty data).  Order: cp,
+# qemu-img, cowchain.  Rates are BENCH_SIZE / time; median of BENCH_REPEAT
+# passes.  On the first pass, qemu-img compare checks that cowchain's
+# result reads the same as qemu-img's.
+row_merge_speed() {
+    local label="merge speed" cow=$COWCHAIN_BUILDDIR/cowchain
+    local q=$WORK/merge-qemu pass t0 same=""
+    local -a t_cow=() t_qemu=() t_cp=()
+    if ! has_server cowchain; then
+        note "merge speed: skipped (cowchain is not in BENCH_SERVERS)"
+        return 0
+    fi
+    cowchain_log "$label"
+    for pass in $(seq "$BENCH_REPEAT"); do
+        merge_chain merge
+        # The copies sit next to the state directory so that L1's
+        # relative backing name (../base.raw) still finds the base.
+        rm -rf "$q"
+        mkdir "$q"
+        cp --sparse=always --reflink=never "$MERGE_L1" "$q/l1.qcow2"
+        cp --sparse=always --reflink=never "$MERGE_L2" "$q/l2.qcow2"
+        qemu-img rebase -u -f qcow2 -b l1.qcow2 -F qcow2 "$q/l2.qcow2"
+        sync "$q/l1.qcow2" "$q/l2.qcow2"
+
+        warm_pages
+        t0=$(now_ns)
+        cp --reflink=never "$q/l2.qcow2" "$q/cp.out"
+        sync "$q/cp.out"
+        t_cp+=($(( $(now_ns) - t0 )))
+        rm -f "$q/cp.out"
+
+        warm_pages
+        t0=$(now_ns)
+        qemu-img commit -q -d -f qcow2 "$q/l2.qcow2"
+        sync "$q/l1.qcow2"
+        t_qemu+=($(( $(now_ns) - t0 )))
+
+        warm_pages
+        t0=$(now_ns)
+        "$cow" commit --control "$WORK/merge.ctl" --top s1 --base s0 \
+            --force --wait > /dev/null
+        sync "$MERGE_L1"
+        t_cow+=($(( $(now_ns) - t0 )))
+        cowchain_log "$label, pass $pass: cp $(secs "${t_cp[-1]}") s," \
+            "qemu-img $(secs "${t_qemu[-1]}") s, cowchain $(secs "${t_cow[-1]}") s"
+
+        if [ "$pass" = 1 ]; then
+            same=0
+            qemu-img compare -q -U -f qcow2 -F qcow2 \
+                "$MERGE_L1" "$q/l1.qcow2" || same=$?
+            case $same in
+                0) same="reads the same as" ;;
+                1) same="does NOT read the same as" ;;
+                *) same="could not be compared with" ;;
+            esac
+        fi
+        stop_server merge
+        rm -rf "$WORK/merge.state" "$q"
+    done
+    local cow_r qemu_r cp_r
+    cow_r=$(mbps "$SIZE_BYTES" "$(median "${t_cow[@]}")")
+    qemu_r=$(mbps "$SIZE_BYTES" "$(median "${t_qemu[@]}")")
+    cp_r=$(mbps "$SIZE_BYTES" "$(median "${t_cp[@]}")")
+    printf '    %-12s %10s MB/s\n' cowchain "$cow_r" qemu-img "$qemu_r" cp "$cp_r" >&2
+    note "merge speed, $BENCH_SIZE layer committed into an empty one: cowchain commit" \
+        "$cow_r MB/s, qemu-img commit $qemu_r MB/s, cp $cp_r MB/s;" \
+        "cowchain/qemu-img $(ratio "$cow_r" "$qemu_r"), cowchain/cp $(ratio "$cow_r" "$cp_r")"
+    note "merge speed: cowchain's merged layer $same qemu-img's (qemu-img compare)"
+}
+
+# merge_loop CTL TOP BASE STOPFILE OUT [MAX-STARTS]: keep a commit of
+# layer file TOP into layer file BASE running until STOPFILE exists (or
+# MAX-STARTS jobs have run): start it, cancel it once it is half done,
+# start it again.  A cancelled job leaves the chain's layers as they were
+# (BASE's snapshot name goes when the first job starts, hence file
+# names); a completed one would end the experiment (TOP leaves the chain).
+# An unlimited commit of 1 GiB lasts well under a second here and one run
+# of the cowchain tool takes 40-70 ms on a loaded machine, so the loop
+# speaks the control protocol (cow/control.h) itself and polls the job
+# every 10 ms.  Writes JSON to OUT: seconds, bytes copied (the jobs'
+# DONE), starts, the fraction of the time a job was running, and whether
+# a job completed (and when) or something failed.
+merge_loop() {
+    "$COWCHAIN_PYTHON" - "$@" <<'PY'
+import json, os, re, socket, sys, time
+from urllib.parse import unquote
+ctl, top, base, stop, out = sys.argv[1:6]
+max_starts = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+for w in (top, base):
+    if not re.fullmatch(r"[A-Za-z0-9._][A-Za-z0-9._-]*", w):
+        sys.exit("merge_loop: layer name %r would need encoding" % w)
+
+def ask(*words):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(ctl)
+        s.sendall((" ".join(words) + "\n").encode())
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    lines = data.decode().split("\n")
+    if lines[0] != "ok":
+        w = lines[0].split(" ")
+        raise RuntimeError("%s: %s" % (words[0], unquote(w[-1]) if len(w) > 2 else lines[0]))
+    return lines[1:lines.index(".")]
+
+def job():
+    """(STATE, DONE, TOTAL, MESSAGE) of the default disk's job."""
+    for line in ask("jobs", "-"):
+        w = line.split(" ")
+        if w[0] == "job" and len(w) >= 14:
+            return w[3], int(w[6]), int(w[7]), unquote(w[13])
+    raise RuntimeError("jobs: no job line in the reply")
+
+t0 = time.monotonic()
+res = {"bytes": 0, "starts": 0, "busy": 0.0, "completed_at": None, "error": None}
+try:
+    while True:
+        ask("commit", "-", top, base, "force", "0")
+        t_start = time.monotonic()
+        res["starts"] += 1
+        cancelled = False
+        while True:
+            time.sleep(0.01)
+            state, done, total, msg = job()
+            if state not in ("running", "paused"):
+                break
+            if not cancelled and (os.path.exists(stop) or 2 * done >= total):
+                ask("job-cancel", "-")
+                cancelled = True
+        res["busy"] += time.monotonic() - t_start
+        res["bytes"] += done
+        if state == "completed":
+            res["completed_at"] = time.monotonic() - t0
+            break
+        if state != "cancelled":
+            raise RuntimeError("the job %s: %s" % (state, msg))
+        if os.path.exists(stop) or res["starts"] == max_starts:
+            break
+except (OSError, RuntimeError, ValueError) as e:
+    res["error"] = str(e)
+res["seconds"] = time.monotonic() - t0
+with open(out, "w") as f:
+    json.dump(res, f)
+PY
+}
+
+# merge_summary OUT: "MB/s STARTS BUSY% STATUS" of a merge_loop, STATUS
+# one word (underscores for blanks).
+merge_summary() {
+    "$COWCHAIN_PYTHON" - "$1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if r["error"]:
+    status = "failed:_" + "_".join(r["error"].split())
+elif r["completed_at"] is not None:
+    status = "a_job_completed_after_%.1f_s,_no_merge_after_that" % r["completed_at"]
+else:
+    status = "ran_throughout"
+print("%.0f %d %.0f %s" % (r["bytes"] / r["seconds"] / 1e6, r["starts"],
+                           100 * r["busy"] / r["seconds"], status))
+PY
+}
+
+# mio_chain: make sure instance "mio" serves merge_chain's chain with its
+# L2 still in place (a completed job removes it), building it again, with
+# a warm-up job (below), if not.  Sets MIO_TOP and MIO_BASE (layer file
+# names), and MIO_BUILT to 1 if the chain was (re)built, else 0.
+mio_chain() {
+    local list=""
+    MIO_BUILT=0
+    if [ -n "${PID[mio]:-}" ]; then
+        list=$("$COWCHAIN_BUILDDIR/cowchain" list --control "$WORK/mio.ctl" \
+            --output=json) || list=""
+        if "$COWCHAIN_PYTHON" -c '
+import json, sys
+sys.exit(not any(s["file"] == sys.argv[1] for s in json.load(sys.stdin)))' \
+                "$MERGE_L2" <<< "$list" 2> /dev/null; then
+            return 0
+        fi
+        stop_server mio
+    fi
+    merge_chain mio
+    MIO_TOP=$(basename "$MERGE_L2")
+    MIO_BASE=$(basename "$MERGE_L1")
+    MIO_BUILT=1
+    rm -f "$WORK/mio.stop"
+    merge_loop "$WORK/mio.ctl" "$MIO_TOP" "$MIO_BASE" "$WORK/mio.stop" \
+        "$WORK/mio-warmup.json" 1
+}
+
+# mio_prepare RW PASS: mio_chain, and for randwrite fill the active layer
+# (on PASS 1, or when the chain was built again).
+mio_prepare() {
+    local result
+    mio_chain
+    if [ "$1" = randwrite ] && { [ "$MIO_BUILT" = 1 ] || [ "$2" = 1 ]; }; then
+        result=$(run_fio "$(uri_of mio)" "$WORK/mio-prefill.json" \
+            --rw=write --bs=1M --iodepth=16 --size="$SIZE_BYTES")
+        if [ "$result" = "ERR ERR" ]; then
+            echo "error: filling the active layer of mio failed" >&2
+            return 1
+        fi
+    fi
+}
+
+# merge_iops: what a running merge costs the guest.  On merge_chain's
+# chain, fio 4k randread qd16 and 4k randwrite qd16 (BENCH_RUNTIME s
+# each, after BENCH_RAMP s), with no job and then while merge_loop
+# commits L2 into L1 over and over (an unlimited BENCH_SIZE commit lasts
+# about a second, far less than fio), BENCH_REPEAT such pairs (medians).
+# A warm-up job first allocates the clusters of L1 that the loop's jobs
+# then overwrite, so that every measured job copies alike, at the copy's
+# fastest: the harshest case for the guest.  The reads find the active
+# layer empty and read L2, the layer the commit is reading; before the
+# randwrite runs the active layer is filled once, so that both randwrite
+# runs overwrite allocated clusters.  Every measured run starts after
+# `sync -f` (no dirty data left from the run before).  Reports idle and
+# during-merge IOPS and their ratio, and the merge's rate (bytes copied /
+# time) during fio against the same loop with no guest I/O (run once,
+# as long as one fio run); "busy" is the share of the time a job was
+# running (the rest is the loop's restarts).  If a job completes anyway,
+# a note says when, and the chain is built again for the next run.
+row_merge_iops() {
+    local label="merge iops" ctl=$WORK/mio.ctl rw pass mode looper out
+    local alone_mbps starts busy_pct result i m r warm order mbps n busy status
+    local -a idle=() merge=() rate=()
+    if ! has_server cowchain; then
+        note "merge iops: skipped (cowchain is not in BENCH_SERVERS)"
+        return 0
+    fi
+    cowchain_log "$label"
+
+    mio_chain
+    warm=$(merge_summary "$WORK/mio-warmup.json")
+    if [ "${warm##* }" != ran_throughout ]; then
+        warm=${warm##* }
+        note "merge iops: skipped, the warm-up job was not stopped half way" \
+            "(${warm//_/ }); a commit of BENCH_SIZE=$BENCH_SIZE may take less" \
+            "than the loop's 10 ms poll: use a larger BENCH_SIZE"
+        stop_server mio
+        rm -rf "$WORK/mio.state"
+        return 0
+    fi
+
+    # The merge alone, as long as one fio run lasts.
+    rm -f "$WORK/mio.stop"
+    sync -f "$WORK"
+    merge_loop "$ctl" "$MIO_TOP" "$MIO_BASE" "$WORK/mio.stop" "$WORK/mio-alone.json" &
+    looper=$!
+    sleep $((BENCH_RUNTIME + BENCH_RAMP))
+    touch "$WORK/mio.stop"
+    wait "$looper"
+    read -r alone_mbps n busy status < <(merge_summary "$WORK/mio-alone.json")
+    note "merge iops: commit loop with no guest I/O: $alone_mbps MB/s" \
+        "($n starts, busy $busy%, ${status//_/ })"
+
+    for rw in randread randwrite; do
+        idle=() merge=() rate=() starts=0 busy_pct=100
+        for pass in $(seq "$BENCH_REPEAT"); do
+            mio_prepare "$rw" "$pass"
+            # Odd passes measure idle first, even ones the merge first.
+            order="idle merge"
+            if [ $((pass % 2)) = 0 ]; then
+                order="merge idle"
+            fi
+            for mode in $order; do
+                sync -f "$WORK"
+                if [ "$mode" = merge ]; then
+                    rm -f "$WORK/mio.stop"
+                    out=$WORK/mio-$rw-$pass.json
+                    merge_loop "$ctl" "$MIO_TOP" "$MIO_BASE" "$WORK/mio.stop" "$out" &
+                    looper=$!
+                fi
+                # shellcheck disable=SC2046  # fio_common is a word list
+                result=$(run_fio "$(uri_of mio)" \
+                    "$(json_name "$label" "$rw-$mode" "$pass")" \
+                    $(fio_common) --rw="$rw" --bs=4k --iodepth=16)
+                if [ "$mode" = idle ]; then
+                    idle+=("${result%% *}")
+                    continue
+                fi
+                merge+=("${result%% *}")
+                touch "$WORK/mio.stop"
+                wait "$looper"
+                read -r mbps n busy status < <(merge_summary "$out")
+                rate+=("$mbps")
+                starts=$((starts + n))
+                if [ "$busy" -lt "$busy_pct" ]; then
+                    busy_pct=$busy
+                fi
+                if [ "$status" != ran_throughout ]; then
+                    note "merge iops, 4k $rw pass $pass: ${status//_/ }"
+                    mio_prepare "$rw" 0     # build it again for what follows
+                fi
+            done
+            printf '    %-12s %10s IOPS idle %10s IOPS during merge (%s MB/s)\n' \
+                "$rw" "${idle[-1]}" "${merge[-1]}" "${rate[-1]}" >&2
+        done
+        i=$(median "${idle[@]}")
+        m=$(median "${merge[@]}")
+        r=$(median "${rate[@]}")
+        note "merge iops, 4k $rw qd16: idle $i IOPS, during merge $m IOPS," \
+            "ratio $(ratio "$m" "$i"); merge meanwhile $r MB/s ($starts starts," \
+            "busy >= $busy_pct%), $(ratio "$r" "$alone_mbps") of its rate alone"
+    done
+    stop_server mio
+    rm -rf "$WORK/mio.state"
 }
 
 #----------------------------------------------------------------------
