@@ -920,6 +920,15 @@ check_range (struct cow_disk *d, uint32_t count, uint64_t offset)
   return 0;
 }
 
+/* Guest I/O ran: a background job gives way (job_yield).  A plain load
+ * first, so that the line is written only once per job chunk. */
+static inline void
+note_io (struct cow_disk *d)
+{
+  if (!__atomic_load_n (&d->guest_io, __ATOMIC_RELAXED))
+    __atomic_store_n (&d->guest_io, 1, __ATOMIC_RELAXED);
+}
+
 int
 cow_disk_pread (struct cow_disk *d, void *buf, uint32_t count, uint64_t offset)
 {
@@ -928,6 +937,7 @@ cow_disk_pread (struct cow_disk *d, void *buf, uint32_t count, uint64_t offset)
 
   if (check_range (d, count, offset) == -1)
     return -1;
+  note_io (d);
   pthread_rwlock_rdlock (&d->chain_lock);
   r = d->top->ops->read (d->top, buf, count, offset, below);
   pthread_rwlock_unlock (&d->chain_lock);
@@ -967,6 +977,7 @@ change_end (struct cow_disk *d, bool durable, int r)
 static inline void
 note_change (struct cow_disk *d, uint32_t count, uint64_t offset)
 {
+  note_io (d);
   if (__atomic_load_n (&d->track_dirty, __ATOMIC_ACQUIRE))
     job_mark_dirty (d, offset, count);
 }

@@ -80,6 +80,8 @@ struct cow_disk {
    * each completed write while track_dirty; stable under chain_lock. */
   uint64_t *dirty_map;
   bool track_dirty;
+  /* Atomic: guest I/O happened since the job last looked (job_yield). */
+  unsigned guest_io;
 };
 
 struct cow_job;

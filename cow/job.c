@@ -59,6 +59,7 @@ struct cow_job {
   uint64_t speed;
   uint64_t done, total, rate;
   int64_t started, ended;
+  uint64_t start_ns, end_ns;      /* monotonic */
   int err;
   char *msg;
   char *top_name, *base_name;     /* for reports */
@@ -74,6 +75,7 @@ struct cow_job {
   const char *stop_at;            /* test hook: COWCHAIN_JOB_STOP_AT */
 
   /* The copy thread's own. */
+  uint64_t work_ns;               /* time the last chunk took */
   uint64_t window_t0, window_done;
   uint64_t rate_t0, rate_done;
   char *buf;
@@ -265,15 +267,40 @@ drop_lower (struct cow_disk *d, size_t from, size_t k, struct layer **out)
  * Controls: pause, cancel, speed.
  */
 
+static void
+deadline_in (struct timespec *ts, uint64_t ns)
+{
+  uint64_t wake;
+
+  clock_gettime (CLOCK_REALTIME, ts);
+  wake = (uint64_t) ts->tv_sec * 1000000000u + (uint64_t) ts->tv_nsec + ns;
+  ts->tv_sec = (time_t) (wake / 1000000000u);
+  ts->tv_nsec = (long) (wake % 1000000000u);
+}
+
 /* Between chunks: honour pause and cancel, and the speed limit.  Returns
- * -1 if cancelled.  Called without chain_lock. */
+ * -1 if cancelled.  Called without chain_lock.
+ *
+ * A job gives way to the guest: when guest I/O ran during the last chunk,
+ * the job rests as long as that chunk took, so that a busy guest keeps at
+ * least half of the time (and of the disk) to itself.  An idle guest
+ * costs the job nothing. */
 static int
 job_yield (struct cow_job *j)
 {
   struct cow_disk *d = j->d;
+  bool guest = __atomic_exchange_n (&d->guest_io, 0, __ATOMIC_ACQ_REL);
+  uint64_t rest = guest ? j->work_ns : 0;
   int r = 0;
 
+  if (rest > 100000000u)
+    rest = 100000000u;
   pthread_mutex_lock (&d->job_lock);
+  if (rest && !j->cancel_req && !j->pause_req) {
+    struct timespec ts;
+    deadline_in (&ts, rest);
+    pthread_cond_timedwait (&d->job_cond, &d->job_lock, &ts);
+  }
   for (;;) {
     uint64_t now = now_ns ();
     if (j->cancel_req) {
@@ -301,12 +328,7 @@ job_yield (struct cow_job *j)
                       / (double) j->speed);
       if (due > now) {
         struct timespec ts;
-        uint64_t wake;
-        clock_gettime (CLOCK_REALTIME, &ts);
-        wake = (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec
-          + (due - now);
-        ts.tv_sec = (time_t) (wake / 1000000000u);
-        ts.tv_nsec = (long) (wake % 1000000000u);
+        deadline_in (&ts, due - now);
         pthread_cond_timedwait (&d->job_cond, &d->job_lock, &ts);
         continue;
       }
@@ -525,11 +547,15 @@ copy_all (struct cow_job *j)
     uint64_t len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
     int r;
 
+    uint64_t t0;
+
     if (job_yield (j) == -1)
       return -2;
+    t0 = now_ns ();
     pthread_rwlock_rdlock (&d->chain_lock);
     r = j->commit ? commit_range (j, pos, len, true) : pull_range (j, pos, len);
     pthread_rwlock_unlock (&d->chain_lock);
+    j->work_ns = now_ns () - t0;
     if (r == -1)
       return -1;
     if (!half && j->done * 2 >= j->total && j->total > 0) {
@@ -582,6 +608,7 @@ copy_dirty (struct cow_job *j, bool locked)
 
   for (size_t w = 0; w < dirty_words (d); w++) {
     uint64_t bits = __atomic_exchange_n (&d->dirty_map[w], 0, __ATOMIC_ACQ_REL);
+    uint64_t t0 = 0;
     int r = 0;
 
     if (bits == 0)
@@ -591,6 +618,7 @@ copy_dirty (struct cow_job *j, bool locked)
         __atomic_or_fetch (&d->dirty_map[w], bits, __ATOMIC_RELEASE);
         return -2;
       }
+      t0 = now_ns ();
       pthread_rwlock_rdlock (&d->chain_lock);
     }
     for (unsigned b = 0; b < 64 && r == 0; b++)
@@ -599,8 +627,10 @@ copy_dirty (struct cow_job *j, bool locked)
         uint64_t len = pos + c > d->size ? d->size - pos : c;
         r = commit_range (j, pos, len, false);
       }
-    if (!locked)
+    if (!locked) {
       pthread_rwlock_unlock (&d->chain_lock);
+      j->work_ns = now_ns () - t0;
+    }
     if (r == -1)
       return -1;
   }
@@ -957,6 +987,7 @@ finish_locked (struct cow_job *j, int r)
   if (r == -2)
     free (msg);
   j->ended = wall_now ();
+  j->end_ns = now_ns ();
   if (r == 0)
     j->done = j->total;
   free (j->buf);
@@ -1019,6 +1050,7 @@ new_job (struct cow_disk *d, enum cow_job_kind kind, const char *top,
   j->state = COW_JOB_RUNNING;
   j->speed = speed;
   j->started = wall_now ();
+  j->start_ns = now_ns ();
   j->stop_at = getenv ("COWCHAIN_JOB_STOP_AT");
   return j;
 }
@@ -1370,7 +1402,16 @@ cow_disk_job_info (struct cow_disk *d, struct cow_job_info *out)
     out->done = j->done;
     out->total = j->total;
     out->speed = j->speed;
-    out->rate = j->state == COW_JOB_RUNNING ? j->rate : 0;
+    /* The last second's rate while running (since the start during the
+     * first second); the average once ended. */
+    if (j->state == COW_JOB_PAUSED)
+      out->rate = 0;
+    else {
+      uint64_t end = j->end_ns ? j->end_ns : now_ns ();
+      uint64_t el = end - j->start_ns;
+      out->rate = j->rate && !j->end_ns ? j->rate
+        : el ? (uint64_t) ((double) j->done * 1e9 / (double) el) : 0;
+    }
     out->started = j->started;
     out->ended = j->ended;
     out->error = j->err;

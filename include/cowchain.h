@@ -177,7 +177,8 @@ struct cow_job_info {
   char *base;
   uint64_t done, total;     /* bytes */
   uint64_t speed;           /* limit, bytes per second; 0 = none */
-  uint64_t rate;            /* measured, bytes per second */
+  uint64_t rate;            /* bytes per second: the last second's while
+                               running, the average once ended */
   int64_t started, ended;   /* seconds since the epoch; ended 0 = running */
   int error;                /* errno of a failed job */
   char *message;            /* its error message, or NULL */
