@@ -384,7 +384,8 @@ chain_print (const struct chain *c, const char *what)
 {
   print_message ("%s:", what);
   for (size_t i = 0; i < c->n; i++)
-    print_message (" %s(%s)", c->file[i], c->snapshot[i] ? c->snapshot[i] : "-");
+    print_message (" %s(%s)", c->file[i],
+                   c->snapshot[i] ? c->snapshot[i] : "-");
   print_message ("\n");
 }
 
@@ -1020,6 +1021,167 @@ test_commit_into_base (void **state)
   fx_fini (&f);
 }
 
+/* Active commit on a disk larger than what the job copies under the
+ * exclusive lock, with a fast writer and a speed limit at first: the job
+ * makes several passes over what the guest dirtied, then converges. */
+static void
+test_active_commit_converges (void **state)
+{
+  struct fx f;
+  struct chain c0;
+  struct writer w;
+  const char *want[MAX_FILES];
+
+  (void) state;
+  fx_init (&f, "job-converge", 16 * MIB, 65536, 121);
+  fx_workload (&f, 8);
+  fx_snapshot (&f, "s1");
+  fx_write_all (&f);
+  chain_get (&f, &c0);
+  writer_start (&w, &f, 122);
+  expect_started (start_commit (&f, "active", NULL, true, false, 16 * MIB),
+                  "active commit of 16 MiB");
+  run_alongside (&f, 700, 0, COW_JOB_COMMIT, "active commit of 16 MiB");
+  writer_stop (&w, "active commit of 16 MiB");
+  fx_forget (&f, "s1");
+  files_without (&c0, (const char *[]) { c0.file[1], NULL }, want);
+  expect_files (&f, want, "after the active commit of 16 MiB");
+  expect_file_gone (&f, c0.file[1]);
+  fx_verify (&f, "after the active commit of 16 MiB");
+  fx_offline_check (&f, "after the active commit of 16 MiB");
+  chain_free (&c0);
+  fx_fini (&f);
+}
+
+/* A snapshot while a job runs: refused (EBUSY) during an active commit;
+ * taken during a pull, a commit of frozen layers or a delete, after
+ * which the job completes and every snapshot, the new one too, still
+ * reads as it was. */
+enum during { DURING_PULL, DURING_COMMIT, DURING_DELETE, DURING_ACTIVE };
+
+static void
+snapshot_during (enum during kind, uint64_t seed)
+{
+  struct fx f;
+  struct chain c0, c1;
+  const char *want[MAX_FILES];
+  const uint64_t speed = 2 * MIB;
+  int r;
+
+  fx_init (&f, "job-snap-during", 4 * MIB, 65536, seed);
+  fx_workload (&f, 8);
+  fx_snapshot (&f, "s1");
+  fx_write_all (&f);
+  fx_snapshot (&f, "s2");
+  fx_workload (&f, 8);
+  fx_snapshot (&f, "s3");
+  fx_workload (&f, 8);
+  chain_get (&f, &c0);
+
+  switch (kind) {
+  case DURING_PULL:
+    expect_started (start_pull (&f, NULL, true, speed), "pull");
+    break;
+  case DURING_COMMIT:
+    expect_started (start_commit (&f, "s2", NULL, true, false, speed),
+                    "commit s2 into s1");
+    fx_forget (&f, "s1");
+    break;
+  case DURING_DELETE:
+    expect_started (start_delete (&f, "s2", speed), "delete s2");
+    fx_forget (&f, "s2");
+    break;
+  case DURING_ACTIVE:
+    expect_started (start_commit (&f, "active", NULL, true, false, speed),
+                    "active commit");
+    break;
+  }
+  sleep_ms (50);
+  fx_workload (&f, 4);
+  assert_true (job_active (job_state (&f)));
+  if (kind == DURING_ACTIVE) {
+    expect_refused (cow_disk_snapshot (f.d, "x", NULL), EBUSY,
+                    "snapshot during an active commit");
+    expect_files (&f, (const char *const *) c0.file,
+                  "after a refused snapshot");
+  }
+  else
+    fx_snapshot (&f, "x");
+  fx_workload (&f, 4);
+  r = cow_disk_job_set_speed (f.d, 0);
+  assert_true (r == 0 || cow_last_errno () == ENOENT);
+  job_wait_ok (&f, kind == DURING_PULL ? COW_JOB_PULL
+               : kind == DURING_DELETE ? COW_JOB_DELETE : COW_JOB_COMMIT,
+               "job with a snapshot during it");
+  chain_get (&f, &c1);
+  chain_print (&c1, "after the job");
+  chain_free (&c1);
+  switch (kind) {
+  case DURING_PULL:
+    /* The pull's target (the active layer when it started) is x now. */
+    fx_forget (&f, "s1");
+    fx_forget (&f, "s2");
+    fx_forget (&f, "s3");
+    files_without (&c0, (const char *[]) { c0.file[0], c0.file[1],
+                                           c0.file[2], NULL }, want);
+    break;
+  case DURING_COMMIT:
+  case DURING_DELETE:
+    files_without (&c0, (const char *[]) { c0.file[1], NULL }, want);
+    break;
+  case DURING_ACTIVE:
+    fx_forget (&f, "s3");
+    files_without (&c0, (const char *[]) { c0.file[3], NULL }, want);
+    break;
+  }
+  if (kind != DURING_ACTIVE) {
+    /* ... plus x's new active layer on top. */
+    size_t n = 0;
+    while (want[n])
+      n++;
+    chain_get (&f, &c1);
+    want[n] = c1.file[c1.n - 1];
+    want[n + 1] = NULL;
+    expect_files (&f, want, "after the job");
+    chain_free (&c1);
+  }
+  else
+    expect_files (&f, want, "after the job");
+  expect_names (&f, "after the job");
+  fx_verify (&f, "after the job");
+  fx_offline_check (&f, "after a job with a snapshot during it");
+  chain_free (&c0);
+  fx_fini (&f);
+}
+
+static void
+test_snapshot_during_pull (void **state)
+{
+  (void) state;
+  snapshot_during (DURING_PULL, 131);
+}
+
+static void
+test_snapshot_during_commit (void **state)
+{
+  (void) state;
+  snapshot_during (DURING_COMMIT, 132);
+}
+
+static void
+test_snapshot_during_delete (void **state)
+{
+  (void) state;
+  snapshot_during (DURING_DELETE, 133);
+}
+
+static void
+test_snapshot_during_active_commit (void **state)
+{
+  (void) state;
+  snapshot_during (DURING_ACTIVE, 134);
+}
+
 /*----------------------------------------------------------------------
  * Pull. */
 
@@ -1300,7 +1462,7 @@ test_controls (void **state)
   assert_true (job_active (i.state));
   assert_int_equal (i.speed, 64 * 1024);
   assert_true (i.done <= i.total);
-  assert_true (i.total >= 4 * MIB);
+  assert_true (i.total >= 2 * MIB);
   assert_int_equal (i.ended, 0);
   cow_job_info_clear (&i);
 
@@ -1545,6 +1707,11 @@ main (void)
     cmocka_unit_test (test_commit_frozen_64k),
     cmocka_unit_test (test_commit_frozen_4k),
     cmocka_unit_test (test_active_commit),
+    cmocka_unit_test (test_active_commit_converges),
+    cmocka_unit_test (test_snapshot_during_pull),
+    cmocka_unit_test (test_snapshot_during_commit),
+    cmocka_unit_test (test_snapshot_during_delete),
+    cmocka_unit_test (test_snapshot_during_active_commit),
     cmocka_unit_test (test_commit_into_base),
     cmocka_unit_test (test_pull_all),
     cmocka_unit_test (test_pull_to_snapshot),
