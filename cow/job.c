@@ -681,6 +681,22 @@ names_of (struct cow_disk *d, long from, long to)
   return v;
 }
 
+/* Save the next manifest (the commit point of a job) and stop there if
+ * the test hook says so; on failure nothing changed. */
+static int
+save_next (struct cow_job *j, struct manifest *next, char **files, size_t k)
+{
+  if (manifest_save (j->d->state_dir, next) == -1) {
+    manifest_free (next);
+    for (size_t i = 0; i < k; i++)
+      free (files[i]);
+    free (files);
+    return -1;
+  }
+  stop_at (j, "after-manifest");
+  return 0;
+}
+
 /* The backing name for layer l (manifest index i) over manifest index b,
  * the original base (IDX_BASE) or nothing. */
 static int
@@ -739,14 +755,8 @@ switch_commit (struct cow_job *j)
     nt->snapshot = nt->description = NULL;
   }
   manifest_cut (&next, (size_t) (b + 1), (size_t) t);
-  if (manifest_save (d->state_dir, &next) == -1) {
-    manifest_free (&next);
-    for (size_t i = 0; i < k; i++)
-      free (files[i]);
-    free (files);
+  if (save_next (j, &next, files, k) == -1)
     return -1;
-  }
-  stop_at (j, "after-manifest");
   pthread_rwlock_wrlock (&d->chain_lock);
   drop_lower (d, lower_index (d, j->top), k, gone);
   link_chain (d);
@@ -871,14 +881,8 @@ switch_pull (struct cow_job *j)
     next.base = next.base_format = NULL;
     next.no_base = true;
   }
-  if (manifest_save (d->state_dir, &next) == -1) {
-    manifest_free (&next);
-    for (size_t i = 0; i < k; i++)
-      free (files[i]);
-    free (files);
+  if (save_next (j, &next, files, k) == -1)
     return -1;
-  }
-  stop_at (j, "after-manifest");
   pthread_rwlock_wrlock (&d->chain_lock);
   {
     size_t from = j->target == d->top ? 0 : lower_index (d, j->target) + 1;

@@ -582,6 +582,43 @@ write_new_clusters (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
   return r;
 }
 
+/* Write clusters [gc, gc+n) at their new home host (they are in flight;
+ * called without the lock), then point their L2 entries there, queueing
+ * what the entries held before to be freed. */
+static int
+fill_and_map (struct qcow2 *q, uint64_t gc, uint64_t n, uint64_t host,
+              const enum qcow2_ctype *types, const uint64_t *olds,
+              const char *data, uint64_t in_cl, uint64_t len,
+              const struct layer_below *below)
+{
+  uint64_t per = 1ull << q->l2_bits;
+  uint64_t *l2 = NULL;
+
+  if (write_new_clusters (q, gc, n, host, types, olds, data, in_cl, len,
+                          below) == 0) {
+    pthread_mutex_lock (&q->lock);
+    l2 = get_or_make_l2 (q, gc);
+  }
+  else
+    pthread_mutex_lock (&q->lock);
+  if (l2 == NULL) {
+    qcow2_free_unused (q, host, n);
+    inflight_remove (q, gc);
+    pthread_mutex_unlock (&q->lock);
+    return -1;
+  }
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t *slot = &l2[(gc + i) & (per - 1)];
+    drop_entry (q, gc + i, be64_get (slot));
+    be64_put (slot, (host + i * cs (q)) | QCOW2_OFLAG_COPIED);
+  }
+  qcow2_cache_mark_dirty (q->l2_cache, l2);
+  qcow2_cache_put (q->l2_cache, l2);
+  inflight_remove (q, gc);
+  pthread_mutex_unlock (&q->lock);
+  return 0;
+}
+
 static int
 check_writable (struct qcow2 *q)
 {
@@ -674,31 +711,9 @@ write_step (struct qcow2 *q, const char *data, uint64_t count, uint64_t offset,
   len = n * c - in_cl;
   if (len > count)
     len = count;
-  if (write_new_clusters (q, gc, n, host, types, olds, data, in_cl, len,
-                          below) == -1) {
-    pthread_mutex_lock (&q->lock);
-    qcow2_free_unused (q, host, n);
-    inflight_remove (q, gc);
-    pthread_mutex_unlock (&q->lock);
+  if (fill_and_map (q, gc, n, host, types, olds, data, in_cl, len,
+                    below) == -1)
     return -1;
-  }
-
-  pthread_mutex_lock (&q->lock);
-  l2 = get_or_make_l2 (q, gc);
-  if (l2 == NULL) {
-    qcow2_free_unused (q, host, n);
-    inflight_remove (q, gc);
-    goto err_unlock;
-  }
-  for (uint64_t i = 0; i < n; i++) {
-    uint64_t *slot = &l2[(gc + i) & (per - 1)];
-    drop_entry (q, gc + i, be64_get (slot));
-    be64_put (slot, (host + i * c) | QCOW2_OFLAG_COPIED);
-  }
-  qcow2_cache_mark_dirty (q->l2_cache, l2);
-  qcow2_cache_put (q->l2_cache, l2);
-  inflight_remove (q, gc);
-  pthread_mutex_unlock (&q->lock);
   return (int64_t) len;
 
  err_unlock:
@@ -792,27 +807,9 @@ qcow2_layer_populate (struct layer *l, const void *buf, uint32_t count,
     }
     pthread_mutex_unlock (&q->lock);
     /* A last cluster past the virtual end is padded with zeroes. */
-    if (write_new_clusters (q, gc, n, host, unalloc, no_host, data, 0, len,
-                            NULL) == -1) {
-      pthread_mutex_lock (&q->lock);
-      qcow2_free_unused (q, host, n);
-      inflight_remove (q, gc);
-      pthread_mutex_unlock (&q->lock);
+    if (fill_and_map (q, gc, n, host, unalloc, no_host, data, 0, len,
+                      NULL) == -1)
       return -1;
-    }
-    pthread_mutex_lock (&q->lock);
-    l2 = get_or_make_l2 (q, gc);
-    if (l2 == NULL) {
-      qcow2_free_unused (q, host, n);
-      inflight_remove (q, gc);
-      goto err_unlock;
-    }
-    for (uint64_t i = 0; i < n; i++)
-      be64_put (&l2[(gc + i) & (per - 1)], (host + i * c) | QCOW2_OFLAG_COPIED);
-    qcow2_cache_mark_dirty (q->l2_cache, l2);
-    qcow2_cache_put (q->l2_cache, l2);
-    inflight_remove (q, gc);
-    pthread_mutex_unlock (&q->lock);
   next:
     if (data)
       data += len;
