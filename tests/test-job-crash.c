@@ -38,7 +38,6 @@
 #include "testutil.h"
 
 #define SIZE (3u << 20)
-#define MAX_FILES 16
 /* Kill at every step when a job has at most this many; otherwise at
  * every step of the last END_WINDOW (the final switch) and at evenly
  * spread steps before it, to keep the run short. */
@@ -183,66 +182,8 @@ struct fx {
   int n_snaps;
 };
 
-struct chain {
-  size_t n;
-  char *file[MAX_FILES];        /* base names, bottom to top */
-  char *snapshot[MAX_FILES];    /* NULL: none */
-  char *path[MAX_FILES];
-};
-
-static void
-chain_get (struct cow_disk *d, struct chain *c)
-{
-  struct cow_layer_info *v;
-  size_t n;
-
-  assert_int_equal (cow_disk_layers (d, &v, &n), 0);
-  assert_true (n <= MAX_FILES);
-  memset (c, 0, sizeof *c);
-  c->n = n;
-  for (size_t i = 0; i < n; i++) {
-    const char *slash = strrchr (v[i].path, '/');
-    c->file[i] = strdup (slash ? slash + 1 : v[i].path);
-    c->path[i] = strdup (v[i].path);
-    c->snapshot[i] = v[i].snapshot ? strdup (v[i].snapshot) : NULL;
-    assert_non_null (c->file[i]);
-    assert_non_null (c->path[i]);
-  }
-  cow_layer_info_free (v, n);
-}
-
-static void
-chain_free (struct chain *c)
-{
-  for (size_t i = 0; i < c->n; i++) {
-    free (c->file[i]);
-    free (c->path[i]);
-    free (c->snapshot[i]);
-  }
-  c->n = 0;
-}
-
-static void
-chain_print (const struct chain *c, const char *what)
-{
-  print_message ("%s:", what);
-  for (size_t i = 0; i < c->n; i++)
-    print_message (" %s(%s)", c->file[i],
-                   c->snapshot[i] ? c->snapshot[i] : "-");
-  print_message ("\n");
-}
-
-static int
-chain_find (const struct chain *c, const char *name)
-{
-  for (size_t i = 0; i < c->n; i++)
-    if (c->snapshot[i] && strcmp (c->snapshot[i], name) == 0)
-      return (int) i;
-  return -1;
-}
-
 static bool
-chain_same_files (const struct chain *a, const struct chain *b)
+chain_same_files (const struct tu_chain *a, const struct tu_chain *b)
 {
   if (a->n != b->n)
     return false;
@@ -458,12 +399,12 @@ check_layer (const char *path)
 static void
 check_dir (struct cow_disk *d, const char *st, const char *what)
 {
-  struct chain c;
+  struct tu_chain c;
   DIR *dir;
   struct dirent *e;
   int strays = 0;
 
-  chain_get (d, &c);
+  tu_chain_get (d, &c);
   for (size_t i = 0; i < c.n; i++)
     check_layer (c.path[i]);
   dir = opendir (st);
@@ -484,8 +425,8 @@ check_dir (struct cow_disk *d, const char *st, const char *what)
   }
   closedir (dir);
   if (strays)
-    chain_print (&c, "  chain");
-  chain_free (&c);
+    tu_chain_print (&c, "  chain");
+  tu_chain_free (&c);
   assert_int_equal (strays, 0);
 }
 
@@ -497,7 +438,7 @@ static void expect_layer_content (struct fx *f, const char *path,
  * layer and the layers and base under it), is the disk at the snapshot;
  * and each layer passes qemu-img check. */
 static void
-check_snapshots (struct fx *f, const struct chain *c, const char *what)
+check_snapshots (struct fx *f, const struct tu_chain *c, const char *what)
 {
   uint64_t h = hash_file (f->base, 0x84222325cbf29ce4ull);
 
@@ -596,15 +537,15 @@ start_job (struct cow_disk *d, const struct scenario *sc, const char *alt)
 /* When the chain c lacks the scenario's dropped name and the job's
  * arguments use it: the file name of that layer in the old chain. */
 static const char *
-alt_name (const struct scenario *sc, const struct chain *c,
-          const struct chain *old)
+alt_name (const struct scenario *sc, const struct tu_chain *c,
+          const struct tu_chain *old)
 {
   const char *arg = sc->del ? sc->del : sc->base;
 
-  if (sc->dropped == NULL || chain_find (c, sc->dropped) != -1
+  if (sc->dropped == NULL || tu_chain_find (c, sc->dropped) != -1
       || arg == NULL || strcmp (arg, sc->dropped) != 0)
     return NULL;
-  return old->file[chain_find (old, sc->dropped)];
+  return old->file[tu_chain_find (old, sc->dropped)];
 }
 
 static bool
@@ -640,13 +581,13 @@ n_removed (const struct scenario *sc)
  * its top's name, so every other name is still there). */
 static void
 expect_new_chain (struct cow_disk *d, const struct scenario *sc,
-                  const struct chain *old, const char *what)
+                  const struct tu_chain *old, const char *what)
 {
-  struct chain c;
+  struct tu_chain c;
   size_t k = 0;
   bool ok;
 
-  chain_get (d, &c);
+  tu_chain_get (d, &c);
   ok = c.n + n_removed (sc) == old->n;
   for (size_t i = 0; ok && i < old->n; i++) {
     if (is_removed (sc, i))
@@ -655,24 +596,24 @@ expect_new_chain (struct cow_disk *d, const struct scenario *sc,
   }
   for (size_t i = 0; ok && i < old->n; i++)
     if (old->snapshot[i])
-      ok = (chain_find (&c, old->snapshot[i]) == -1)
+      ok = (tu_chain_find (&c, old->snapshot[i]) == -1)
         == is_lost (sc, old->snapshot[i]);
   for (size_t i = 0; ok && i < c.n; i++)
-    ok = c.snapshot[i] == NULL || chain_find (old, c.snapshot[i]) != -1;
+    ok = c.snapshot[i] == NULL || tu_chain_find (old, c.snapshot[i]) != -1;
   if (!ok) {
     print_error ("%s: not the chain the job should leave\n", what);
-    chain_print (old, "  old");
-    chain_print (&c, "  now");
+    tu_chain_print (old, "  old");
+    tu_chain_print (&c, "  now");
   }
-  chain_free (&c);
+  tu_chain_free (&c);
   assert_true (ok);
 }
 
 /* The old chain: same files, same names (but the dropped name may be
  * gone: it is removed when the job starts). */
 static void
-expect_old_chain (const struct chain *c, const struct scenario *sc,
-                  const struct chain *old, const char *what)
+expect_old_chain (const struct tu_chain *c, const struct scenario *sc,
+                  const struct tu_chain *old, const char *what)
 {
   bool ok = chain_same_files (c, old);
 
@@ -687,8 +628,8 @@ expect_old_chain (const struct chain *c, const struct scenario *sc,
   }
   if (!ok) {
     print_error ("%s: neither the old chain nor the new one\n", what);
-    chain_print (old, "  old");
-    chain_print (c, "  now");
+    tu_chain_print (old, "  old");
+    tu_chain_print (c, "  now");
   }
   assert_true (ok);
 }
@@ -756,14 +697,14 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
   steps = count_steps (&f, sc, seed);
   for (n = 0; !completed; n = next_kill (n, steps)) {
     struct cow_disk *d;
-    struct chain old, now;
+    struct tu_chain old, now;
     char what[128];
     int r;
 
     snprintf (what, sizeof what, "%s killed after %ld of %ld steps", sc->tag,
               n, steps);
     d = fx_prepare (&f, sc->layers, seed, 8);
-    chain_get (d, &old);
+    tu_chain_get (d, &old);
     budget = n;
     io_set_ops (&killing);
     r = start_job (d, sc, NULL);
@@ -781,7 +722,7 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
     d = open_state (f.st, NULL);
     verify (d, &f, what);
     check_dir (d, f.st, what);
-    chain_get (d, &now);
+    tu_chain_get (d, &now);
     if (r == 0 || !chain_same_files (&now, &old))
       /* Reported complete, or switched: the new chain, whole. */
       expect_new_chain (d, sc, &old, what);
@@ -797,7 +738,7 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
       expect_new_chain (d, sc, &old, what);
       reruns++;
     }
-    chain_free (&now);
+    tu_chain_free (&now);
     if (sc->base_write) {
       size_t len;
       uint8_t *raw = tu_read_file (f.base, &len);
@@ -806,11 +747,11 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
                              "the base after a commit into it");
       free (raw);
     }
-    chain_get (d, &now);
+    tu_chain_get (d, &now);
     assert_int_equal (cow_disk_close (d), 0);
     check_snapshots (&f, &now, what);
-    chain_free (&now);
-    chain_free (&old);
+    tu_chain_free (&now);
+    tu_chain_free (&old);
   }
   print_message ("%s: %ld write steps, %ld kills, the old chain left (and "
                  "the job started again) %ld times, %lu qemu-img runs, "
@@ -909,7 +850,7 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
 {
   struct fx f;
   struct cow_disk *d;
-  struct chain old, now;
+  struct tu_chain old, now;
   struct cow_job_info i;
   int r;
   char *real;
@@ -918,7 +859,7 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   fx_init (&f, sc->tag, seed);
   io_set_ops (&failing);
   d = fx_prepare (&f, sc->layers, seed, 8);
-  chain_get (d, &old);
+  tu_chain_get (d, &old);
   real = realpath (f.st, NULL);
   assert_non_null (real);
   snprintf (fail_dir, sizeof fail_dir, "%s", real);
@@ -958,16 +899,16 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   guest_io_during (d, &f, sc->tag);
   assert_int_equal (cow_disk_flush (d), 0);
   verify (d, &f, "after the failed job");
-  chain_get (d, &now);
+  tu_chain_get (d, &now);
   expect_old_chain (&now, sc, &old, "after the failed job");
-  chain_free (&now);
+  tu_chain_free (&now);
 
   /* Writes work again: the job starts again and completes. */
   __atomic_store_n (&fail_errno, 0, __ATOMIC_SEQ_CST);
   check_dir (d, f.st, "after the failed job");
-  chain_get (d, &now);
+  tu_chain_get (d, &now);
   r = start_job (d, sc, alt_name (sc, &now, &old));
-  chain_free (&now);
+  tu_chain_free (&now);
   if (r == -1)
     print_error ("%s: starting again: %s\n", sc->tag, cow_last_error ());
   assert_int_equal (r, 0);
@@ -976,13 +917,13 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   verify (d, &f, "after the job started again");
   expect_new_chain (d, sc, &old, "after the job started again");
   check_dir (d, f.st, "after the job started again");
-  chain_get (d, &now);
+  tu_chain_get (d, &now);
   assert_int_equal (cow_disk_close (d), 0);
   io_set_ops (&quick);
   n_passed = 0;
   check_snapshots (&f, &now, sc->tag);
-  chain_free (&now);
-  chain_free (&old);
+  tu_chain_free (&now);
+  tu_chain_free (&old);
   fx_fini (&f);
 }
 

@@ -339,75 +339,15 @@ fx_checked_read (struct fx *f, uint64_t *seed)
 /*----------------------------------------------------------------------
  * The chain as cow_disk_layers reports it. */
 
-struct chain {
-  size_t n;
-  char *file[MAX_FILES];        /* base names, bottom to top */
-  char *snapshot[MAX_FILES];    /* NULL: none */
-  char *path[MAX_FILES];
-};
-
-static void
-chain_get (struct fx *f, struct chain *c)
-{
-  struct cow_layer_info *v;
-  size_t n;
-
-  assert_int_equal (cow_disk_layers (f->d, &v, &n), 0);
-  assert_true (n <= MAX_FILES);
-  memset (c, 0, sizeof *c);
-  c->n = n;
-  for (size_t i = 0; i < n; i++) {
-    const char *slash = strrchr (v[i].path, '/');
-    c->file[i] = strdup (slash ? slash + 1 : v[i].path);
-    c->path[i] = strdup (v[i].path);
-    c->snapshot[i] = v[i].snapshot ? strdup (v[i].snapshot) : NULL;
-    assert_non_null (c->file[i]);
-    assert_non_null (c->path[i]);
-    assert_int_equal (v[i].active, i + 1 == n);
-  }
-  cow_layer_info_free (v, n);
-}
-
-static void
-chain_free (struct chain *c)
-{
-  for (size_t i = 0; i < c->n; i++) {
-    free (c->file[i]);
-    free (c->path[i]);
-    free (c->snapshot[i]);
-  }
-  c->n = 0;
-}
-
-static void
-chain_print (const struct chain *c, const char *what)
-{
-  print_message ("%s:", what);
-  for (size_t i = 0; i < c->n; i++)
-    print_message (" %s(%s)", c->file[i],
-                   c->snapshot[i] ? c->snapshot[i] : "-");
-  print_message ("\n");
-}
-
-/* Index of the layer carrying a snapshot name, or -1. */
-static int
-chain_find (const struct chain *c, const char *name)
-{
-  for (size_t i = 0; i < c->n; i++)
-    if (c->snapshot[i] && strcmp (c->snapshot[i], name) == 0)
-      return (int) i;
-  return -1;
-}
-
 /* The file names of the chain are exactly 'want' (NULL-terminated). */
 static void
 expect_files (struct fx *f, const char *const *want, const char *what)
 {
-  struct chain c;
+  struct tu_chain c;
   size_t n = 0;
   bool same;
 
-  chain_get (f, &c);
+  tu_chain_get (f->d, &c);
   while (want[n])
     n++;
   same = n == c.n;
@@ -415,13 +355,13 @@ expect_files (struct fx *f, const char *const *want, const char *what)
     same = strcmp (want[i], c.file[i]) == 0;
   if (!same) {
     print_error ("%s: unexpected chain\n", what);
-    chain_print (&c, "  got");
+    tu_chain_print (&c, "  got");
     print_message ("  want:");
     for (size_t i = 0; i < n; i++)
       print_message (" %s", want[i]);
     print_message ("\n");
   }
-  chain_free (&c);
+  tu_chain_free (&c);
   assert_true (same);
 }
 
@@ -429,16 +369,16 @@ expect_files (struct fx *f, const char *const *want, const char *what)
 static void
 expect_name_gone (struct fx *f, const char *name, const char *what)
 {
-  struct chain c;
+  struct tu_chain c;
   int k;
 
-  chain_get (f, &c);
-  k = chain_find (&c, name);
+  tu_chain_get (f->d, &c);
+  k = tu_chain_find (&c, name);
   if (k != -1) {
     print_error ("%s: '%s' is still there\n", what, name);
-    chain_print (&c, "  chain");
+    tu_chain_print (&c, "  chain");
   }
-  chain_free (&c);
+  tu_chain_free (&c);
   assert_int_equal (k, -1);
 }
 
@@ -446,16 +386,16 @@ expect_name_gone (struct fx *f, const char *name, const char *what)
 static void
 expect_names (struct fx *f, const char *what)
 {
-  struct chain c;
+  struct tu_chain c;
   size_t named = 0;
 
-  chain_get (f, &c);
+  tu_chain_get (f->d, &c);
   for (size_t i = 0; i < c.n; i++) {
     if (c.snapshot[i] == NULL)
       continue;
     named++;
     if (fx_snap (f, c.snapshot[i]) == NULL) {
-      chain_print (&c, what);
+      tu_chain_print (&c, what);
       print_error ("%s: unexpected snapshot name '%s'\n", what,
                    c.snapshot[i]);
       fail ();
@@ -463,19 +403,19 @@ expect_names (struct fx *f, const char *what)
     assert_false (c.snapshot[i] == NULL || c.snapshot[i][0] == '\0');
   }
   for (size_t i = 0; i < f->n_snaps; i++)
-    if (chain_find (&c, f->snaps[i].name) == -1) {
-      chain_print (&c, what);
+    if (tu_chain_find (&c, f->snaps[i].name) == -1) {
+      tu_chain_print (&c, what);
       print_error ("%s: snapshot '%s' is gone\n", what, f->snaps[i].name);
       fail ();
     }
   assert_int_equal (named, f->n_snaps);
-  chain_free (&c);
+  tu_chain_free (&c);
 }
 
 /* Copy the chain's file names into want[] (NULL-terminated) leaving out
  * those listed in drop (NULL-terminated). */
 static void
-files_without (const struct chain *c, const char *const *drop,
+files_without (const struct tu_chain *c, const char *const *drop,
                const char **want)
 {
   size_t k = 0;
@@ -506,7 +446,7 @@ expect_file_gone (struct fx *f, const char *file)
 /* Nothing in the state directory but the lock, the manifest and the
  * chain's layers. */
 static void
-expect_no_strays (struct fx *f, const struct chain *c)
+expect_no_strays (struct fx *f, const struct tu_chain *c)
 {
   DIR *dir = opendir (f->st);
   struct dirent *e;
@@ -560,12 +500,12 @@ expect_layer_content (struct fx *f, const char *path, const uint8_t *data,
 static void
 fx_offline_check (struct fx *f, const char *what)
 {
-  struct chain c;
+  struct tu_chain c;
   char *out = NULL;
   int st;
 
   expect_names (f, what);
-  chain_get (f, &c);
+  tu_chain_get (f->d, &c);
   fx_close (f);
   expect_no_strays (f, &c);
   for (size_t i = 0; i < c.n; i++)
@@ -586,7 +526,7 @@ fx_offline_check (struct fx *f, const char *what)
     assert_non_null (s);
     expect_layer_content (f, c.path[i], s->data, c.snapshot[i]);
   }
-  chain_free (&c);
+  tu_chain_free (&c);
   fx_open (f);
   fx_verify (f, what);
 }
@@ -841,7 +781,7 @@ static void
 commit_frozen (uint32_t cs, bool by_file, uint64_t seed)
 {
   struct fx f;
-  struct chain c0, c1;
+  struct tu_chain c0, c1;
   const char *want[MAX_FILES];
 
   fx_init (&f, "job-commit", 4 * MIB, cs, seed);
@@ -852,7 +792,7 @@ commit_frozen (uint32_t cs, bool by_file, uint64_t seed)
   fx_workload (&f, 12);
   fx_snapshot (&f, "s3");
   fx_workload (&f, 12);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
   assert_int_equal (c0.n, 4);
 
   /* s2's state would be lost. */
@@ -873,10 +813,10 @@ commit_frozen (uint32_t cs, bool by_file, uint64_t seed)
   fx_forget (&f, "s2");
   files_without (&c0, (const char *[]) { c0.file[2], NULL }, want);
   expect_files (&f, want, "after commit s3 into s2");
-  chain_get (&f, &c1);
+  tu_chain_get (f.d, &c1);
   /* The merged layer is s2's file and carries s3's name. */
-  assert_int_equal (chain_find (&c1, "s3"), 1);
-  chain_free (&c1);
+  assert_int_equal (tu_chain_find (&c1, "s3"), 1);
+  tu_chain_free (&c1);
   expect_file_gone (&f, c0.file[2]);
   fx_verify (&f, "after commit s3 into s2");
   fx_offline_check (&f, "after commit s3 into s2");
@@ -885,7 +825,7 @@ commit_frozen (uint32_t cs, bool by_file, uint64_t seed)
   fx_workload (&f, 8);
   fx_snapshot (&f, "s4");
   fx_workload (&f, 8);
-  chain_get (&f, &c1);
+  tu_chain_get (f.d, &c1);
   assert_int_equal (c1.n, 4);
   expect_refused (start_commit (&f, "s4", "s1", false, false, 0), EBUSY,
                   "commit s4 into s1 without force");
@@ -902,8 +842,8 @@ commit_frozen (uint32_t cs, bool by_file, uint64_t seed)
   expect_file_gone (&f, c1.file[2]);
   fx_verify (&f, "after commit s4 into s1");
   fx_offline_check (&f, "after commit s4 into s1");
-  chain_free (&c1);
-  chain_free (&c0);
+  tu_chain_free (&c1);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -927,7 +867,7 @@ static void
 test_active_commit (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   struct writer w;
   const char *want[MAX_FILES];
   struct cow_job_info i;
@@ -939,7 +879,7 @@ test_active_commit (void **state)
   fx_workload (&f, 12);
   fx_snapshot (&f, "s2");
   fx_workload (&f, 16);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   expect_refused (start_commit (&f, "active", NULL, false, false, 0), EBUSY,
                   "active commit into s2 without force");
@@ -972,7 +912,7 @@ test_active_commit (void **state)
   fx_snapshot (&f, "s5");
   fx_workload (&f, 8);
   fx_offline_check (&f, "writes after the active commit");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -982,7 +922,7 @@ static void
 test_commit_into_base (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   const char *want[MAX_FILES];
   uint8_t *raw;
   size_t n;
@@ -992,7 +932,7 @@ test_commit_into_base (void **state)
   fx_workload (&f, 12);
   fx_snapshot (&f, "s1");
   fx_workload (&f, 12);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   expect_refused (start_commit (&f, "s1", "base", true, false, 0), EPERM,
                   "commit into the base without allow_base_write");
@@ -1017,7 +957,7 @@ test_commit_into_base (void **state)
   expect_file_gone (&f, c0.file[0]);
   fx_verify (&f, "after the commit into the base");
   fx_offline_check (&f, "after the commit into the base");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1028,7 +968,7 @@ static void
 test_active_commit_converges (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   struct writer w;
   const char *want[MAX_FILES];
 
@@ -1037,7 +977,7 @@ test_active_commit_converges (void **state)
   fx_workload (&f, 8);
   fx_snapshot (&f, "s1");
   fx_write_all (&f);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
   writer_start (&w, &f, 122);
   expect_started (start_commit (&f, "active", NULL, true, false, 16 * MIB),
                   "active commit of 16 MiB");
@@ -1049,7 +989,7 @@ test_active_commit_converges (void **state)
   expect_file_gone (&f, c0.file[1]);
   fx_verify (&f, "after the active commit of 16 MiB");
   fx_offline_check (&f, "after the active commit of 16 MiB");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1063,7 +1003,7 @@ static void
 snapshot_during (enum during kind, uint64_t seed)
 {
   struct fx f;
-  struct chain c0, c1;
+  struct tu_chain c0, c1;
   const char *want[MAX_FILES];
   const uint64_t speed = 2 * MIB;
   int r;
@@ -1076,7 +1016,7 @@ snapshot_during (enum during kind, uint64_t seed)
   fx_workload (&f, 8);
   fx_snapshot (&f, "s3");
   fx_workload (&f, 8);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   switch (kind) {
   case DURING_PULL:
@@ -1113,9 +1053,9 @@ snapshot_during (enum during kind, uint64_t seed)
   job_wait_ok (&f, kind == DURING_PULL ? COW_JOB_PULL
                : kind == DURING_DELETE ? COW_JOB_DELETE : COW_JOB_COMMIT,
                "job with a snapshot during it");
-  chain_get (&f, &c1);
-  chain_print (&c1, "after the job");
-  chain_free (&c1);
+  tu_chain_get (f.d, &c1);
+  tu_chain_print (&c1, "after the job");
+  tu_chain_free (&c1);
   switch (kind) {
   case DURING_PULL:
     /* The pull's target (the active layer when it started) is x now. */
@@ -1139,18 +1079,18 @@ snapshot_during (enum during kind, uint64_t seed)
     size_t n = 0;
     while (want[n])
       n++;
-    chain_get (&f, &c1);
+    tu_chain_get (f.d, &c1);
     want[n] = c1.file[c1.n - 1];
     want[n + 1] = NULL;
     expect_files (&f, want, "after the job");
-    chain_free (&c1);
+    tu_chain_free (&c1);
   }
   else
     expect_files (&f, want, "after the job");
   expect_names (&f, "after the job");
   fx_verify (&f, "after the job");
   fx_offline_check (&f, "after a job with a snapshot during it");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1191,7 +1131,7 @@ static void
 test_pull_all (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   struct writer w;
   char *bf;
 
@@ -1202,7 +1142,7 @@ test_pull_all (void **state)
   fx_workload (&f, 12);
   fx_snapshot (&f, "s2");
   fx_workload (&f, 12);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   expect_refused (start_pull (&f, NULL, false, 0), EBUSY,
                   "pull cutting s1 and s2 without force");
@@ -1225,7 +1165,7 @@ test_pull_all (void **state)
     print_error ("%s still backs onto %s\n", c0.path[2], bf);
   assert_null (bf);
   fx_open (&f);
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1234,7 +1174,7 @@ static void
 test_pull_to_snapshot (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   char *bf;
 
   (void) state;
@@ -1246,7 +1186,7 @@ test_pull_to_snapshot (void **state)
   fx_workload (&f, 12);
   fx_snapshot (&f, "s3");
   fx_workload (&f, 12);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   expect_refused (start_pull (&f, "s1", false, 0), EBUSY,
                   "pull cutting s2 and s3 without force");
@@ -1270,7 +1210,7 @@ test_pull_to_snapshot (void **state)
   tu_assert_contains (bf, c0.file[0]);
   free (bf);
   fx_open (&f);
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1281,12 +1221,12 @@ static void
 delete_one (struct fx *f, const char *name, struct writer *w,
             const char *what)
 {
-  struct chain c0;
+  struct tu_chain c0;
   const char *want[MAX_FILES];
   int k;
 
-  chain_get (f, &c0);
-  k = chain_find (&c0, name);
+  tu_chain_get (f->d, &c0);
+  k = tu_chain_find (&c0, name);
   assert_true (k >= 0);
   expect_started (start_delete (f, name, w ? 256 * 1024 : 0), what);
   /* The name goes at once. */
@@ -1300,7 +1240,7 @@ delete_one (struct fx *f, const char *name, struct writer *w,
   expect_files (f, want, what);
   expect_file_gone (f, c0.file[k]);
   expect_names (f, what);
-  chain_free (&c0);
+  tu_chain_free (&c0);
 }
 
 /* s2 (middle), then s3 (the top frozen layer, merged into the active
@@ -1357,7 +1297,7 @@ static void
 test_errors (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   struct cow_job_info i;
   struct cow_disk *ov;
   char *ovp;
@@ -1387,7 +1327,7 @@ test_errors (void **state)
   fx_workload (&f, 8);
   fx_snapshot (&f, "s2");
   fx_workload (&f, 8);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   /* No job yet. */
   assert_int_equal (cow_disk_job_info (f.d, &i), 0);
@@ -1430,7 +1370,7 @@ test_errors (void **state)
   expect_files (&f, (const char *const *) c0.file, "after refused jobs");
   expect_names (&f, "after refused jobs");
   fx_verify (&f, "after refused jobs");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1442,7 +1382,7 @@ static void
 test_controls (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   struct cow_job_info i;
   uint64_t done;
   double t0;
@@ -1454,7 +1394,7 @@ test_controls (void **state)
   fx_write_all (&f);
   fx_snapshot (&f, "s2");
   fx_workload (&f, 8);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   expect_started (start_pull (&f, NULL, true, 64 * 1024), "slow pull");
   assert_int_equal (cow_disk_job_info (f.d, &i), 0);
@@ -1531,7 +1471,7 @@ test_controls (void **state)
   /* A job that ran leaves job_wait returning 0 until the next one. */
   assert_int_equal (cow_disk_job_wait (f.d), 0);
   fx_offline_check (&f, "after the second pull");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1542,7 +1482,7 @@ static void
 test_commit_cancel (void **state)
 {
   struct fx f;
-  struct chain c0;
+  struct tu_chain c0;
   const char *want[MAX_FILES];
 
   (void) state;
@@ -1552,7 +1492,7 @@ test_commit_cancel (void **state)
   fx_write_all (&f);
   fx_snapshot (&f, "s2");
   fx_workload (&f, 8);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
 
   expect_started (start_commit (&f, "s2", NULL, true, false, 64 * 1024),
                   "slow commit");
@@ -1574,7 +1514,7 @@ test_commit_cancel (void **state)
   files_without (&c0, (const char *[]) { c0.file[1], NULL }, want);
   expect_files (&f, want, "after the commit");
   fx_offline_check (&f, "after the commit");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1584,7 +1524,7 @@ static void
 test_close_during_job (void **state)
 {
   struct fx f;
-  struct chain c0, c1;
+  struct tu_chain c0, c1;
   double t0;
 
   (void) state;
@@ -1594,7 +1534,7 @@ test_close_during_job (void **state)
   fx_write_all (&f);
   fx_snapshot (&f, "s2");
   fx_workload (&f, 8);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
   expect_started (start_delete (&f, "s2", 64 * 1024), "slow delete");
   fx_forget (&f, "s2");
   sleep_ms (100);
@@ -1604,14 +1544,14 @@ test_close_during_job (void **state)
     print_error ("close took %.1f s with a job running\n", now_s () - t0);
   assert_true (now_s () - t0 <= 5);
   fx_open (&f);
-  chain_get (&f, &c1);
-  chain_print (&c1, "reopened");
+  tu_chain_get (f.d, &c1);
+  tu_chain_print (&c1, "reopened");
   assert_true (c1.n == c0.n || c1.n + 1 == c0.n);
-  chain_free (&c1);
+  tu_chain_free (&c1);
   expect_names (&f, "reopened after a close during a delete");
   fx_verify (&f, "reopened after a close during a delete");
   fx_offline_check (&f, "reopened after a close during a delete");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 
@@ -1622,7 +1562,7 @@ static void
 test_max_depth (void **state)
 {
   struct fx f;
-  struct chain c0, c1;
+  struct tu_chain c0, c1;
   const char *want[MAX_FILES];
   double t0;
   bool snapped = false;
@@ -1636,7 +1576,7 @@ test_max_depth (void **state)
   fx_workload (&f, 8);
   fx_snapshot (&f, "s3");
   fx_workload (&f, 8);
-  chain_get (&f, &c0);
+  tu_chain_get (f.d, &c0);
   assert_int_equal (c0.n, 4);
 
   expect_started (start_delete (&f, "s2", 16 * 1024), "slow delete");
@@ -1645,12 +1585,12 @@ test_max_depth (void **state)
   assert_int_equal (cow_disk_job_cancel (f.d), 0);
   expect_refused (cow_disk_job_wait (f.d), ECANCELED, "cancelled delete");
   /* Unnamed now, and still in the chain (no maximum depth yet). */
-  chain_get (&f, &c1);
-  chain_print (&c1, "after the cancelled delete");
+  tu_chain_get (f.d, &c1);
+  tu_chain_print (&c1, "after the cancelled delete");
   assert_int_equal (c1.n, 4);
   assert_string_equal (c1.file[1], c0.file[1]);
   assert_null (c1.snapshot[1]);
-  chain_free (&c1);
+  tu_chain_free (&c1);
   sleep_ms (200);
   assert_int_equal (job_state (&f), COW_JOB_CANCELLED);
   fx_verify (&f, "with an unnamed layer");
@@ -1659,9 +1599,9 @@ test_max_depth (void **state)
   t0 = now_s ();
   for (;;) {
     bool gone;
-    chain_get (&f, &c1);
+    tu_chain_get (f.d, &c1);
     gone = c1.n == 0 || strcmp (c1.file[1], c0.file[1]) != 0;
-    chain_free (&c1);
+    tu_chain_free (&c1);
     if (gone && !job_active (job_state (&f)))
       break;
     if (!snapped && now_s () - t0 > 2) {
@@ -1696,7 +1636,7 @@ test_max_depth (void **state)
   assert_int_equal (cow_disk_job_wait (f.d), 0);
   expect_names (&f, "snapshots past the maximum depth");
   fx_offline_check (&f, "after the automatic merge");
-  chain_free (&c0);
+  tu_chain_free (&c0);
   fx_fini (&f);
 }
 

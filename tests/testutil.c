@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include "cowchain.h"
 #include "testutil.h"
 
 static void
@@ -374,4 +375,56 @@ tu_assert_bytes_equal (const void *got, const void *want, size_t n,
                "want 0x%02x; differing run of %zu bytes\n", what,
                base + i, base + i, g[i], w[i], j - i);
   fail ();
+}
+
+void
+tu_chain_get (struct cow_disk *d, struct tu_chain *c)
+{
+  struct cow_layer_info *v;
+  size_t n;
+
+  assert_int_equal (cow_disk_layers (d, &v, &n), 0);
+  assert_true (n <= TU_CHAIN_MAX);
+  memset (c, 0, sizeof *c);
+  c->n = n;
+  for (size_t i = 0; i < n; i++) {
+    const char *slash = strrchr (v[i].path, '/');
+    c->file[i] = strdup (slash ? slash + 1 : v[i].path);
+    c->path[i] = strdup (v[i].path);
+    c->snapshot[i] = v[i].snapshot ? strdup (v[i].snapshot) : NULL;
+    assert_non_null (c->file[i]);
+    assert_non_null (c->path[i]);
+    assert_int_equal (v[i].active, i + 1 == n);
+  }
+  cow_layer_info_free (v, n);
+}
+
+void
+tu_chain_free (struct tu_chain *c)
+{
+  for (size_t i = 0; i < c->n; i++) {
+    free (c->file[i]);
+    free (c->path[i]);
+    free (c->snapshot[i]);
+  }
+  c->n = 0;
+}
+
+void
+tu_chain_print (const struct tu_chain *c, const char *what)
+{
+  print_message ("%s:", what);
+  for (size_t i = 0; i < c->n; i++)
+    print_message (" %s(%s)", c->file[i],
+                   c->snapshot[i] ? c->snapshot[i] : "-");
+  print_message ("\n");
+}
+
+int
+tu_chain_find (const struct tu_chain *c, const char *name)
+{
+  for (size_t i = 0; i < c->n; i++)
+    if (c->snapshot[i] && strcmp (c->snapshot[i], name) == 0)
+      return (int) i;
+  return -1;
 }

@@ -79,4 +79,19 @@ char *tu_json_str (const char *json, const char *key);
 void tu_assert_bytes_equal (const void *got, const void *want, size_t n,
                             uint64_t base, const char *what);
 
+/* A disk's chain as cow_disk_layers reports it, bottom to top. */
+#define TU_CHAIN_MAX 32
+struct cow_disk;
+struct tu_chain {
+  size_t n;
+  char *file[TU_CHAIN_MAX];       /* base names */
+  char *snapshot[TU_CHAIN_MAX];   /* NULL: none */
+  char *path[TU_CHAIN_MAX];
+};
+void tu_chain_get (struct cow_disk *d, struct tu_chain *c);
+void tu_chain_free (struct tu_chain *c);
+void tu_chain_print (const struct tu_chain *c, const char *what);
+/* Index of the layer carrying a snapshot name, or -1. */
+int tu_chain_find (const struct tu_chain *c, const char *name);
+
 #endif /* COW_TESTUTIL_H */
