@@ -698,8 +698,20 @@ write_step (struct qcow2 *q, const char *data, uint64_t count, uint64_t offset,
       olds[n] = e;
   }
   qcow2_cache_put (q->l2_cache, l2);
-  /* Freed clusters first: a shorter run, the rest on the next step. */
-  host = qcow2_alloc_run (q, n, &n);
+  /* Freed clusters first: a shorter run, the rest on the next step.
+   * Unless the request ends in a partial cluster of this run: its old
+   * contents must be read before any of the request is written (see
+   * write_new_clusters), so then the run stays whole. */
+  {
+    uint64_t got;
+    host = qcow2_alloc_run (q, n, &got);
+    if (host != 0 && got < n && in_cl + count < n * c) {
+      qcow2_free_unused (q, host, got);
+      host = qcow2_alloc_clusters (q, n);
+    }
+    else
+      n = got;
+  }
   if (host == 0)
     goto err_unlock;
   if (inflight_add (q, gc, n) == -1) {
