@@ -1182,7 +1182,10 @@ start_commit (struct cow_disk *d, const struct cow_job_opts *o)
                    "--allow-base-write", d->state_dir, d->man.base);
     return -1;
   }
-  if (check_lost (d, b, t - 1, o->force, "this commit") == -1)
+  /* The original base carries no name: committing into it loses top's
+   * name too. */
+  if (check_lost (d, b, b == IDX_BASE ? t : t - 1, o->force,
+                  "this commit") == -1)
     return -1;
   j = new_job (d, COW_JOB_COMMIT, d->man.layers[t].file,
                b == IDX_BASE ? "base" : d->man.layers[b].file, o->speed);

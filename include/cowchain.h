@@ -133,7 +133,8 @@ uint64_t cow_disk_last_pause_ns (const struct cow_disk *d);
  *   layer (active commit: the guest keeps writing, the job converges,
  *   then base becomes the active layer).  Writing into the original base
  *   needs allow_base_write.  Snapshots whose state would be lost (names
- *   on base and between it and top) need force; they are dropped when
+ *   on base and between it and top, and top's own when base is the
+ *   original base, which carries no name) need force; they are dropped when
  *   the job starts (the states they name start changing then), so a
  *   cancelled commit leaves the chain without them.
  * pull: the data of the layers under the active one, down to (not

@@ -235,7 +235,10 @@ expect_fail "--allow-base-write" "$cow" commit --top s1
 expect_fail "--allow-base-write" "$cow" commit --top active --base base --force
 cmp -s "$tmpdir/manifest.before" "$st/manifest" || fail "a refused commit changed the manifest"
 cmp -s "$base" "$base3" || fail "a refused commit changed the base"
-"$cow" commit --top s1 --allow-base-write --wait > /dev/null || fail "commit into the base failed"
+# The original base carries no name: s1's would be lost.
+expect_fail "would drop snapshot 's1'" "$cow" commit --top s1 --allow-base-write
+cmp -s "$tmpdir/manifest.before" "$st/manifest" || fail "a refused commit changed the manifest"
+"$cow" commit --top s1 --allow-base-write --force --wait > /dev/null || fail "commit into the base failed"
 cmp -s "$tmpdir/m31" "$base3" || fail "the raw base does not hold the committed snapshot"
 expect_names ""
 expect_chain "$st" 2
