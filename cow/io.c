@@ -151,6 +151,23 @@ io_rename (const char *from, const char *to)
 }
 
 int
+io_reopen_rw (const char *path, int fd)
+{
+  int rw = ops->open (path, O_RDWR, 0), saved;
+
+  if (rw == -1)
+    return -1;
+  if (dup2 (rw, fd) == -1) {
+    saved = errno;
+    ops->close (rw);
+    errno = saved;
+    return -1;
+  }
+  ops->close (rw);
+  return 0;
+}
+
+int
 io_unlink (const char *path)
 {
   return ops->unlink (path);

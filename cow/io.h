@@ -43,6 +43,10 @@ int io_ftruncate (int fd, uint64_t length);
 int io_punch_hole (int fd, uint64_t offset, uint64_t len);
 int io_rename (const char *from, const char *to);
 int io_unlink (const char *path);
+/* Make fd (open read-only on path) read-write, atomically: the file is
+ * opened again for writing and the new descriptor takes fd's number, so
+ * I/O running on fd meanwhile goes on unharmed. */
+int io_reopen_rw (const char *path, int fd);
 /* fsync the directory that holds path. */
 int io_fsync_dir_of (const char *path);
 int io_file_size (int fd, uint64_t *size);

@@ -372,6 +372,13 @@ add_done (struct cow_job *j, uint64_t n)
  * Copying (caller holds chain_lock shared).
  */
 
+/* The layer at chain position p: 0 is the top, k + 1 is lower[k]. */
+static struct layer *
+chain_at (struct cow_disk *d, size_t p)
+{
+  return p == 0 ? d->top : d->lower[p - 1].l;
+}
+
 /* The status of [pos, pos+max) through the merged layers: the first
  * layer from the top that holds something there.  For a pull the target
  * itself is not counted; the layers are those under it down to the base
@@ -381,32 +388,24 @@ range_status (struct cow_job *j, uint64_t pos, uint64_t max, uint64_t *len,
               enum layer_status *st)
 {
   struct cow_disk *d = j->d;
-  struct layer *first = j->commit ? j->top : j->target;
-  bool in = false;
+  const struct layer *first = j->commit ? j->top : j->target;
   const struct layer *stop = j->bk == BASE_LAYER ? j->base_layer
     : j->bk == BASE_ORIG ? (d->n_frozen < d->n_lower
                             ? d->lower[d->n_frozen].l : NULL)
     : NULL;
-  struct layer *seq[COW_MAX_DEPTH + 1];
-  size_t n = 0;
+  size_t p = 0;
 
-  /* The chain top-down, from the first merged layer to the stop. */
-  seq[n++] = d->top;
-  for (size_t i = 0; i < d->n_lower; i++)
-    seq[n++] = d->lower[i].l;
   *len = max;
   *st = LAYER_ABSENT;
-  for (size_t i = 0; i < n; i++) {
-    struct layer *l = seq[i];
-    if (l == stop)
-      break;
-    if (!in) {
-      if (l != first)
-        continue;
-      in = true;
-      if (!j->commit)
-        continue;               /* a pull's target itself */
-    }
+  /* The chain top-down as positions: 0 the top, k + 1 lower[k].  From
+   * the first merged layer (a pull's starts under its target) to the
+   * stop. */
+  while (p <= d->n_lower && chain_at (d, p) != first)
+    p++;
+  if (!j->commit)
+    p++;
+  for (; p <= d->n_lower && chain_at (d, p) != stop; p++) {
+    struct layer *l = chain_at (d, p);
     if (l->ops->map (l, pos, *len, len, st) == -1)
       return -1;
     if (*len == 0)
@@ -733,7 +732,6 @@ switch_commit (struct cow_job *j)
   struct manifest next;
   char **files;
   size_t k = (size_t) (t - b);
-  int r;
 
   if (j->target->ops->flush (j->target) == -1)
     return -1;
@@ -764,8 +762,7 @@ switch_commit (struct cow_job *j)
   manifest_free (&d->man);
   d->man = next;
   /* A failure here is repaired at the next open. */
-  r = rebase_header (d, above, b, j->bk);
-  (void) r;
+  rebase_header (d, above, b, j->bk);
   close_and_unlink (d, gone, k, files, k);
   free (files);
   return 0;
@@ -1468,9 +1465,11 @@ cow_job_state_name (enum cow_job_state s)
   return "none";
 }
 
+enum job_control { CTL_PAUSE, CTL_RESUME, CTL_CANCEL, CTL_SPEED };
+
 /* Apply a control to the running job. */
 static int
-control (struct cow_disk *d, int what, uint64_t speed)
+control (struct cow_disk *d, enum job_control what, uint64_t speed)
 {
   struct cow_job *j;
   int r = 0;
@@ -1485,10 +1484,10 @@ control (struct cow_disk *d, int what, uint64_t speed)
   }
   else {
     switch (what) {
-    case 0: j->pause_req = true; break;
-    case 1: j->pause_req = false; break;
-    case 2: j->cancel_req = true; break;
-    case 3:
+    case CTL_PAUSE: j->pause_req = true; break;
+    case CTL_RESUME: j->pause_req = false; break;
+    case CTL_CANCEL: j->cancel_req = true; break;
+    case CTL_SPEED:
       j->speed = speed;
       j->window_t0 = now_ns ();
       j->window_done = j->done;
@@ -1496,21 +1495,21 @@ control (struct cow_disk *d, int what, uint64_t speed)
     }
     pthread_cond_broadcast (&d->job_cond);
     /* A pause is reported once the copy has stopped between chunks. */
-    while (what == 0 && j->state == COW_JOB_RUNNING && j->pause_req)
+    while (what == CTL_PAUSE && j->state == COW_JOB_RUNNING && j->pause_req)
       pthread_cond_wait (&d->job_cond, &d->job_lock);
   }
   pthread_mutex_unlock (&d->job_lock);
   return r;
 }
 
-int cow_disk_job_pause (struct cow_disk *d) { return control (d, 0, 0); }
-int cow_disk_job_resume (struct cow_disk *d) { return control (d, 1, 0); }
-int cow_disk_job_cancel (struct cow_disk *d) { return control (d, 2, 0); }
+int cow_disk_job_pause (struct cow_disk *d) { return control (d, CTL_PAUSE, 0); }
+int cow_disk_job_resume (struct cow_disk *d) { return control (d, CTL_RESUME, 0); }
+int cow_disk_job_cancel (struct cow_disk *d) { return control (d, CTL_CANCEL, 0); }
 
 int
 cow_disk_job_set_speed (struct cow_disk *d, uint64_t speed)
 {
-  return control (d, 3, speed);
+  return control (d, CTL_SPEED, speed);
 }
 
 int

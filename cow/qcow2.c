@@ -512,7 +512,6 @@ static int
 qcow2_layer_reopen_rw (struct layer *l)
 {
   struct qcow2 *q = (struct qcow2 *) l;
-  int fd;
 
   if (!l->readonly) {
     __atomic_store_n (&q->frozen, false, __ATOMIC_RELEASE);
@@ -528,18 +527,10 @@ qcow2_layer_reopen_rw (struct layer *l)
                    "does not write such images", l->path);
     return -1;
   }
-  fd = io_open (l->path, O_RDWR, 0);
-  if (fd == -1) {
+  if (io_reopen_rw (l->path, q->fd) == -1) {
     cow_error_errno ("%s: cannot open for writing", l->path);
     return -1;
   }
-  /* Atomically: reads running on the old descriptor go on unharmed. */
-  if (dup2 (fd, q->fd) == -1) {
-    cow_error_errno ("%s: dup2", l->path);
-    io_close (fd);
-    return -1;
-  }
-  io_close (fd);
   l->readonly = false;
   __atomic_store_n (&q->frozen, false, __ATOMIC_RELEASE);
   return 0;

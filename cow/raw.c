@@ -158,21 +158,13 @@ static int
 raw_reopen_rw (struct layer *l)
 {
   struct raw *r = (struct raw *) l;
-  int fd;
 
   if (!l->readonly)
     return 0;
-  fd = io_open (l->path, O_RDWR, 0);
-  if (fd == -1) {
+  if (io_reopen_rw (l->path, r->fd) == -1) {
     cow_error_errno ("%s: cannot open for writing", l->path);
     return -1;
   }
-  if (dup2 (fd, r->fd) == -1) {
-    cow_error_errno ("%s: dup2", l->path);
-    io_close (fd);
-    return -1;
-  }
-  io_close (fd);
   l->readonly = false;
   return 0;
 }
