@@ -286,10 +286,16 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
       return -1;
     }
     *base_format = "raw";
-    d->lower[0].l = nbd_layer_open (cfg->base);
-    if (d->lower[0].l == NULL)
+    if (d->n_lower == COW_MAX_DEPTH) {
+      cow_error_set (ELOOP, "%s: the chain is deeper than %d layers",
+                     cfg->base, COW_MAX_DEPTH);
       return -1;
-    d->n_lower = 1;
+    }
+    /* Under the frozen layers of a state directory, if any. */
+    d->lower[d->n_lower].l = nbd_layer_open (cfg->base);
+    if (d->lower[d->n_lower].l == NULL)
+      return -1;
+    d->n_lower++;
     return 0;
   }
   if (fmt == NULL) {
