@@ -72,6 +72,8 @@ free_disk (struct cow_disk *d)
   pthread_rwlock_destroy (&d->chain_lock);
   pthread_rwlock_destroy (&d->durability_lock);
   pthread_mutex_destroy (&d->admin_lock);
+  pthread_mutex_destroy (&d->health_lock);
+  free (d->degraded_msg);
   pthread_mutex_destroy (&d->sync_lock);
   pthread_cond_destroy (&d->sync_cond);
   manifest_free (&d->man);
@@ -521,6 +523,23 @@ unlink_layer (struct cow_disk *d, const char *file)
   }
 }
 
+/* The name of a layer file in the state directory, if any (malloc'd). */
+static char *
+find_layer_file (struct cow_disk *d)
+{
+  DIR *dir = opendir (d->state_dir);
+  struct dirent *e;
+  char *r = NULL;
+
+  if (dir == NULL)
+    return NULL;
+  while (r == NULL && (e = readdir (dir)) != NULL)
+    if (strncmp (e->d_name, "layer-", 6) == 0)
+      r = strdup (e->d_name);
+  closedir (dir);
+  return r;
+}
+
 /* Remove layer files a crash left behind (not named by the manifest). */
 static void
 remove_orphans (struct cow_disk *d)
@@ -589,8 +608,8 @@ is_merged_layer (const struct cow_disk *d, const char *name)
  * longer lists (or, pulled self-contained, still naming the base).  Its
  * contents already read the same over the new backing, so the name is
  * repaired here.  Any other mismatch is refused. */
-static int
-check_chain_names (struct cow_disk *d, bool readonly)
+int
+chain_check_names (struct cow_disk *d, bool readonly)
 {
   size_t n = d->man.n_layers;
 
@@ -694,6 +713,17 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
     return -1;
   }
   if (r == 0) {
+    char *layer = find_layer_file (d);
+    if (layer) {
+      /* Never build a fresh chain over files that hold a disk: they
+       * would all go as orphans. */
+      cow_error_set (EINVAL, "%s: holds layer file '%s' but no manifest; "
+                     "refusing to start a new chain over it (restore the "
+                     "manifest, or move the layer files away)",
+                     d->state_dir, layer);
+      free (layer);
+      return -1;
+    }
     if (cfg->base == NULL) {
       cow_error_set (EINVAL, "%s: no manifest yet, so base= is required",
                      d->state_dir);
@@ -736,6 +766,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
 
   if (r == 0) {
     char *name;
+    bool uncertain = false;
     d->man.base_format = strdup (fmt);
     if (d->man.base_format == NULL) {
       cow_error_errno ("strdup");
@@ -748,7 +779,15 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
     r = (d->top == NULL
          || manifest_push (&d->man, name, (int64_t) time (NULL), NULL,
                            NULL) == -1
-         || manifest_save (d->state_dir, &d->man) == -1) ? -1 : 0;
+         || manifest_save (d->state_dir, &d->man, &uncertain) == -1) ? -1 : 0;
+    if (r == -1 && !uncertain) {
+      /* Else the next open would find a layer file with no manifest. */
+      if (d->top) {
+        d->top->ops->close (d->top);
+        d->top = NULL;
+      }
+      unlink_layer (d, name);
+    }
     free (name);
     if (r == -1)
       return -1;
@@ -766,7 +805,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
     d->cluster_size = qcow2_cluster_size (d->top);
     d->compat = qcow2_version (d->top);
   }
-  if (check_chain_names (d, cfg->readonly) == -1)
+  if (chain_check_names (d, cfg->readonly) == -1)
     return -1;
   remove_orphans (d);
   return 0;
@@ -805,6 +844,7 @@ cow_disk_open (const struct cow_disk_config *cfg)
   pthread_rwlock_init (&d->durability_lock, &attr);
   pthread_rwlockattr_destroy (&attr);
   pthread_mutex_init (&d->admin_lock, NULL);
+  pthread_mutex_init (&d->health_lock, NULL);
   pthread_mutex_init (&d->sync_lock, NULL);
   pthread_cond_init (&d->sync_cond, NULL);
   job_disk_init (d);
@@ -895,6 +935,12 @@ cow_disk_close (struct cow_disk *d)
     pthread_mutex_unlock (&d->sync_lock);
     pthread_join (d->sync_thread, NULL);
   }
+  if (d->state_dir && chain_degraded (d)) {
+    pthread_mutex_lock (&d->admin_lock);
+    if (chain_settle (d, "closing the disk cleanly") == -1)
+      r = -1;
+    pthread_mutex_unlock (&d->admin_lock);
+  }
   if (d->top->ops->close (d->top) == -1)
     r = -1;
   close_lower (d);
@@ -961,16 +1007,32 @@ wants_durable (struct cow_disk *d, unsigned flags)
 static void
 change_begin (struct cow_disk *d, bool durable)
 {
-  if (durable)
+  if (durable) {
+    /* Degraded: retry the manifest first, unless a chain change holds
+     * admin_lock (a write does not wait on that). */
+    chain_try_settle (d, false);
     pthread_rwlock_rdlock (&d->durability_lock);
+  }
   pthread_rwlock_rdlock (&d->chain_lock);
+}
+
+/* Durable only if every write is reachable from the manifest on disk
+ * (DESIGN.md invariant 7): checked under durability_lock, which a
+ * snapshot holds exclusive until its manifest is saved or the disk is
+ * marked degraded. */
+static int
+make_durable (struct cow_disk *d)
+{
+  if (d->top->ops->flush (d->top) == -1)
+    return -1;
+  return chain_check_durable (d);
 }
 
 static int
 change_end (struct cow_disk *d, bool durable, int r)
 {
   if (r == 0 && durable)
-    r = d->top->ops->flush (d->top);
+    r = make_durable (d);
   else if (r == 0)
     __atomic_store_n (&d->dirty, 1, __ATOMIC_RELEASE);
   pthread_rwlock_unlock (&d->chain_lock);
@@ -1036,9 +1098,10 @@ cow_disk_flush (struct cow_disk *d)
 {
   int r;
 
+  chain_try_settle (d, true);
   pthread_rwlock_rdlock (&d->durability_lock);
   pthread_rwlock_rdlock (&d->chain_lock);
-  r = d->top->ops->flush (d->top);
+  r = make_durable (d);
   pthread_rwlock_unlock (&d->chain_lock);
   pthread_rwlock_unlock (&d->durability_lock);
   return r;
@@ -1149,26 +1212,21 @@ check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
   return 0;
 }
 
-struct pending_freeze {
-  struct layer *layer;
-  char *file;
-  struct manifest next;
-};
-
-static int
-prepare_freeze (struct cow_disk *d, const char *name, const char *desc,
-                struct pending_freeze *p)
+/* The new layer and the manifest of a freeze, made before I/O pauses. */
+static struct chain_plan *
+prepare_freeze (struct cow_disk *d, const char *name, const char *desc)
 {
+  struct chain_plan *p;
   struct manifest_layer *top;
+  const char *under;
 
-  memset (p, 0, sizeof *p);
   if (check_snapshot_args (d, name, desc) == -1)
-    return -1;
-  p->file = new_layer_name (d, &d->man);
-  if (p->file == NULL)
-    return -1;
-  if (manifest_copy (&p->next, &d->man) == -1)
-    goto err;
+    return NULL;
+  if (chain_settle (d, "snapshot") == -1)
+    return NULL;
+  p = chain_plan_new (d);
+  if (p == NULL)
+    return NULL;
   top = &p->next.layers[p->next.n_layers - 1];
   top->snapshot = strdup (name);
   top->description = desc && *desc ? strdup (desc) : NULL;
@@ -1177,74 +1235,52 @@ prepare_freeze (struct cow_disk *d, const char *name, const char *desc,
     cow_error_errno ("strdup");
     goto err;
   }
-  if (manifest_push (&p->next, p->file, top->created, NULL, NULL) == -1)
+  under = top->file;
+  if (chain_plan_add_layer (d, p, under) == -1
+      || chain_plan_build (d, p) == -1)
     goto err;
-  p->layer = create_layer (d, p->file, d->man.layers[d->man.n_layers - 1].file);
-  if (p->layer == NULL)
-    goto err;
-  return 0;
+  return p;
 
  err:
-  manifest_free (&p->next);
-  if (p->file) {
-    unlink_layer (d, p->file);
-    free (p->file);
-  }
-  return -1;
+  chain_plan_free (d, p);
+  return NULL;
 }
 
-static void
-abandon_freeze (struct cow_disk *d, struct pending_freeze *p)
-{
-  p->layer->ops->close (p->layer);
-  unlink_layer (d, p->file);
-  free (p->file);
-  manifest_free (&p->next);
-}
-
-/* The switch (caller holds chain_lock exclusive). */
-static void
-switch_top (struct cow_disk *d, struct pending_freeze *p)
-{
-  memmove (&d->lower[1], &d->lower[0], d->n_lower * sizeof d->lower[0]);
-  d->lower[0].l = d->top;
-  d->n_lower++;
-  d->n_frozen++;
-  d->top = p->layer;
-  link_chain (d);
-}
-
-/* After the switch: flush the frozen layer, then record the new chain. */
+/* After the switch: flush the frozen layer, then record the new chain.
+ * A failure cannot undo the switch (guest writes already went to the new
+ * layer): the disk is degraded until chain_settle succeeds, and no FLUSH
+ * or FUA is answered with success meanwhile (DESIGN.md invariant 7). */
 static int
-commit_freeze (struct cow_disk *d, struct pending_freeze *p)
+commit_freeze (struct cow_disk *d, const char *name)
 {
   struct layer *old = d->lower[0].l;
-  int r;
+  int e;
 
-  r = old->ops->flush (old);
-  if (r == 0) {
+  if (old->ops->flush (old) == 0) {
     qcow2_mark_frozen (old);
-    r = manifest_save (d->state_dir, &p->next);
+    if (chain_commit_installed (d, "saving the manifest of a snapshot") == 0)
+      return 0;
   }
-  if (r == -1) {
-    /* Guest writes already went to the new layer: it cannot be undone.
-     * Keep serving; the manifest still names the old chain, so the next
-     * flush retries nothing and a restart loses unflushed writes only. */
-    manifest_free (&p->next);
-    free (p->file);
-    return -1;
+  else {
+    d->unflushed = old;
+    chain_set_degraded (d, "flushing the frozen layer of a snapshot");
   }
-  manifest_free (&d->man);
-  d->man = p->next;
-  free (p->file);
-  return 0;
+  e = cow_last_errno ();
+  pthread_mutex_lock (&d->health_lock);
+  cow_error_set (e ? e : EIO, "%s: snapshot '%s' is taken but not yet "
+                 "durable (%s); the disk is degraded: FLUSH fails until a "
+                 "retry (at every FLUSH and chain change) succeeds",
+                 d->state_dir, name,
+                 d->degraded_msg ? d->degraded_msg : "unknown");
+  pthread_mutex_unlock (&d->health_lock);
+  return -1;
 }
 
 int
 cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
                          const char *name, const char *description)
 {
-  struct pending_freeze *p;
+  struct chain_plan **p;
   uint64_t t0, pause;
   size_t ready = 0;
   int ret = 0;
@@ -1267,11 +1303,11 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
     }
   /* New layers first, with no I/O paused. */
   for (; ready < n; ready++)
-    if (prepare_freeze (disks[ready], name, description, &p[ready]) == -1)
+    if ((p[ready] = prepare_freeze (disks[ready], name, description)) == NULL)
       break;
   if (ready < n) {
     for (size_t i = 0; i < ready; i++)
-      abandon_freeze (disks[i], &p[i]);
+      chain_plan_free (disks[i], p[i]);
     ret = -1;
     goto out;
   }
@@ -1282,19 +1318,22 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
   for (size_t i = 0; i < n; i++)
     pthread_rwlock_wrlock (&disks[i]->chain_lock);
   for (size_t i = 0; i < n; i++)
-    switch_top (disks[i], &p[i]);
+    chain_plan_install (disks[i], p[i]);
   for (size_t i = 0; i < n; i++)
     pthread_rwlock_unlock (&disks[i]->chain_lock);
   pause = now_ns () - t0;
   for (size_t i = 0; i < n; i++) {
     disks[i]->last_pause_ns = pause;
-    if (commit_freeze (disks[i], &p[i]) == -1)
+    if (commit_freeze (disks[i], name) == -1)
       ret = -1;
   }
   for (size_t i = 0; i < n; i++)
     pthread_rwlock_unlock (&disks[i]->durability_lock);
-  for (size_t i = 0; i < n; i++)
-    job_check_depth (disks[i]);
+  for (size_t i = 0; i < n; i++) {
+    chain_plan_free (disks[i], p[i]);
+    if (!chain_degraded (disks[i]))
+      job_check_depth (disks[i]);
+  }
  out:
   for (size_t i = n; i-- > 0; )
     pthread_mutex_unlock (&disks[i]->admin_lock);
@@ -1312,10 +1351,8 @@ cow_disk_snapshot (struct cow_disk *d, const char *name,
 int
 cow_disk_revert (struct cow_disk *d, const char *name, bool force)
 {
-  struct manifest next;
-  struct layer *nl = NULL;
-  char *file = NULL;
-  size_t k, n, drop;
+  struct chain_plan *p = NULL;
+  size_t k, n;
   int ret = -1;
 
   if (d->state_dir == NULL) {
@@ -1324,14 +1361,14 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
     return -1;
   }
   pthread_mutex_lock (&d->admin_lock);
-  if (job_busy (d, "revert"))
+  if (job_busy (d, "revert") || chain_settle (d, "revert") == -1)
     goto out;
   n = d->man.n_layers;
-  for (k = 0; k < n; k++)
+  for (k = 0; k + 1 < n; k++)
     if (d->man.layers[k].snapshot
         && strcmp (d->man.layers[k].snapshot, name) == 0)
       break;
-  if (k == n) {
+  if (k + 1 >= n) {
     cow_error_set (ENOENT, "%s: no snapshot named '%s'", d->state_dir, name);
     goto out;
   }
@@ -1343,59 +1380,24 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
                        d->man.layers[i].snapshot);
         goto out;
       }
-  file = new_layer_name (d, &d->man);
-  if (file == NULL)
+  p = chain_plan_new (d);
+  if (p == NULL)
     goto out;
-  memset (&next, 0, sizeof next);
-  if (manifest_copy (&next, &d->man) == -1)
+  manifest_cut (&p->next, k + 1, n - 1);
+  if (chain_plan_add_layer (d, p, d->man.layers[k].file) == -1
+      || chain_plan_build (d, p) == -1)
     goto out;
-  while (next.n_layers > k + 1) {
-    struct manifest_layer *l = &next.layers[--next.n_layers];
-    free (l->file);
-    free (l->snapshot);
-    free (l->description);
-  }
-  if (manifest_push (&next, file, (int64_t) time (NULL), NULL, NULL) == -1) {
-    manifest_free (&next);
-    goto out;
-  }
-  nl = create_layer (d, file, d->man.layers[k].file);
-  if (nl == NULL) {
-    manifest_free (&next);
-    goto out;
-  }
-  /* Layers dropped: the active one, and the frozen ones above k (which
-   * sit at the front of lower[], newest first). */
-  drop = n - 2 - k;
+  /* The manifest first: a failed save leaves the old chain served. */
   pthread_rwlock_wrlock (&d->durability_lock);
   pthread_rwlock_wrlock (&d->chain_lock);
-  if (manifest_save (d->state_dir, &next) == -1) {
-    pthread_rwlock_unlock (&d->chain_lock);
-    pthread_rwlock_unlock (&d->durability_lock);
-    nl->ops->close (nl);
-    unlink_layer (d, file);
-    manifest_free (&next);
-    goto out;
+  if (chain_plan_save (d, p) == 0) {
+    chain_plan_install (d, p);
+    ret = 0;
   }
-  d->top->ops->close (d->top);
-  for (size_t i = 0; i < drop; i++)
-    d->lower[i].l->ops->close (d->lower[i].l);
-  memmove (&d->lower[0], &d->lower[drop],
-           (d->n_lower - drop) * sizeof d->lower[0]);
-  d->n_lower -= drop;
-  d->n_frozen -= drop;
-  d->top = nl;
-  link_chain (d);
   pthread_rwlock_unlock (&d->chain_lock);
   pthread_rwlock_unlock (&d->durability_lock);
-  /* The manifest no longer names them: remove the files. */
-  for (size_t i = k + 1; i < n; i++)
-    unlink_layer (d, d->man.layers[i].file);
-  manifest_free (&d->man);
-  d->man = next;
-  ret = 0;
  out:
-  free (file);
+  chain_plan_free (d, p);
   pthread_mutex_unlock (&d->admin_lock);
   return ret;
 }

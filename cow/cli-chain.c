@@ -458,7 +458,10 @@ const char blklist_help[] =
 
 const char status_help[] =
   "Usage: cowchain status [OPTION]...\n"
-  "Each disk of a running server: active layer, base, chain depth.\n"
+  "Each disk of a running server: chain depth, state, active layer, base.\n"
+  "State is ok, or degraded (with the reason on the next line) when a\n"
+  "chain change could not be recorded: FLUSH then fails until a retry\n"
+  "succeeds.  Exits 1 if any disk is degraded.\n"
   "\n"
   "  -c, --control=SOCKET  the server's control socket (default:\n"
   "                        $COWCHAIN_CONTROL)\n";
@@ -474,6 +477,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   };
   struct cli_target t = { 0 };
   bool details = false, status = strcmp (cmd, "status") == 0;
+  bool degraded = false;
   char **lines;
   int c, r;
 
@@ -500,29 +504,36 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   if (r != EXIT_OK)
     return r;
   if (status)
-    printf (" %-10s %-6s %-45s %s\n", "Disk", "Layers", "Active layer", "Base");
+    printf (" %-10s %-6s %-8s %-45s %s\n", "Disk", "Layers", "State",
+            "Active layer", "Base");
   else if (details)
     printf (" %-8s %-8s %-10s %s\n", "Type", "Device", "Target", "Source");
   else
     printf (" %-10s %s\n", "Target", "Source");
   printf ("------------------------------------------------------------\n");
   for (char **l = lines; *l; l++) {
-    char *w[5];
-    int k = control_split (*l, w, 5);
+    char *w[7];
+    int k = control_split (*l, w, 7);
     const char *name;
     if (k < 3 || strcmp (w[0], "disk") != 0)
       continue;
     name = w[1][0] ? w[1] : "(default)";
-    if (status && k == 5)
-      printf (" %-10s %-6s %-45s %s\n", name, w[4], w[2],
+    if (status && k == 7) {
+      printf (" %-10s %-6s %-8s %-45s %s\n", name, w[4], w[5], w[2],
               w[3][0] ? w[3] : "(none: self-contained)");
+      if (strcmp (w[5], "ok") != 0) {
+        printf ("   %s: %s\n", name, w[6]);
+        degraded = true;
+      }
+    }
     else if (details)
       printf (" %-8s %-8s %-10s %s\n", "file", "disk", name, w[2]);
     else if (!status)
       printf (" %-10s %s\n", name, w[2]);
   }
   control_free_lines (lines);
-  return cli_finish_output (EXIT_OK);
+  /* Like a failed check: scripts see a degraded disk in the status. */
+  return cli_finish_output (degraded ? EXIT_ERROR : EXIT_OK);
 }
 
 int

@@ -8,7 +8,10 @@
  *             payload lines of encoded words, then a line ".".
  *
  * Commands (DISK "" = the default disk):
- *   status                       -> "disk NAME ACTIVE-PATH BASE" per disk
+ *   status                       -> "disk NAME ACTIVE-PATH BASE DEPTH
+ *                                   HEALTH REASON" per disk (BASE "" if
+ *                                   self-contained; DEPTH the layers;
+ *                                   HEALTH ok|degraded; REASON "" if ok)
  *   blklist                      -> "disk NAME ACTIVE-PATH" per disk
  *   list DISK                    -> "layer PATH CREATED SNAPSHOT DESC STATE"
  *                                   bottom to top (SNAPSHOT/DESC "-" if none,

@@ -44,6 +44,15 @@ struct cow_disk {
   /* admin_lock serialises snapshot, revert, the start and the final
    * switch of a job, and changes of man. */
   pthread_mutex_t admin_lock;
+  /* Degraded (chain-plan.c): the manifest file may not be man.  Set
+   * under admin_lock, read atomically by FLUSH and FUA, which fail while
+   * it is set.  unflushed: a frozen layer whose flush at a snapshot
+   * failed (admin_lock).  health_lock protects the message. */
+  int man_unsaved;
+  struct layer *unflushed;
+  pthread_mutex_t health_lock;
+  char *degraded_msg;
+  int degraded_errno;
   /* durability_lock: FLUSH, FUA and sync=always hold it shared; a snapshot
    * holds it exclusive from its switch until the manifest is on disk, so
    * that no flush is answered for writes the manifest does not yet reach.
@@ -86,7 +95,63 @@ struct cow_disk {
 
 struct cow_job;
 
+/* chain-plan.c: the one place that changes the chain (see there).
+ * Caller holds admin_lock for all of these. */
+struct chain_plan {
+  struct manifest next;         /* the chain wanted (after install: the old) */
+  struct layer *added;          /* a new layer file next names, or NULL */
+  char *added_file;
+  bool keep_added_file;         /* a save failed uncertainly: next may be
+                                   on disk, so the file may not go */
+  bool installed;
+  /* Built by chain_plan_build. */
+  struct layer *top;
+  struct chain_node lower[COW_MAX_DEPTH];
+  size_t n_lower, n_frozen;
+  struct layer *gone[COW_MAX_DEPTH + 1];  /* to close after install */
+  size_t n_gone;
+  char *gone_files[MANIFEST_MAX_LAYERS];  /* to delete after install */
+  size_t n_gone_files;
+};
+/* The open layer of manifest index i, and back (-1: not a layer of the
+ * state directory). */
+struct layer *chain_layer (const struct cow_disk *d, size_t i);
+long chain_index (const struct cow_disk *d, const struct layer *l);
+/* A plan whose next is a copy of the current manifest. */
+struct chain_plan *chain_plan_new (struct cow_disk *d);
+/* Create a new empty layer over 'backing' (a layer file, NULL: the base)
+ * and push it on top of next. */
+int chain_plan_add_layer (struct cow_disk *d, struct chain_plan *p,
+                          const char *backing);
+/* Resolve next into layer arrays; refuses unknown or vanished files. */
+int chain_plan_build (struct cow_disk *d, struct chain_plan *p);
+/* Save next as the manifest (before install).  A failure that may have
+ * replaced the file anyway leaves the disk degraded. */
+int chain_plan_save (struct cow_disk *d, struct chain_plan *p);
+/* Switch to the plan's chain and manifest (caller also holds chain_lock
+ * exclusive). */
+void chain_plan_install (struct cow_disk *d, struct chain_plan *p);
+/* After install: save d->man; on failure the disk is degraded ('what'
+ * names the change for the status message). */
+int chain_commit_installed (struct cow_disk *d, const char *what);
+/* Installed: fix stale backing names, close and delete what left the
+ * chain.  Not installed: drop the added layer.  Frees the plan. */
+void chain_plan_free (struct cow_disk *d, struct chain_plan *p);
+
+/* Degraded state.  chain_settle retries the save (admin_lock held) and
+ * refuses 'what' with the reason if it still fails; chain_try_settle
+ * takes admin_lock itself (waiting, or only if free); chain_check_durable
+ * fails (EIO) while degraded; chain_refuse_degraded sets the error. */
+bool chain_degraded (struct cow_disk *d);
+/* Mark the disk degraded; the reason is 'what' and the last error. */
+void chain_set_degraded (struct cow_disk *d, const char *what);
+int chain_settle (struct cow_disk *d, const char *what);
+void chain_try_settle (struct cow_disk *d, bool wait);
+int chain_check_durable (struct cow_disk *d);
+int chain_refuse_degraded (struct cow_disk *d, int err, const char *what);
+
 /* chain.c helpers. */
+int chain_check_names (struct cow_disk *d, bool readonly);
 void link_chain (struct cow_disk *d);
 char *backing_name_for (const char *overlay, const char *base);
 char *state_path (const struct cow_disk *d, const char *file);

@@ -103,24 +103,6 @@ free_job (struct cow_job *j)
   free (j);
 }
 
-/* The layer object of manifest index i (caller holds admin_lock). */
-static struct layer *
-layer_at (struct cow_disk *d, size_t i)
-{
-  size_t n = d->man.n_layers;
-  return i + 1 == n ? d->top : d->lower[n - 2 - i].l;
-}
-
-/* Manifest index of a layer object; -1 if it is not a state layer. */
-static long
-index_of (struct cow_disk *d, const struct layer *l)
-{
-  for (size_t i = 0; i < d->man.n_layers; i++)
-    if (layer_at (d, i) == l)
-      return (long) i;
-  return -1;
-}
-
 /* The way to read what lies under layer l (the top or a lower node). */
 static const struct layer_below *
 below_of (struct cow_disk *d, const struct layer *l)
@@ -131,15 +113,6 @@ below_of (struct cow_disk *d, const struct layer *l)
     if (d->lower[i].l == l)
       return &d->lower[i].below;
   return NULL;
-}
-
-static size_t
-lower_index (struct cow_disk *d, const struct layer *l)
-{
-  for (size_t i = 0; i < d->n_lower; i++)
-    if (d->lower[i].l == l)
-      return i;
-  return SIZE_MAX;
 }
 
 #define IDX_BASE (-1L)
@@ -207,60 +180,30 @@ check_lost (struct cow_disk *d, long from, long to, bool force,
 static int
 drop_names (struct cow_disk *d, long from, long to)
 {
-  struct manifest next;
+  struct chain_plan *p;
   bool any = false;
+  int r = -1;
 
   for (long i = from < 0 ? 0 : from; i <= to; i++)
     any |= d->man.layers[i].snapshot != NULL;
   if (!any)
     return 0;
-  if (manifest_copy (&next, &d->man) == -1)
+  p = chain_plan_new (d);
+  if (p == NULL)
     return -1;
   for (long i = from < 0 ? 0 : from; i <= to; i++) {
-    free (next.layers[i].snapshot);
-    free (next.layers[i].description);
-    next.layers[i].snapshot = next.layers[i].description = NULL;
+    free (p->next.layers[i].snapshot);
+    free (p->next.layers[i].description);
+    p->next.layers[i].snapshot = p->next.layers[i].description = NULL;
   }
-  if (manifest_save (d->state_dir, &next) == -1) {
-    manifest_free (&next);
-    return -1;
+  if (chain_plan_build (d, p) == 0 && chain_plan_save (d, p) == 0) {
+    pthread_rwlock_wrlock (&d->chain_lock);
+    chain_plan_install (d, p);
+    pthread_rwlock_unlock (&d->chain_lock);
+    r = 0;
   }
-  manifest_free (&d->man);
-  d->man = next;
-  return 0;
-}
-
-/* Remove manifest entries [from, to] (inclusive) from m. */
-static void
-manifest_cut (struct manifest *m, size_t from, size_t to)
-{
-  size_t k = to - from + 1;
-
-  for (size_t i = from; i <= to; i++) {
-    free (m->layers[i].file);
-    free (m->layers[i].snapshot);
-    free (m->layers[i].description);
-  }
-  memmove (&m->layers[from], &m->layers[to + 1],
-           (m->n_layers - to - 1) * sizeof m->layers[0]);
-  m->n_layers -= k;
-}
-
-/* Take lower[from .. from+k-1] out of the chain (caller holds chain_lock
- * exclusive); their layers go to out. */
-static void
-drop_lower (struct cow_disk *d, size_t from, size_t k, struct layer **out)
-{
-  size_t frozen = d->n_frozen;
-
-  for (size_t i = 0; i < k; i++) {
-    out[i] = d->lower[from + i].l;
-    if (from + i < frozen)
-      d->n_frozen--;
-  }
-  memmove (&d->lower[from], &d->lower[from + k],
-           (d->n_lower - from - k) * sizeof d->lower[0]);
-  d->n_lower -= k;
+  chain_plan_free (d, p);
+  return r;
 }
 
 /*----------------------------------------------------------------------
@@ -650,101 +593,36 @@ stop_tracking (struct cow_disk *d)
  * The last step (caller holds admin_lock).
  */
 
-static void
-close_and_unlink (struct cow_disk *d, struct layer **ls, size_t k,
-                  char **files, size_t nf)
-{
-  for (size_t i = 0; i < k; i++)
-    ls[i]->ops->close (ls[i]);
-  for (size_t i = 0; i < nf; i++) {
-    unlink_layer (d, files[i]);
-    free (files[i]);
-  }
-}
-
-/* Copy the file names of manifest [from, to]. */
-static char **
-names_of (struct cow_disk *d, long from, long to)
-{
-  char **v = calloc ((size_t) (to - from + 2), sizeof *v);
-
-  if (v == NULL)
-    return NULL;
-  for (long i = from; i <= to; i++)
-    if ((v[i - from] = strdup (d->man.layers[i].file)) == NULL) {
-      for (long k = from; k < i; k++)
-        free (v[k - from]);
-      free (v);
-      return NULL;
-    }
-  return v;
-}
-
-/* Save the next manifest (the commit point of a job) and stop there if
- * the test hook says so; on failure nothing changed. */
+/* Save the plan's manifest (the commit point of a job) and install it;
+ * on failure nothing changed in memory. */
 static int
-save_next (struct cow_job *j, struct manifest *next, char **files, size_t k)
+commit_plan (struct cow_job *j, struct chain_plan *p)
 {
-  if (manifest_save (j->d->state_dir, next) == -1) {
-    manifest_free (next);
-    for (size_t i = 0; i < k; i++)
-      free (files[i]);
-    free (files);
+  struct cow_disk *d = j->d;
+
+  if (chain_plan_save (d, p) == -1)
     return -1;
-  }
   stop_at (j, "after-manifest");
+  pthread_rwlock_wrlock (&d->chain_lock);
+  chain_plan_install (d, p);
+  pthread_rwlock_unlock (&d->chain_lock);
   return 0;
 }
 
-/* The backing name for layer l (manifest index i) over manifest index b,
- * the original base (IDX_BASE) or nothing. */
-static int
-rebase_header (struct cow_disk *d, struct layer *l, long b, enum base_kind bk)
-{
-  char *name = NULL;
-  int r;
-
-  if (bk == BASE_NONE)
-    return qcow2_set_backing (l, NULL, NULL);
-  if (bk == BASE_LAYER)
-    return qcow2_set_backing (l, d->man.layers[b].file, "qcow2");
-  name = nbd_is_uri (d->man.base) ? strdup (d->man.base)
-    : backing_name_for (l->path, d->man.base);
-  if (name == NULL) {
-    cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
-    return -1;
-  }
-  r = qcow2_set_backing (l, name, d->man.base_format);
-  free (name);
-  return r;
-}
-
 /* Commit of a frozen top: base holds the view at top; the layers above
- * base up to top leave; the layer above top backs onto base. */
+ * base up to top leave (and base takes top's name); the layer above top
+ * then backs onto base (chain_plan_free fixes its header). */
 static int
-switch_commit (struct cow_job *j)
+switch_commit (struct cow_job *j, struct chain_plan *p)
 {
   struct cow_disk *d = j->d;
-  long t = index_of (d, j->top);
-  long b = j->bk == BASE_LAYER ? index_of (d, j->base_layer) : IDX_BASE;
-  struct layer *above = layer_at (d, (size_t) t + 1);
-  struct layer *gone[COW_MAX_DEPTH];
-  struct manifest next;
-  char **files;
-  size_t k = (size_t) (t - b);
+  long t = chain_index (d, j->top);
+  long b = j->bk == BASE_LAYER ? chain_index (d, j->base_layer) : IDX_BASE;
 
   if (j->target->ops->flush (j->target) == -1)
     return -1;
-  if (manifest_copy (&next, &d->man) == -1)
-    return -1;
-  files = names_of (d, b + 1, t);
-  if (files == NULL) {
-    cow_error_errno ("names");
-    manifest_free (&next);
-    return -1;
-  }
   if (b >= 0) {
-    struct manifest_layer *nb = &next.layers[b], *nt = &next.layers[t];
+    struct manifest_layer *nb = &p->next.layers[b], *nt = &p->next.layers[t];
     free (nb->snapshot);
     free (nb->description);
     nb->snapshot = nt->snapshot;
@@ -752,152 +630,92 @@ switch_commit (struct cow_job *j)
     nb->created = nt->created;
     nt->snapshot = nt->description = NULL;
   }
-  manifest_cut (&next, (size_t) (b + 1), (size_t) t);
-  if (save_next (j, &next, files, k) == -1)
+  manifest_cut (&p->next, (size_t) (b + 1), (size_t) t);
+  if (chain_plan_build (d, p) == -1)
     return -1;
-  pthread_rwlock_wrlock (&d->chain_lock);
-  drop_lower (d, lower_index (d, j->top), k, gone);
-  link_chain (d);
-  pthread_rwlock_unlock (&d->chain_lock);
-  manifest_free (&d->man);
-  d->man = next;
-  /* A failure here is repaired at the next open. */
-  rebase_header (d, above, b, j->bk);
-  close_and_unlink (d, gone, k, files, k);
-  free (files);
-  return 0;
+  return commit_plan (j, p);
 }
 
 /* Active commit: the final copy, flush and manifest under the exclusive
  * chain lock; base becomes the active layer (or, committing into the
  * original base, a new empty layer on it does). */
 static int
-switch_active_commit (struct cow_job *j)
+switch_active_commit (struct cow_job *j, struct chain_plan *p)
 {
   struct cow_disk *d = j->d;
   long n = (long) d->man.n_layers;
-  long b = j->bk == BASE_LAYER ? index_of (d, j->base_layer) : IDX_BASE;
-  struct layer *gone[COW_MAX_DEPTH + 1], *nl = NULL;
-  struct manifest next;
-  char *nfile = NULL, **files;
-  size_t k = (size_t) (n - 1 - b);
+  long b = j->bk == BASE_LAYER ? chain_index (d, j->base_layer) : IDX_BASE;
   uint64_t t0;
   int r;
 
-  files = names_of (d, b + 1, n - 1);
-  if (files == NULL) {
-    cow_error_errno ("names");
+  manifest_cut (&p->next, (size_t) (b + 1), (size_t) (n - 1));
+  if ((b == IDX_BASE && chain_plan_add_layer (d, p, NULL) == -1)
+      || chain_plan_build (d, p) == -1)
     return -1;
-  }
-  if (manifest_copy (&next, &d->man) == -1)
-    goto err_files;
-  manifest_cut (&next, (size_t) (b + 1), (size_t) (n - 1));
-  if (b == IDX_BASE) {
-    nfile = new_layer_name (d, &d->man);
-    if (nfile == NULL
-        || manifest_push (&next, nfile, wall_now (), NULL, NULL) == -1
-        || (nl = create_layer (d, nfile, NULL)) == NULL)
-      goto err_next;
-  }
   pthread_rwlock_wrlock (&d->chain_lock);
   t0 = now_ns ();
   r = copy_dirty (j, true);
   if (r == 0)
     r = j->target->ops->flush (j->target);
   if (r == 0)
-    r = manifest_save (d->state_dir, &next);
-  if (r != 0) {
-    pthread_rwlock_unlock (&d->chain_lock);
-    goto err_next;
+    r = chain_plan_save (d, p);
+  if (r == 0) {
+    __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
+    chain_plan_install (d, p);
+    d->last_pause_ns = now_ns () - t0;
   }
-  __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
-  /* gone: the old top, the frozen layers above base (and base itself,
-   * last, which becomes the top: it is not closed). */
-  gone[0] = d->top;
-  if (b >= 0) {
-    drop_lower (d, 0, (size_t) (n - 1 - b), gone + 1);
-    d->top = j->target;
-  }
-  else {
-    drop_lower (d, 0, d->n_frozen, gone + 1);
-    d->top = nl;
-  }
-  link_chain (d);
-  d->last_pause_ns = now_ns () - t0;
   pthread_rwlock_unlock (&d->chain_lock);
-  free (d->dirty_map);
-  d->dirty_map = NULL;
-  manifest_free (&d->man);
-  d->man = next;
-  close_and_unlink (d, gone, k, files, k);
-  free (files);
-  free (nfile);
-  return 0;
-
- err_next:
-  manifest_free (&next);
-  if (nl) {
-    nl->ops->close (nl);
-    unlink_layer (d, nfile);
+  if (r == 0) {
+    free (d->dirty_map);
+    d->dirty_map = NULL;
   }
-  free (nfile);
- err_files:
-  for (size_t i = 0; i < k; i++)
-    free (files[i]);
-  free (files);
-  return -1;
+  return r;
 }
 
-/* Pull into target: the layers between it and its new backing leave. */
+/* Pull into target: the layers between it and its new backing leave
+ * (and with no base, the base chain too). */
 static int
-switch_pull (struct cow_job *j)
+switch_pull (struct cow_job *j, struct chain_plan *p)
 {
   struct cow_disk *d = j->d;
-  long x = index_of (d, j->target);
-  long b = j->bk == BASE_LAYER ? index_of (d, j->base_layer) : IDX_BASE;
-  struct layer *gone[COW_MAX_DEPTH];
-  struct manifest next;
-  char **files;
-  size_t k = (size_t) (x - 1 - b), nb = 0;
+  long x = chain_index (d, j->target);
+  long b = j->bk == BASE_LAYER ? chain_index (d, j->base_layer) : IDX_BASE;
 
   if (j->target->ops->flush (j->target) == -1)
     return -1;
-  if (manifest_copy (&next, &d->man) == -1)
-    return -1;
-  files = k ? names_of (d, b + 1, x - 1) : calloc (1, sizeof (char *));
-  if (files == NULL) {
-    cow_error_errno ("names");
-    manifest_free (&next);
-    return -1;
-  }
-  if (k)
-    manifest_cut (&next, (size_t) (b + 1), (size_t) (x - 1));
+  if (x - 1 > b)
+    manifest_cut (&p->next, (size_t) (b + 1), (size_t) (x - 1));
   if (j->bk == BASE_NONE) {
-    free (next.base);
-    free (next.base_format);
-    next.base = next.base_format = NULL;
-    next.no_base = true;
+    free (p->next.base);
+    free (p->next.base_format);
+    p->next.base = p->next.base_format = NULL;
+    p->next.no_base = true;
   }
-  if (save_next (j, &next, files, k) == -1)
+  if (chain_plan_build (d, p) == -1)
     return -1;
-  pthread_rwlock_wrlock (&d->chain_lock);
-  {
-    size_t from = j->target == d->top ? 0 : lower_index (d, j->target) + 1;
-    drop_lower (d, from, k, gone);
-    if (j->bk == BASE_NONE) {
-      nb = d->n_lower - d->n_frozen;
-      drop_lower (d, d->n_frozen, nb, gone + k);
-    }
-  }
-  link_chain (d);
-  pthread_rwlock_unlock (&d->chain_lock);
-  /* rebase_header reads the base from the old manifest. */
-  rebase_header (d, j->target, b, j->bk);
-  manifest_free (&d->man);
-  d->man = next;
-  close_and_unlink (d, gone, k + nb, files, k);
-  free (files);
-  return 0;
+  return commit_plan (j, p);
+}
+
+/* The last step (caller holds admin_lock).  A disk left degraded by
+ * something else is settled first: the job's switch must not stack a new
+ * chain on a manifest that is not on disk. */
+static int
+switch_chain (struct cow_job *j)
+{
+  struct cow_disk *d = j->d;
+  struct chain_plan *p;
+  int r;
+
+  if (chain_settle (d, "the job's final switch") == -1)
+    return -1;
+  p = chain_plan_new (d);
+  if (p == NULL)
+    return -1;
+  r = j->commit ? (j->active ? switch_active_commit (j, p)
+                   : switch_commit (j, p))
+    : switch_pull (j, p);
+  chain_plan_free (d, p);
+  return r;
 }
 
 /*----------------------------------------------------------------------
@@ -949,11 +767,8 @@ job_thread (void *arg)
     if (r == 0)
       stop_at (j, "before-switch");
     pthread_mutex_lock (&d->admin_lock);
-    if (r == 0) {
-      r = j->commit ? (j->active ? switch_active_commit (j)
-                       : switch_commit (j))
-        : switch_pull (j);
-    }
+    if (r == 0)
+      r = switch_chain (j);
     finish_locked (j, r);
     if (r != 0 || !next_auto_job (d)) {
       pthread_mutex_unlock (&d->admin_lock);
@@ -1190,9 +1005,9 @@ start_commit (struct cow_disk *d, const struct cow_job_opts *o)
     return -1;
   j->commit = true;
   j->active = t == n - 1;
-  j->top = layer_at (d, (size_t) t);
+  j->top = chain_layer (d, (size_t) t);
   j->bk = b == IDX_BASE ? BASE_ORIG : BASE_LAYER;
-  j->base_layer = b == IDX_BASE ? NULL : layer_at (d, (size_t) b);
+  j->base_layer = b == IDX_BASE ? NULL : chain_layer (d, (size_t) b);
   j->target = b == IDX_BASE ? d->lower[d->n_frozen].l : j->base_layer;
   /* From the first write into base on, the states seen at base and at
    * the layers between it and top change: their names go now. */
@@ -1217,8 +1032,8 @@ make_pull (struct cow_disk *d, enum cow_job_kind kind, long x, long b,
   if (j == NULL)
     return NULL;
   j->bk = bk;
-  j->target = j->top = layer_at (d, (size_t) x);
-  j->base_layer = bk == BASE_LAYER ? layer_at (d, (size_t) b) : NULL;
+  j->target = j->top = chain_layer (d, (size_t) x);
+  j->base_layer = bk == BASE_LAYER ? chain_layer (d, (size_t) b) : NULL;
   if (open_target (d, j) == -1) {
     free_job (j);
     return NULL;
@@ -1357,7 +1172,7 @@ start_locked (struct cow_disk *d, start_fn fn, const struct cow_job_opts *o,
   if (check_state_disk (d) == -1)
     return -1;
   pthread_mutex_lock (&d->admin_lock);
-  if (!job_busy (d, verb))
+  if (!job_busy (d, verb) && chain_settle (d, verb) == 0)
     r = fn (d, o);
   pthread_mutex_unlock (&d->admin_lock);
   return r;
@@ -1384,7 +1199,8 @@ cow_disk_delete (struct cow_disk *d, const char *name,
   if (check_state_disk (d) == -1)
     return -1;
   pthread_mutex_lock (&d->admin_lock);
-  if (!job_busy (d, "deleting a snapshot"))
+  if (!job_busy (d, "deleting a snapshot")
+      && chain_settle (d, "deleting a snapshot") == 0)
     r = start_delete (d, name, o);
   pthread_mutex_unlock (&d->admin_lock);
   return r;

@@ -94,6 +94,21 @@ manifest_push (struct manifest *m, const char *file, int64_t created,
   return 0;
 }
 
+void
+manifest_cut (struct manifest *m, size_t from, size_t to)
+{
+  size_t k = to - from + 1;
+
+  for (size_t i = from; i <= to; i++) {
+    free (m->layers[i].file);
+    free (m->layers[i].snapshot);
+    free (m->layers[i].description);
+  }
+  memmove (&m->layers[from], &m->layers[to + 1],
+           (m->n_layers - to - 1) * sizeof m->layers[0]);
+  m->n_layers -= k;
+}
+
 int
 manifest_copy (struct manifest *dst, const struct manifest *src)
 {
@@ -214,6 +229,14 @@ parse_line (struct manifest *m, char *line, const char *path, int lineno)
       goto bad;
     }
     /* A layer file is a plain name inside the state directory. */
+    if (m->n_layers >= MANIFEST_MAX_LAYERS) {
+      cow_error_set (EMLINK, "%s: line %d: more than %d layers (the most a "
+                     "chain may hold)", path, lineno, MANIFEST_MAX_LAYERS);
+      free (file);
+      free (snap);
+      free (desc);
+      return -1;
+    }
     r = (strchr (file, '/') || file[0] == '.' || file[0] == '\0'
          || (snap && manifest_check_name (snap) == -1)
          || (desc && manifest_check_description (desc) == -1))
@@ -286,6 +309,13 @@ manifest_load (const char *dir, struct manifest *m)
     cow_error_set (EINVAL, "%s: no base or no layers recorded", path);
     goto out;
   }
+  if (m->layers[m->n_layers - 1].snapshot) {
+    cow_error_set (EINVAL, "%s: the last layer '%s' is the active one but "
+                   "carries the snapshot name '%s'", path,
+                   m->layers[m->n_layers - 1].file,
+                   m->layers[m->n_layers - 1].snapshot);
+    goto out;
+  }
   for (size_t i = 0; i < m->n_layers; i++)
     for (size_t j = i + 1; j < m->n_layers; j++)
       if (strcmp (m->layers[i].file, m->layers[j].file) == 0
@@ -306,13 +336,16 @@ manifest_load (const char *dir, struct manifest *m)
 }
 
 int
-manifest_save (const char *dir, const struct manifest *m)
+manifest_save (const char *dir, const struct manifest *m, bool *uncertain)
 {
   char *path = NULL, *tmp = NULL, *text = NULL;
   size_t len = 0;
   FILE *f = NULL;
   int fd = -1, ret = -1;
+  bool encoded = true;
 
+  if (uncertain)
+    *uncertain = false;
   if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1
       || asprintf (&tmp, "%s/.%s.tmp", dir, MANIFEST_NAME) == -1) {
     cow_error_errno ("asprintf");
@@ -330,6 +363,8 @@ manifest_save (const char *dir, const struct manifest *m)
     char *b = word_encode (m->base), *fm = word_encode (m->base_format);
     if (b && fm)
       fprintf (f, "base %s %s\n", b, fm);
+    else
+      encoded = false;
     free (b);
     free (fm);
   }
@@ -340,6 +375,8 @@ manifest_save (const char *dir, const struct manifest *m)
     char *d = word_encode (l->description ? l->description : "");
     if (fl && s && d)
       fprintf (f, "layer %s %" PRId64 " %s %s\n", fl, l->created, s, d);
+    else
+      encoded = false;
     free (fl);
     free (s);
     free (d);
@@ -350,6 +387,11 @@ manifest_save (const char *dir, const struct manifest *m)
     goto out;
   }
   f = NULL;
+  if (!encoded) {
+    /* Never a manifest with a line left out. */
+    cow_error_set (ENOMEM, "%s: out of memory encoding the manifest", dir);
+    goto out;
+  }
   fd = io_open (tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd == -1) {
     cow_error_errno ("%s: cannot create", tmp);
@@ -367,6 +409,8 @@ manifest_save (const char *dir, const struct manifest *m)
   }
   if (io_fsync_dir_of (path) == -1) {
     cow_error_errno ("%s: fsync of directory", dir);
+    if (uncertain)
+      *uncertain = true;
     goto out;
   }
   ret = 0;

@@ -17,7 +17,8 @@
 #include <stddef.h>
 
 #define MANIFEST_NAME "manifest"
-#define MANIFEST_MAX_LAYERS 1024
+/* A chain's layers (the disk's depth limit; a longer list is refused). */
+#define MANIFEST_MAX_LAYERS 128
 #define COW_NAME_MAX 128            /* snapshot names */
 #define COW_DESC_MAX 1024           /* descriptions */
 
@@ -36,12 +37,21 @@ struct manifest {
   size_t n_layers;
 };
 
-/* Read dir/manifest: 1 loaded, 0 absent, -1 error (named). */
+/* Read dir/manifest: 1 loaded, 0 absent, -1 error (named).  Refused:
+ * malformed lines, more than MANIFEST_MAX_LAYERS layers, a file or name
+ * listed twice, a snapshot name on the last (active) layer. */
 int manifest_load (const char *dir, struct manifest *m);
-int manifest_save (const char *dir, const struct manifest *m);
+/* Replace dir/manifest with m.  On failure, *uncertain (if not NULL)
+ * says whether the file may have been replaced anyway: false means the
+ * old manifest is untouched; true (the rename was done but the
+ * directory's fsync failed) means either may be there after a crash. */
+int manifest_save (const char *dir, const struct manifest *m,
+                   bool *uncertain);
 void manifest_free (struct manifest *m);
 int manifest_push (struct manifest *m, const char *file, int64_t created,
                    const char *snapshot, const char *description);
+/* Remove entries [from, to] (inclusive; from <= to < n_layers). */
+void manifest_cut (struct manifest *m, size_t from, size_t to);
 /* A deep copy (for changes that may fail). */
 int manifest_copy (struct manifest *dst, const struct manifest *src);
 

@@ -115,6 +115,11 @@ int cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out,
 void cow_layer_info_free (struct cow_layer_info *v, size_t n);
 /* The base as configured (path or URI) and its format. */
 const char *cow_disk_base (const struct cow_disk *d);
+/* 0 if the disk is healthy; else the errno of why it is degraded (a
+ * chain change whose manifest could not be saved: FLUSH and FUA fail
+ * with EIO until a retry saves it) and, in *reason (malloc'd, may be
+ * NULL), the reason. */
+int cow_disk_health (struct cow_disk *d, char **reason);
 /* Pause (ns) that the last snapshot imposed on guest I/O. */
 uint64_t cow_disk_last_pause_ns (const struct cow_disk *d);
 

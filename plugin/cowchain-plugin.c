@@ -554,21 +554,27 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
       struct cow_layer_info *v;
       size_t k;
       const char *ap = active_path (&disks[i], &v, &k);
-      char *name, *path, *base;
+      char *name, *path, *base, *why = NULL, *ewhy;
+      int health;
       if (ap == NULL)
         return -1;
+      health = cow_disk_health (disks[i].disk, &why);
       name = word_encode (disks[i].name);
       path = word_encode (ap);
       base = word_encode (cow_disk_base (disks[i].disk));
-      if (name && path && base) {
+      ewhy = word_encode (health ? (why ? why : "unknown") : "");
+      if (name && path && base && ewhy) {
         if (cmd[0] == 's')
-          control_reply_line (r, "disk %s %s %s %zu", name, path, base, k);
+          control_reply_line (r, "disk %s %s %s %zu %s %s", name, path, base,
+                              k, health ? "degraded" : "ok", ewhy);
         else
           control_reply_line (r, "disk %s %s", name, path);
       }
       free (name);
       free (path);
       free (base);
+      free (why);
+      free (ewhy);
       cow_layer_info_free (v, k);
     }
     return 0;
