@@ -1007,15 +1007,24 @@ qcow2_layer_flush (struct layer *l)
   /* Take everything dirty at one instant: the L2 entries among it only
    * point at data written and refcounts raised before this instant. */
   pthread_mutex_lock (&q->lock);
+  /* The buffer for the L1 copy first: a dirty L1 table that could not be
+   * copied would be left unwritten by a flush that writes all the rest,
+   * so then the flush fails before it takes anything. */
+  if (q->l1_dirty) {
+    l1 = malloc ((size_t) q->l1_size * 8);
+    if (l1 == NULL) {
+      cow_error_errno ("%s: copy of the L1 table", l->path);
+      pthread_mutex_unlock (&q->lock);
+      pthread_mutex_unlock (&q->flush_lock);
+      return -1;
+    }
+  }
   rb = qcow2_cache_collect (q->rb_cache);
   l2 = rb ? qcow2_cache_collect (q->l2_cache) : NULL;
-  if (l2 && q->l1_dirty) {
-    l1 = malloc ((size_t) q->l1_size * 8);
-    if (l1) {
-      for (uint32_t i = 0; i < q->l1_size; i++)
-        be64_put (&l1[i], q->l1[i]);
-      q->l1_dirty = false;
-    }
+  if (l2 && l1) {
+    for (uint32_t i = 0; i < q->l1_size; i++)
+      be64_put (&l1[i], q->l1[i]);
+    q->l1_dirty = false;
   }
   for (size_t i = 0; i < q->free_unsynced.len; i++)
     cluster_list_push (&q->free_flushing, q->free_unsynced.v[i]);
@@ -1065,9 +1074,12 @@ qcow2_layer_flush (struct layer *l)
     qcow2_cache_batch_done (q->rb_cache, rb, ok);
   if (l2)
     qcow2_cache_batch_done (q->l2_cache, l2, ok);
+  /* Clusters dropped by L2 changes become free only when the flush
+   * made every such change stable; after a failure they wait in
+   * free_flushing for the next flush (which takes them all). */
   if (!ok && l1)
     q->l1_dirty = true;
-  else {
+  if (ok) {
     for (size_t i = 0; i < n_flushing; i++)
       cluster_list_push (&q->free_synced, q->free_flushing.v[i]);
     if (n_flushing > 0)

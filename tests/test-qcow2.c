@@ -2,9 +2,10 @@
  * images made by qemu-img (v3, compat 0.10, every refcount width),
  * refusal of bad headers (each message names the field), random damage
  * to metadata, L1/L2 lookup and allocation, refcounts, many L2 tables,
- * refcount table growth, and flushes racing other requests (made
- * deterministic through the I/O seam).  qemu-img check / compare are the
- * oracles.  Run one test: ./test-qcow2 'test_reftable*' */
+ * refcount table growth, flushes that fail at each of their steps, and
+ * flushes racing other requests (made deterministic through the I/O
+ * seam).  qemu-img check / compare are the oracles.  Run one test:
+ * ./test-qcow2 'test_reftable*' */
 #undef NDEBUG
 #include <config.h>
 
@@ -1384,6 +1385,206 @@ test_flush_pins_whole_cache (void **state)
   fx_fini (f);
 }
 
+/*----------------------------------------------------------------------
+ * A flush that fails.  Clusters dropped by an L2 change (trim, zero)
+ * may be reused only once that change is on disk: a failed flush must
+ * release none of them, whichever of its steps failed, and must not
+ * report success; the next flush that succeeds releases them.
+ *
+ * The flush fails at its Nth pwrite or fsync, for every N until it
+ * succeeds.  After a failure a second flush fails too, at its first
+ * pwrite after an fsync (the L2 tables or the refcount table: the
+ * refcount blocks are written by then), and a copy of the file, what a
+ * crash then leaves, must pass qemu-img check: had the failed flush
+ * released a cluster, its refcount 0 would be on disk under an L2 entry
+ * that still points at it. */
+
+static int fault_mode;          /* see enum below; 0: none */
+enum { FAULT_NTH = 1, FAULT_AFTER_SYNC };
+static int fault_nth;           /* FAULT_NTH: fail the op with this index */
+static int fault_ops;           /* pwrites and fsyncs seen */
+static bool fault_synced;       /* FAULT_AFTER_SYNC: an fsync was seen */
+static int fault_hits;
+
+static bool
+fault_now (bool is_sync)
+{
+  bool hit = false;
+
+  if (fault_mode == FAULT_NTH)
+    hit = fault_ops == fault_nth;
+  else if (fault_mode == FAULT_AFTER_SYNC)
+    hit = !is_sync && fault_synced;
+  fault_ops++;
+  if (is_sync)
+    fault_synced = true;
+  if (hit) {
+    fault_hits++;
+    errno = EIO;
+  }
+  return hit;
+}
+
+static ssize_t
+fault_pwrite (int fd, const void *buf, size_t n, off_t off)
+{
+  return fault_now (false) ? -1 : fast_ops.pwrite (fd, buf, n, off);
+}
+
+static int
+fault_fsync (int fd)
+{
+  return fault_now (true) ? -1 : fast_ops.fsync (fd);
+}
+
+static void
+fault_arm (int mode, int nth)
+{
+  static struct io_ops ops;
+
+  ops = fast_ops;
+  ops.pwrite = fault_pwrite;
+  ops.fsync = fault_fsync;
+  fault_mode = mode;
+  fault_nth = nth;
+  fault_ops = 0;
+  fault_synced = false;
+  fault_hits = 0;
+  io_set_ops (&ops);
+}
+
+static void
+fault_disarm (void)
+{
+  io_set_ops (&fast_ops);
+  fault_mode = 0;
+}
+
+/* One run: data in 16 clusters, flushed; 8 of them trimmed (and, if
+ * l1_dirty, a range without an L2 table zeroed, so that the flush has
+ * the L1 table to write too); the flush fails at its op nth.  Returns
+ * false once the flush had fewer ops than that (it then succeeded). */
+static bool
+flush_fails_at (bool l1_dirty, int nth)
+{
+  struct fx f;
+  const uint32_t c = 4096;
+  const uint64_t region = (uint64_t) c * (c / 8);   /* one L2 table's */
+  char what[64];
+  uint64_t freed[8];
+  int r;
+
+  snprintf (what, sizeof what, "flushfail%d-%d.qcow2", l1_dirty, nth);
+  fx_init (&f, what, 4 * region, 0, c, 0, 31 + (uint64_t) nth);
+  fx_write_random (&f, 16 * c, 0);
+  fx_flush (&f);
+  for (int i = 0; i < 8; i++) {
+    enum qcow2_ctype t;
+    get_cluster (f.l, 4 + (uint64_t) i, &t, &freed[i]);
+    assert_int_equal (t, QCOW2_NORMAL);
+  }
+  fx_trim (&f, 8 * c, 4 * c);
+  if (l1_dirty)
+    fx_zero (&f, 4 * c, 2 * region);
+
+  fault_arm (FAULT_NTH, nth);
+  r = f.l->ops->flush (f.l);
+  fault_disarm ();
+  if (fault_hits == 0) {
+    /* Fewer steps than nth: the flush went through, and released. */
+    if (r == -1)
+      print_error ("%s: flush without a fault: %s\n", what,
+                   cow_last_error ());
+    assert_int_equal (r, 0);
+    for (int i = 0; i < 8; i++)
+      assert_int_equal (refcount (f.l, freed[i]), 0);
+    fx_verify (&f);
+    fx_close_layer (&f);
+    tu_assert_check_clean (f.img);
+    fx_fini (&f);
+    return false;
+  }
+  if (r != -1)
+    print_error ("%s: the flush failed at op %d but reported success\n",
+                 what, nth);
+  assert_int_equal (r, -1);
+  /* Nothing released: the trimmed clusters keep their refcount. */
+  for (int i = 0; i < 8; i++) {
+    uint64_t ref = refcount (f.l, freed[i]);
+    if (ref != 1)
+      print_error ("%s: cluster at %" PRIu64 " has refcount %" PRIu64
+                   " after the failed flush, want 1\n", what, freed[i], ref);
+    assert_int_equal (ref, 1);
+  }
+
+  /* A second failure, after the refcount blocks were written: a crash
+   * now leaves this copy. */
+  fault_arm (FAULT_AFTER_SYNC, 0);
+  r = f.l->ops->flush (f.l);
+  fault_disarm ();
+  assert_int_equal (r, -1);
+  {
+    char *copy = tu_path (dir, "flushfail.copy");
+    tu_copy_file (f.img, copy);
+    tu_assert_check_no_corruption (copy);
+    unlink (copy);
+    free (copy);
+  }
+
+  /* New data: it must not land in a trimmed cluster yet. */
+  for (uint64_t gc = 32; gc < 40; gc++) {
+    enum qcow2_ctype t;
+    uint64_t h;
+    fx_write_random (&f, c, gc * c);
+    get_cluster (f.l, gc, &t, &h);
+    for (int i = 0; i < 8; i++)
+      if (h == freed[i]) {
+        print_error ("%s: guest cluster %" PRIu64 " was written to host "
+                     "%" PRIu64 ", trimmed by an L2 change not on disk\n",
+                     what, gc, h);
+        fail ();
+      }
+  }
+
+  /* A flush that works finishes the job. */
+  fx_flush (&f);
+  for (int i = 0; i < 8; i++)
+    assert_int_equal (refcount (f.l, freed[i]), 0);
+  fx_write_random (&f, 8 * c, 48 * c);
+  fx_verify (&f);
+  fx_reopen (&f);
+  fx_verify (&f);
+  fx_close_layer (&f);
+  tu_assert_check_no_corruption (f.img);
+  fx_qemu_compare (&f);
+  fx_fini (&f);
+  return true;
+}
+
+static void
+test_flush_fails_l1_clean (void **state)
+{
+  int n;
+
+  (void) state;
+  for (n = 0; flush_fails_at (false, n); n++)
+    ;
+  print_message ("the flush failed at each of its %d steps\n", n);
+  assert_true (n >= 3);
+}
+
+static void
+test_flush_fails_l1_dirty (void **state)
+{
+  int n;
+
+  (void) state;
+  for (n = 0; flush_fails_at (true, n); n++)
+    ;
+  print_message ("the flush failed at each of its %d steps\n", n);
+  assert_true (n >= 6);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -1402,6 +1603,8 @@ main (int argc, char **argv)
     cmocka_unit_test (test_reftable_growth_single_clusters),
     cmocka_unit_test (test_flush_races_reftable_writeback),
     cmocka_unit_test (test_flush_pins_whole_cache),
+    cmocka_unit_test (test_flush_fails_l1_clean),
+    cmocka_unit_test (test_flush_fails_l1_dirty),
     /* Last: under ASan its heap overflow ends the program. */
     cmocka_unit_test (test_flush_races_reftable_move),
   };
