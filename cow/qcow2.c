@@ -538,7 +538,16 @@ qcow2_layer_reopen_rw (struct layer *l)
 
 /* Rewrite the backing file name (NULL: none) and its format in the
  * header cluster, keeping any other header extensions; synced.  Through a
- * descriptor of its own, so that it works on a read-only layer too. */
+ * descriptor of its own, so that it works on a read-only layer too.
+ *
+ * The guest may be writing the layer meanwhile, and a write can move the
+ * refcount table, which rewrites the header's refcount table fields
+ * (grow_reftable, under the lock): a header written from an older read
+ * would name the old table, freed by then.  So the header is read,
+ * changed and written under the lock, with those fields taken from
+ * memory; and the rewrite waits for a running flush (flush_lock, taken
+ * first as the flush takes it), so that it and its sync never land in
+ * the middle of a flush's ordered writes. */
 int
 qcow2_set_backing (struct layer *l, const char *name, const char *format)
 {
@@ -548,6 +557,7 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
   uint8_t *old = NULL, *h = NULL;
   char *nb = NULL, *nf = NULL;
   int fd = -1, r = -1;
+  bool locked = false;
 
   if ((name && (nb = strdup (name)) == NULL)
       || (format && (nf = strdup (format)) == NULL)
@@ -560,11 +570,18 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
     cow_error_errno ("%s: cannot open for writing", l->path);
     goto out;
   }
+  pthread_mutex_lock (&q->flush_lock);
+  pthread_mutex_lock (&q->lock);
+  locked = true;
   if (io_pread (fd, old, c, 0) == -1) {
     cow_error_errno ("%s: reading the header", l->path);
     goto out;
   }
   memcpy (h, old, hl);
+  /* The refcount table as it is now; nothing else in the header changes
+   * while the layer is open. */
+  put64 (h + 48, q->reftable_offset);
+  put32 (h + 56, q->reftable_clusters);
   off = hl;
   /* Other extensions as they were; parse_header checked their bounds. */
   for (in = hl; in + 8 <= c; ) {
@@ -606,13 +623,11 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
       goto out;
     }
   }
-  pthread_mutex_lock (&q->lock);
   free (q->backing_file);
   free (q->backing_format);
   q->backing_file = nb;
   q->backing_format = nf;
   nb = nf = NULL;
-  pthread_mutex_unlock (&q->lock);
   r = 0;
   goto out;
 
@@ -620,6 +635,10 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
   cow_error_set (ENAMETOOLONG, "%s: backing file name '%s' does not fit in "
                  "the header cluster", l->path, name ? name : "");
  out:
+  if (locked) {
+    pthread_mutex_unlock (&q->lock);
+    pthread_mutex_unlock (&q->flush_lock);
+  }
   if (fd != -1)
     io_close (fd);
   free (old);

@@ -1585,6 +1585,160 @@ test_flush_fails_l1_dirty (void **state)
   assert_true (n >= 6);
 }
 
+/*----------------------------------------------------------------------
+ * The backing name rewritten while the refcount table grows.  A job's
+ * last step rewrites the header of a layer that the guest may be
+ * writing (qcow2_set_backing); a refcount table that moves meanwhile
+ * must stay the one the header names.  512-byte clusters: the table
+ * moves at 8, 24 and 56 MiB of file.  The header read of the rewrite is
+ * slowed down through the seam so that the moves fall inside it. */
+
+static int grow_fd;             /* the layer's own descriptor */
+
+static ssize_t
+slow_header_pread (int fd, void *buf, size_t n, off_t off)
+{
+  ssize_t r = fast_ops.pread (fd, buf, n, off);
+
+  if (off == 0 && fd != __atomic_load_n (&grow_fd, __ATOMIC_RELAXED))
+    usleep (500);
+  return r;
+}
+
+/* Does the header in the file name another refcount table than memory?
+ * Caller holds the lock. */
+static bool
+header_reftable_differs (struct fx *f, uint64_t *offset)
+{
+  struct qcow2 *q = Q (f->l);
+  uint8_t h[12];
+  uint64_t off = 0;
+  uint32_t clusters = 0;
+  int fd = open (f->img, O_RDONLY);
+
+  assert_true (fd >= 0);
+  assert_int_equal (pread (fd, h, sizeof h, 48), (ssize_t) sizeof h);
+  close (fd);
+  for (int i = 0; i < 8; i++)
+    off = off << 8 | h[i];
+  for (int i = 8; i < 12; i++)
+    clusters = clusters << 8 | h[i];
+  *offset = off;
+  return off != q->reftable_offset || clusters != q->reftable_clusters;
+}
+
+/* Fresh 4 KiB runs in random order over the whole disk. */
+static void *
+grow_writer (void *arg)
+{
+  struct fx *f = arg;
+  uint64_t n = f->size / 4096, seed = f->seed;
+  uint64_t *order = malloc (n * sizeof *order);
+  struct layer_below b = fx_below (f);
+  uint8_t buf[4096];
+
+  if (order == NULL) {
+    race_fail ("malloc", 0);
+    return NULL;
+  }
+  for (uint64_t i = 0; i < n; i++)
+    order[i] = i;
+  for (uint64_t i = n - 1; i > 0; i--) {
+    uint64_t j = tu_rand_below (&seed, i + 1), t = order[i];
+    order[i] = order[j];
+    order[j] = t;
+  }
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t off = order[i] * 4096;
+    tu_fill_random (buf, sizeof buf, &seed);
+    if (f->l->ops->write (f->l, buf, sizeof buf, off, &b) == -1) {
+      race_fail ("write", off);
+      break;
+    }
+    memcpy (f->model + off, buf, sizeof buf);
+  }
+  free (order);
+  __atomic_store_n (&race_done, true, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+static void
+test_set_backing_races_reftable_growth (void **state)
+{
+  struct fx *f = &race_fx;
+  struct io_ops ops = fast_ops;
+  struct qcow2 *q;
+  pthread_t t;
+  char names[2][64];
+  unsigned long calls = 0, bad = 0;
+  uint64_t moved_back = 0;
+  struct tu_check check = { 0 };
+  char *bf;
+
+  (void) state;
+  fx_init (f, "setbacking.qcow2", 64 << 20, 0, 512, 256 * 1024, 24);
+  q = Q (f->l);
+  snprintf (names[0], sizeof names[0], "setbacking.qcow2.base");
+  snprintf (names[1], sizeof names[1], "./setbacking.qcow2.base");
+  grow_fd = q->fd;
+  ops.pread = slow_header_pread;
+  io_set_ops (&ops);
+  race_error[0] = '\0';
+  race_done = false;
+  assert_int_equal (pthread_create (&t, NULL, grow_writer, f), 0);
+  while (!__atomic_load_n (&race_done, __ATOMIC_ACQUIRE)) {
+    const char *name = names[calls % 2];
+    if (qcow2_set_backing (f->l, name, "raw") == -1) {
+      print_error ("qcow2_set_backing: %s\n", cow_last_error ());
+      fail ();
+    }
+    calls++;
+    /* The header in the file names the table in memory (every writer
+     * of the header holds the lock). */
+    pthread_mutex_lock (&q->lock);
+    if (header_reftable_differs (f, &moved_back) && bad++ == 0) {
+      char *copy = tu_path (dir, "setbacking.copy");
+      tu_copy_file (f->img, copy);
+      print_error ("after rewrite %lu the header names the refcount table "
+                   "at %" PRIu64 ", not the one at %" PRIu64 "\n", calls,
+                   moved_back, q->reftable_offset);
+      pthread_mutex_unlock (&q->lock);
+      /* What a crash now leaves. */
+      tu_qemu_check (copy, &check);
+      free (check.output);
+      unlink (copy);
+      free (copy);
+      continue;
+    }
+    pthread_mutex_unlock (&q->lock);
+  }
+  pthread_join (t, NULL);
+  io_set_ops (&fast_ops);
+  if (race_error[0])
+    print_error ("the writer failed: %s\n", race_error);
+  assert_int_equal (race_error[0], '\0');
+  print_message ("%lu backing name rewrites; the refcount table is now %u "
+                 "clusters at %" PRIu64 "\n", calls, q->reftable_clusters,
+                 q->reftable_offset);
+  assert_true (q->reftable_clusters >= 7);
+  assert_true (calls >= 10);
+  assert_int_equal (bad, 0);
+
+  fx_flush (f);
+  fx_verify (f);
+  fx_close_layer (f);
+  tu_assert_check_clean (f->img);
+  bf = tu_qemu_info_str (f->img, "backing-filename");
+  assert_non_null (bf);
+  assert_string_equal (bf, names[(calls - 1) % 2]);
+  free (bf);
+  fx_open (f);
+  fx_verify (f);
+  fx_close_layer (f);
+  fx_qemu_compare (f);
+  fx_fini (f);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -1605,6 +1759,7 @@ main (int argc, char **argv)
     cmocka_unit_test (test_flush_pins_whole_cache),
     cmocka_unit_test (test_flush_fails_l1_clean),
     cmocka_unit_test (test_flush_fails_l1_dirty),
+    cmocka_unit_test (test_set_backing_races_reftable_growth),
     /* Last: under ASan its heap overflow ends the program. */
     cmocka_unit_test (test_flush_races_reftable_move),
   };
