@@ -818,7 +818,7 @@ static void
 guest_io_during (struct cow_disk *d, struct fx *f, const char *what)
 {
   double t0 = now_s ();
-  int rounds = 0;
+  int rounds = 0, r;
 
   for (;;) {
     struct cow_job_info i;
@@ -829,10 +829,17 @@ guest_io_during (struct cow_disk *d, struct fx *f, const char *what)
 
     disk_write (d, f, off, len);
     off = tu_rand_below (&f->seed, SIZE - sizeof buf + 1);
-    assert_int_equal (cow_disk_pread (d, buf, sizeof buf, off), 0);
+    r = cow_disk_pread (d, buf, sizeof buf, off);
+    if (r == -1)
+      print_error ("%s: pread %zu@%" PRIu64 ": %s\n", what, sizeof buf, off,
+                   cow_last_error ());
+    assert_int_equal (r, 0);
     tu_assert_bytes_equal (buf, f->model + off, sizeof buf, off, what);
     rounds++;
-    assert_int_equal (cow_disk_job_info (d, &i), 0);
+    r = cow_disk_job_info (d, &i);
+    if (r == -1)
+      print_error ("%s: job info: %s\n", what, cow_last_error ());
+    assert_int_equal (r, 0);
     active = i.state == COW_JOB_RUNNING || i.state == COW_JOB_PAUSED;
     cow_job_info_clear (&i);
     if (!active && rounds >= 8)
@@ -970,7 +977,7 @@ test_delete_enospc (void **state)
 }
 
 int
-main (void)
+main (int argc, char **argv)
 {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test (test_commit_frozen_killed),
@@ -1002,5 +1009,7 @@ main (void)
   failing.ftruncate = f_ftruncate;
   failing.fallocate = f_fallocate;
   io_set_ops (&quick);
+  if (argc > 1)
+    cmocka_set_test_filter (argv[1]);
   return cmocka_run_group_tests (tests, NULL, NULL);
 }
