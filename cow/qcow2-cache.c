@@ -25,9 +25,10 @@ struct slot {
 };
 
 /* n slots are the budget; up to n more are used only while every slot is
- * pinned (a flush pins the dirty tables it is writing), so that a guest
- * request never fails for want of a slot.  A hash on the offset keeps a
- * lookup O(1) however large the cache. */
+ * pinned (a flush pins the dirty tables it is writing), or holds a dirty
+ * table that cannot be written back, so that a guest request never fails
+ * for want of a slot.  A hash on the offset keeps a lookup O(1) however
+ * large the cache. */
 struct qcow2_cache {
   struct qcow2 *q;
   bool is_l2;
@@ -204,6 +205,17 @@ victim (struct qcow2_cache *c)
   return NULL;
 }
 
+/* An empty slot beyond the budget, for when the victim cannot be
+ * written back; NULL if there is none. */
+static struct slot *
+spare (struct qcow2_cache *c)
+{
+  for (size_t i = c->n; i < c->cap; i++)
+    if (c->slots[i].offset == 0 && c->slots[i].pin == 0)
+      return &c->slots[i];
+  return NULL;
+}
+
 void *
 qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh)
 {
@@ -216,8 +228,17 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh)
       cow_error_set (ENOMEM, "%s: metadata cache exhausted", q->layer.path);
       return NULL;
     }
-    if (s->dirty && write_slot (c, s) == -1)
-      return NULL;
+    /* A dirty table that cannot be written back stays where it is (it
+     * is never dropped), and the table asked for goes beyond the
+     * budget: whoever asks (a guest read, say) did not depend on that
+     * write, which failed for another request (a merge writing to this
+     * layer on a failing disk).  Only with no room left at all does
+     * the write's error reach the caller. */
+    if (s->dirty && write_slot (c, s) == -1) {
+      s = spare (c);
+      if (s == NULL)
+        return NULL;
+    }
     if (s->offset)
       hash_remove (c, s);
     s->offset = 0;

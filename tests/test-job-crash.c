@@ -58,6 +58,7 @@ now_s (void)
 
 static long budget;             /* operations left before the "kill" */
 static uint32_t cs;             /* cluster size of the current scenario */
+static uint64_t cache_bytes;    /* metadata cache of each layer; 0: default */
 
 static bool
 spend (void)
@@ -198,7 +199,8 @@ open_state (const char *st, const char *base)
 {
   struct cow_disk_config cfg = { .state_dir = st, .base = base,
                                  .base_format = base ? "raw" : NULL,
-                                 .cluster_size = cs };
+                                 .cluster_size = cs,
+                                 .cache_size = cache_bytes };
   struct cow_disk *d = cow_disk_open (&cfg);
 
   if (d == NULL)
@@ -934,6 +936,93 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   fx_fini (&f);
 }
 
+/* A guest read on a merge target whose writes fail, with a metadata
+ * cache so small that the read must evict a table, and every table the
+ * cache holds dirty: the failed job left them so (zero clusters need no
+ * data write).  The read did not depend on those tables: it must not
+ * fail for them.  512-byte clusters (an L2 table maps 32 KiB) and four
+ * L2 slots; s2 holds data in regions 0 to 31 of 32 KiB, s3 zeroes a
+ * cluster in regions 0 to 3 and writes in region 40, so that the commit
+ * of s3 into s2 dirties four tables of s2 and then fails. */
+static void
+test_commit_eio_small_cache (void **state)
+{
+  const struct scenario *sc = &scenarios[0];
+  const uint64_t region = 32768;
+  struct fx f;
+  struct cow_disk *d;
+  struct tu_chain old, now;
+  char *real;
+  int r;
+
+  (void) state;
+  cs = 512;
+  cache_bytes = 4 * 512;
+  fx_init (&f, "commit-eio-cache", 2005);
+  io_set_ops (&failing);
+  tu_write_file (f.base, f.base_data, SIZE);
+  memcpy (f.model, f.base_data, SIZE);
+  d = open_state (f.st, f.base);
+  disk_write (d, &f, 65536 * 20, 65536);
+  snapshot (d, &f, 1);
+  for (uint64_t i = 0; i < 32; i++)
+    disk_write (d, &f, i * region + 8192, 4096);
+  snapshot (d, &f, 2);
+  for (uint64_t i = 0; i < 4; i++) {
+    assert_int_equal (cow_disk_zero (d, 512, i * region + 8192,
+                                     COW_FLAG_MAY_TRIM), 0);
+    memset (f.model + i * region + 8192, 0, 512);
+  }
+  disk_write (d, &f, 40 * region, 4096);
+  snapshot (d, &f, 3);
+  assert_int_equal (cow_disk_flush (d), 0);
+  tu_chain_get (d, &old);
+  real = realpath (f.st, NULL);
+  assert_non_null (real);
+  snprintf (fail_dir, sizeof fail_dir, "%s", real);
+  free (real);
+  real = realpath (old.path[old.n - 1], NULL);
+  assert_non_null (real);
+  snprintf (fail_except, sizeof fail_except, "%s", real);
+  free (real);
+
+  __atomic_store_n (&fail_errno, EIO, __ATOMIC_SEQ_CST);
+  r = start_job (d, sc, NULL);
+  assert_int_equal (r, 0);
+  assert_int_equal (cow_disk_job_wait (d), -1);
+  assert_int_equal (cow_last_errno (), EIO);
+  /* Regions 4 to 31 read through s2, each through a table not cached. */
+  for (int pass = 0; pass < 2; pass++)
+    for (uint64_t i = 4; i < 32; i++) {
+      uint8_t buf[4096];
+      uint64_t off = i * region + 8192;
+      r = cow_disk_pread (d, buf, sizeof buf, off);
+      if (r == -1)
+        print_error ("pread at %" PRIu64 " after the failed job: %s\n", off,
+                     cow_last_error ());
+      assert_int_equal (r, 0);
+      tu_assert_bytes_equal (buf, f.model + off, sizeof buf, off,
+                             "after the failed job");
+    }
+  verify (d, &f, "after the failed job");
+
+  /* Writes work again: the job starts again and completes. */
+  __atomic_store_n (&fail_errno, 0, __ATOMIC_SEQ_CST);
+  tu_chain_get (d, &now);
+  r = start_job (d, sc, alt_name (sc, &now, &old));
+  tu_chain_free (&now);
+  assert_int_equal (r, 0);
+  wait_ok (d, "the job started again");
+  verify (d, &f, "after the job started again");
+  expect_new_chain (d, sc, &old, "after the job started again");
+  check_dir (d, f.st, "after the job started again");
+  assert_int_equal (cow_disk_close (d), 0);
+  io_set_ops (&quick);
+  cache_bytes = 0;
+  tu_chain_free (&old);
+  fx_fini (&f);
+}
+
 static void
 test_commit_frozen_4k_killed (void **state)
 {
@@ -993,6 +1082,7 @@ main (int argc, char **argv)
     cmocka_unit_test (test_commit_enospc),
     cmocka_unit_test (test_commit_eio),
     cmocka_unit_test (test_delete_enospc),
+    cmocka_unit_test (test_commit_eio_small_cache),
   };
 
   killing = io_real_ops;

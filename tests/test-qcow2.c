@@ -1739,6 +1739,77 @@ test_set_backing_races_reftable_growth (void **state)
   fx_fini (f);
 }
 
+/*----------------------------------------------------------------------
+ * A read that needs a table the cache does not hold, when every slot
+ * holds a dirty table that cannot be written back (the writes of the
+ * layer fail: a merge target on a failing disk, say).  The dirty tables
+ * must stay, and the read must not fail for them: it did not depend on
+ * them.  Four L2 slots; 512-byte clusters, so an L2 table maps 32 KiB. */
+
+static int fail_writes;         /* atomic: pwrites fail with EIO */
+
+static ssize_t
+maybe_failing_pwrite (int fd, const void *buf, size_t n, off_t off)
+{
+  if (__atomic_load_n (&fail_writes, __ATOMIC_SEQ_CST)) {
+    errno = EIO;
+    return -1;
+  }
+  return fast_ops.pwrite (fd, buf, n, off);
+}
+
+static void
+test_read_with_unwritable_dirty_cache (void **state)
+{
+  struct fx f;
+  struct io_ops ops = fast_ops;
+  const uint64_t region = 32768;
+  uint8_t buf[4096];
+  struct layer_below b;
+
+  (void) state;
+  fx_init (&f, "dirtycache.qcow2", 64 * region, 64 * region, 512, 4 * 512,
+           25);
+  /* Data in regions 0 to 15, on disk. */
+  for (uint64_t i = 0; i < 16; i++)
+    fx_write_random (&f, 4096, i * region + 8192);
+  fx_flush (&f);
+  ops.pwrite = maybe_failing_pwrite;
+  io_set_ops (&ops);
+  __atomic_store_n (&fail_writes, 1, __ATOMIC_SEQ_CST);
+
+  /* Zero clusters need no data write: four dirty tables fill the cache. */
+  for (uint64_t i = 0; i < 4; i++)
+    fx_zero (&f, 512, i * region + 8192);
+  /* Reads of the other regions, over and over: each needs a table. */
+  b = fx_below (&f);
+  for (int pass = 0; pass < 3; pass++)
+    for (uint64_t i = 4; i < 16; i++) {
+      uint64_t off = i * region + 8192;
+      int r = f.l->ops->read (f.l, buf, sizeof buf, off, &b);
+      if (r == -1)
+        print_error ("read at %" PRIu64 " with writes failing: %s\n", off,
+                     cow_last_error ());
+      assert_int_equal (r, 0);
+      tu_assert_bytes_equal (buf, f.model + off, sizeof buf, off, f.img);
+    }
+  fx_verify (&f);
+  /* The flush fails; the zeroed clusters still read as zero. */
+  assert_int_equal (f.l->ops->flush (f.l), -1);
+  fx_verify (&f);
+
+  /* Writes work again: nothing was lost. */
+  __atomic_store_n (&fail_writes, 0, __ATOMIC_SEQ_CST);
+  io_set_ops (&fast_ops);
+  fx_flush (&f);
+  fx_reopen (&f);
+  fx_verify (&f);
+  fx_close_layer (&f);
+  tu_assert_check_clean (f.img);
+  fx_qemu_compare (&f);
+  fx_fini (&f);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -1760,6 +1831,7 @@ main (int argc, char **argv)
     cmocka_unit_test (test_flush_fails_l1_clean),
     cmocka_unit_test (test_flush_fails_l1_dirty),
     cmocka_unit_test (test_set_backing_races_reftable_growth),
+    cmocka_unit_test (test_read_with_unwritable_dirty_cache),
     /* Last: under ASan its heap overflow ends the program. */
     cmocka_unit_test (test_flush_races_reftable_move),
   };
