@@ -2,7 +2,9 @@
  * of one qcow2 layer.  Bounded: a fixed number of slots, least recently
  * used first out.  A dirty L2 table may only be written once the data and
  * refcounts it depends on are stable (see qcow2.h), so evicting one first
- * writes back the refcount blocks and syncs the file. */
+ * writes back the refcount blocks and syncs the file.  A dirty table is
+ * never dropped: when it cannot be written back, it stays, and the
+ * request that needed its slot is served beside it. */
 #include <config.h>
 
 #include <errno.h>
@@ -24,11 +26,18 @@ struct slot {
   size_t dnext;           /* next slot + 1 in its data-pointer bucket */
 };
 
+/* A table read by qcow2_cache_lookup when no slot could take it. */
+struct loose {
+  struct loose *next;
+  void *data;
+};
+
 /* n slots are the budget; up to n more are used only while every slot is
- * pinned (a flush pins the dirty tables it is writing), or holds a dirty
- * table that cannot be written back, so that a guest request never fails
- * for want of a slot.  A hash on the offset keeps a lookup O(1) however
- * large the cache. */
+ * pinned (a flush pins the dirty tables it is writing) or holds a dirty
+ * table that cannot be written back, so that a guest request does not
+ * fail for want of a slot; a lookup never does (it reads a copy of its
+ * own then).  A hash on the offset keeps a lookup O(1) however large the
+ * cache. */
 struct qcow2_cache {
   struct qcow2 *q;
   bool is_l2;
@@ -38,6 +47,7 @@ struct qcow2_cache {
   size_t *dbuckets;       /* by data pointer (set once per slot) */
   size_t n_buckets;       /* a power of two */
   uint64_t tick;
+  struct loose *loose;    /* lookups' own tables, until put */
 };
 
 static size_t
@@ -127,6 +137,12 @@ qcow2_cache_destroy (struct qcow2_cache *c)
     return;
   for (size_t i = 0; i < c->cap; i++)
     free (c->slots[i].data);
+  while (c->loose) {
+    struct loose *lt = c->loose;
+    c->loose = lt->next;
+    free (lt->data);
+    free (lt);
+  }
   free (c->slots);
   free (c->buckets);
   free (c->dbuckets);
@@ -216,69 +232,128 @@ spare (struct qcow2_cache *c)
   return NULL;
 }
 
-void *
-qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh)
+/* A slot for a table that is not cached: the victim, written back
+ * first if dirty.  A dirty table that cannot be written back stays where
+ * it is (it is never dropped), and a spare slot beyond the budget is
+ * taken instead: whoever asks did not depend on that write, which failed
+ * for another request (a merge writing to this layer on a failing disk,
+ * say).  NULL with the error set when there is no room at all. */
+static struct slot *
+free_slot (struct qcow2_cache *c)
 {
-  struct qcow2 *q = c->q;
-  struct slot *s = find (c, offset);
+  struct slot *s = victim (c);
 
   if (s == NULL) {
-    s = victim (c);
-    if (s == NULL) {
-      cow_error_set (ENOMEM, "%s: metadata cache exhausted", q->layer.path);
-      return NULL;
-    }
-    /* A dirty table that cannot be written back stays where it is (it
-     * is never dropped), and the table asked for goes beyond the
-     * budget: whoever asks (a guest read, say) did not depend on that
-     * write, which failed for another request (a merge writing to this
-     * layer on a failing disk).  Only with no room left at all does
-     * the write's error reach the caller. */
-    if (s->dirty && write_slot (c, s) == -1) {
-      s = spare (c);
-      if (s == NULL)
-        return NULL;
-    }
-    if (s->offset)
-      hash_remove (c, s);
-    s->offset = 0;
-    if (s->data == NULL) {
-      /* Page aligned for O_DIRECT some day; posix_memalign, unlike
-       * aligned_alloc, allows a size below the alignment. */
-      if (posix_memalign (&s->data, 4096, q->cluster_size) != 0) {
-        s->data = NULL;
-        errno = ENOMEM;
-        cow_error_errno ("%s: metadata cache", q->layer.path);
-        return NULL;
-      }
-      {
-        size_t b = dbucket_of (c, s->data);
-        s->dnext = c->dbuckets[b];
-        c->dbuckets[b] = (size_t) (s - c->slots) + 1;
-      }
-    }
-    if (fresh)
-      memset (s->data, 0, q->cluster_size);
-    else if (io_pread (q->fd, s->data, q->cluster_size, offset) == -1) {
-      cow_error_errno ("%s: reading %s at offset %" PRIu64, q->layer.path,
-                       c->is_l2 ? "L2 table" : "refcount block", offset);
-      return NULL;
-    }
-    s->offset = offset;
-    s->dirty = false;
-    hash_insert (c, s);
+    cow_error_set (ENOMEM, "%s: metadata cache exhausted", c->q->layer.path);
+    return NULL;
   }
+  if (s->dirty && write_slot (c, s) == -1)
+    return spare (c);
+  return s;
+}
+
+/* Put the table at offset into slot s (clean); fresh: zeroed. */
+static int
+load (struct qcow2_cache *c, struct slot *s, uint64_t offset, bool fresh)
+{
+  struct qcow2 *q = c->q;
+
+  if (s->offset)
+    hash_remove (c, s);
+  s->offset = 0;
+  if (s->data == NULL) {
+    /* Page aligned for O_DIRECT some day; posix_memalign, unlike
+     * aligned_alloc, allows a size below the alignment. */
+    if (posix_memalign (&s->data, 4096, q->cluster_size) != 0) {
+      s->data = NULL;
+      errno = ENOMEM;
+      cow_error_errno ("%s: metadata cache", q->layer.path);
+      return -1;
+    }
+    {
+      size_t b = dbucket_of (c, s->data);
+      s->dnext = c->dbuckets[b];
+      c->dbuckets[b] = (size_t) (s - c->slots) + 1;
+    }
+  }
+  if (fresh)
+    memset (s->data, 0, q->cluster_size);
+  else if (io_pread (q->fd, s->data, q->cluster_size, offset) == -1) {
+    cow_error_errno ("%s: reading %s at offset %" PRIu64, q->layer.path,
+                     c->is_l2 ? "L2 table" : "refcount block", offset);
+    return -1;
+  }
+  s->offset = offset;
+  s->dirty = false;
+  hash_insert (c, s);
+  return 0;
+}
+
+static void *
+pin (struct qcow2_cache *c, struct slot *s)
+{
   s->used = ++c->tick;
   s->pin++;
   return s->data;
 }
 
+void *
+qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh)
+{
+  struct slot *s = find (c, offset);
+
+  if (s == NULL) {
+    s = free_slot (c);
+    if (s == NULL || load (c, s, offset, fresh) == -1)
+      return NULL;
+  }
+  return pin (c, s);
+}
+
+void *
+qcow2_cache_lookup (struct qcow2_cache *c, uint64_t offset)
+{
+  struct qcow2 *q = c->q;
+  struct slot *s = find (c, offset);
+  struct loose *lt;
+
+  if (s)
+    return pin (c, s);
+  s = free_slot (c);
+  if (s)
+    return load (c, s, offset, false) == 0 ? pin (c, s) : NULL;
+  /* No room: a copy of the caller's own, read from the file, where the
+   * table is current (a table leaves the cache only once written back). */
+  lt = calloc (1, sizeof *lt);
+  if (lt == NULL || (lt->data = malloc (q->cluster_size)) == NULL) {
+    cow_error_errno ("%s: metadata table", q->layer.path);
+    free (lt);
+    return NULL;
+  }
+  if (io_pread (q->fd, lt->data, q->cluster_size, offset) == -1) {
+    cow_error_errno ("%s: reading %s at offset %" PRIu64, q->layer.path,
+                     c->is_l2 ? "L2 table" : "refcount block", offset);
+    free (lt->data);
+    free (lt);
+    return NULL;
+  }
+  lt->next = c->loose;
+  c->loose = lt;
+  return lt->data;
+}
+
 void
 qcow2_cache_put (struct qcow2_cache *c, void *table)
 {
-  struct slot *s = find_data (c, table);
-
-  s->pin--;
+  for (struct loose **p = &c->loose; *p; p = &(*p)->next)
+    if ((*p)->data == table) {
+      struct loose *lt = *p;
+      *p = lt->next;
+      free (lt->data);
+      free (lt);
+      return;
+    }
+  find_data (c, table)->pin--;
 }
 
 void

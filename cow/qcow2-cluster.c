@@ -33,9 +33,10 @@ cs (const struct qcow2 *q)
 }
 
 /* The L2 table of guest cluster gc, pinned; NULL with *absent when there
- * is none, NULL without *absent on error. */
+ * is none, NULL without *absent on error.  change: the caller may change
+ * it (else it only reads it, see qcow2_cache_lookup). */
 static uint64_t *
-get_l2 (struct qcow2 *q, uint64_t gc, bool *absent)
+get_l2 (struct qcow2 *q, uint64_t gc, bool *absent, bool change)
 {
   uint64_t idx = gc >> q->l2_bits;
   uint64_t e, off;
@@ -62,7 +63,8 @@ get_l2 (struct qcow2 *q, uint64_t gc, bool *absent)
                         "the file (offset %" PRIu64 ")", idx, off);
     return NULL;
   }
-  return qcow2_cache_get (q->l2_cache, off, false);
+  return change ? qcow2_cache_get (q->l2_cache, off, false)
+    : qcow2_cache_lookup (q->l2_cache, off);
 }
 
 static int
@@ -110,7 +112,7 @@ qcow2_get_cluster (struct qcow2 *q, uint64_t gc, enum qcow2_ctype *type,
                    uint64_t *host)
 {
   bool absent;
-  uint64_t *l2 = get_l2 (q, gc, &absent);
+  uint64_t *l2 = get_l2 (q, gc, &absent, false);
   int r;
 
   if (l2 == NULL) {
@@ -140,7 +142,7 @@ get_run (struct qcow2 *q, uint64_t gc, uint64_t max, enum qcow2_ctype *type,
 
   if (max > per - i0)
     max = per - i0;
-  l2 = get_l2 (q, gc, &absent);
+  l2 = get_l2 (q, gc, &absent, false);
   if (l2 == NULL) {
     if (!absent)
       return -1;
@@ -481,7 +483,7 @@ static uint64_t *
 get_or_make_l2 (struct qcow2 *q, uint64_t gc)
 {
   bool absent;
-  uint64_t *l2 = get_l2 (q, gc, &absent);
+  uint64_t *l2 = get_l2 (q, gc, &absent, true);
   uint64_t off;
 
   if (l2 || !absent)

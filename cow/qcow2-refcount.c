@@ -83,9 +83,10 @@ refcount_max (const struct qcow2 *q)
     : (1ull << (1u << q->refcount_order)) - 1;
 }
 
-/* The refcount block holding cluster, or NULL with *missing set. */
+/* The refcount block holding cluster, or NULL with *missing set.
+ * change: the caller may change it (see qcow2_cache_lookup). */
 static void *
-get_block (struct qcow2 *q, uint64_t cluster, bool *missing)
+get_block (struct qcow2 *q, uint64_t cluster, bool *missing, bool change)
 {
   uint64_t idx = cluster >> q->rb_bits;
   uint64_t off;
@@ -101,14 +102,15 @@ get_block (struct qcow2 *q, uint64_t cluster, bool *missing)
                         " is not cluster aligned", idx);
     return NULL;
   }
-  return qcow2_cache_get (q->rb_cache, off, false);
+  return change ? qcow2_cache_get (q->rb_cache, off, false)
+    : qcow2_cache_lookup (q->rb_cache, off);
 }
 
 int
 qcow2_refcount_get (struct qcow2 *q, uint64_t cluster, uint64_t *ref)
 {
   bool missing;
-  void *rb = get_block (q, cluster, &missing);
+  void *rb = get_block (q, cluster, &missing, false);
 
   if (rb == NULL) {
     if (!missing)
@@ -252,7 +254,7 @@ qcow2_refcount_set (struct qcow2 *q, uint64_t cluster, uint64_t ref)
                    " overflows", q->layer.path, cluster);
     return -1;
   }
-  rb = get_block (q, cluster, &missing);
+  rb = get_block (q, cluster, &missing, true);
   if (rb == NULL) {
     if (!missing)
       return -1;
@@ -260,7 +262,7 @@ qcow2_refcount_set (struct qcow2 *q, uint64_t cluster, uint64_t ref)
       return 0;
     if (new_block (q, cluster) == -1)
       return -1;
-    rb = get_block (q, cluster, &missing);
+    rb = get_block (q, cluster, &missing, true);
     if (rb == NULL)
       return -1;
   }

@@ -152,6 +152,10 @@ void qcow2_cache_destroy (struct qcow2_cache *c);
 /* Get the table at host offset; fresh: do not read, start zeroed.  The
  * table is pinned until qcow2_cache_put.  Caller holds q->lock. */
 void *qcow2_cache_get (struct qcow2_cache *c, uint64_t offset, bool fresh);
+/* The same, to read the table only (never marked dirty): when no slot can
+ * take it, the caller gets a copy of its own until qcow2_cache_put, so a
+ * lookup fails only if the file cannot be read. */
+void *qcow2_cache_lookup (struct qcow2_cache *c, uint64_t offset);
 void qcow2_cache_put (struct qcow2_cache *c, void *table);
 void qcow2_cache_mark_dirty (struct qcow2_cache *c, void *table);
 /* Copy every dirty table out (pinning it) for writing without the lock. */

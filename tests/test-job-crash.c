@@ -941,9 +941,10 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
  * cache holds dirty: the failed job left them so (zero clusters need no
  * data write).  The read did not depend on those tables: it must not
  * fail for them.  512-byte clusters (an L2 table maps 32 KiB) and four
- * L2 slots; s2 holds data in regions 0 to 31 of 32 KiB, s3 zeroes a
- * cluster in regions 0 to 3 and writes in region 40, so that the commit
- * of s3 into s2 dirties four tables of s2 and then fails. */
+ * L2 slots (and four spare ones); s2 holds data in regions 0 to 31 of
+ * 32 KiB, s3 zeroes a cluster in regions 0 to 7 and writes in region 40,
+ * so that the commit of s3 into s2 dirties eight tables of s2 and then
+ * fails. */
 static void
 test_commit_eio_small_cache (void **state)
 {
@@ -968,7 +969,7 @@ test_commit_eio_small_cache (void **state)
   for (uint64_t i = 0; i < 32; i++)
     disk_write (d, &f, i * region + 8192, 4096);
   snapshot (d, &f, 2);
-  for (uint64_t i = 0; i < 4; i++) {
+  for (uint64_t i = 0; i < 8; i++) {
     assert_int_equal (cow_disk_zero (d, 512, i * region + 8192,
                                      COW_FLAG_MAY_TRIM), 0);
     memset (f.model + i * region + 8192, 0, 512);
@@ -991,9 +992,9 @@ test_commit_eio_small_cache (void **state)
   assert_int_equal (r, 0);
   assert_int_equal (cow_disk_job_wait (d), -1);
   assert_int_equal (cow_last_errno (), EIO);
-  /* Regions 4 to 31 read through s2, each through a table not cached. */
+  /* Regions 8 to 31 read through s2, each through a table not cached. */
   for (int pass = 0; pass < 2; pass++)
-    for (uint64_t i = 4; i < 32; i++) {
+    for (uint64_t i = 8; i < 32; i++) {
       uint8_t buf[4096];
       uint64_t off = i * region + 8192;
       r = cow_disk_pread (d, buf, sizeof buf, off);

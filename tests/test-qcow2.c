@@ -1744,7 +1744,8 @@ test_set_backing_races_reftable_growth (void **state)
  * holds a dirty table that cannot be written back (the writes of the
  * layer fail: a merge target on a failing disk, say).  The dirty tables
  * must stay, and the read must not fail for them: it did not depend on
- * them.  Four L2 slots; 512-byte clusters, so an L2 table maps 32 KiB. */
+ * them.  Four L2 slots (and four spare ones); 512-byte clusters, so an
+ * L2 table maps 32 KiB. */
 
 static int fail_writes;         /* atomic: pwrites fail with EIO */
 
@@ -1778,13 +1779,18 @@ test_read_with_unwritable_dirty_cache (void **state)
   io_set_ops (&ops);
   __atomic_store_n (&fail_writes, 1, __ATOMIC_SEQ_CST);
 
-  /* Zero clusters need no data write: four dirty tables fill the cache. */
-  for (uint64_t i = 0; i < 4; i++)
+  /* Zero clusters need no data write: dirty tables fill the four slots,
+   * then the spare ones; a ninth table does not fit (the zero fails, it
+   * depends on the writes). */
+  for (uint64_t i = 0; i < 8; i++)
     fx_zero (&f, 512, i * region + 8192);
-  /* Reads of the other regions, over and over: each needs a table. */
   b = fx_below (&f);
+  assert_int_equal (f.l->ops->zero (f.l, 512, 8 * region + 8192, false, &b),
+                    -1);
+  assert_int_equal (cow_last_errno (), EIO);
+  /* Reads of the other regions, over and over: each needs a table. */
   for (int pass = 0; pass < 3; pass++)
-    for (uint64_t i = 4; i < 16; i++) {
+    for (uint64_t i = 8; i < 16; i++) {
       uint64_t off = i * region + 8192;
       int r = f.l->ops->read (f.l, buf, sizeof buf, off, &b);
       if (r == -1)
