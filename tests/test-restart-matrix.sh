@@ -6,7 +6,7 @@
 #            plain nbdkit serving a raw file read-only)
 # x state    no snapshot | two snapshots | after commit --top | after
 #            pull --base | after delete | after a revert | after offline
-#            (--state) delete, commit, snapshot and pull | after an
+#            (--state) delete, commit, snapshot, pull, revert | after an
 #            active commit | after pull without --base (self-contained)
 # x stop     clean (SIGTERM by PID, wait for exit) | kill -9
 #
@@ -39,7 +39,7 @@
 #
 # The NBD rows cover a disk on a remote base reopened with snapshots (once
 # a SIGSEGV at open), by the server and by the offline list, delete,
-# commit, snapshot and pull.
+# commit, snapshot, pull and revert.
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
 
 requires nbdkit qemu-img qemu-io
@@ -114,8 +114,10 @@ def run(argv, ok=(0,), env=None, leaks=False):
     p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, env=env)
     if p.returncode not in ok:
-        die("%s: exit status %d\n--- stdout\n%s--- stderr\n%s"
-            % (" ".join(argv), p.returncode, p.stdout, p.stderr))
+        how = ("killed by signal %d" % -p.returncode if p.returncode < 0
+               else "exit status %d" % p.returncode)
+        die("%s: %s\n--- stdout\n%s--- stderr\n%s"
+            % (" ".join(argv), how, p.stdout, p.stderr))
     return p
 
 
@@ -234,12 +236,25 @@ class Cache:
         os.rename(self.path + ".tmp", self.path)
 
 
-# offline STATEDIR MODEL SNAPDIR PENDING STRICT LEAKS_OK BASE BASEFMT
+# list_forms STATEDIR NAMES: the table and the tree of list --state.
+def list_forms(statedir, names):
+    where = statedir + ": "
+    table = run([COW, "list", "--state", statedir]).stdout
+    rows = [l.split()[0] for l in table.splitlines()[2:] if l.strip()]
+    if rows != names:
+        die(where + "list --state table rows %s, expected %s:\n%s" % (rows, names, table))
+    tree = run([COW, "list", "--tree", "--state", statedir]).stdout
+    for n in names + ["(current)"]:
+        if not re.search(r"(^|\s)" + re.escape(n) + r"$", tree, re.M):
+            die(where + "list --tree --state lacks %s:\n%s" % (n, tree))
+
+
+# offline STATEDIR MODEL SNAPDIR PENDING STRICT LEAKS_OK FORMS BASE BASEFMT
 #         BASECHAIN NAMES...
 # Every offline check of a stopped disk (see the top of the test).
 # BASECHAIN: the base and the files under it, comma-separated.
 def offline(statedir, model_path, snapdir, pending, strict, leaks_ok,
-            want_base, want_fmt, base_chain, names):
+            forms, want_base, want_fmt, base_chain, names):
     base, fmt, nobase, layers = manifest(statedir)
     files = [f for f, _ in layers]
     where = statedir + ": "
@@ -272,14 +287,8 @@ def offline(statedir, model_path, snapdir, pending, strict, leaks_ok,
         if not same_file(s["file"], os.path.join(statedir, byname[s["name"]])):
             die(where + "list --state: %s on %s, the manifest says %s"
                 % (s["name"], s["file"], byname[s["name"]]))
-    table = run([COW, "list", "--state", statedir]).stdout
-    rows = [l.split()[0] for l in table.splitlines()[2:] if l.strip()]
-    if rows != names:
-        die(where + "list --state table rows %s, expected %s:\n%s" % (rows, names, table))
-    tree = run([COW, "list", "--tree", "--state", statedir]).stdout
-    for n in names + ["(current)"]:
-        if not re.search(r"(^|\s)" + re.escape(n) + r"$", tree, re.M):
-            die(where + "list --tree --state lacks %s:\n%s" % (n, tree))
+    if forms:
+        list_forms(statedir, names)
 
     # qemu-img check and cowchain check of every layer.
     cache = Cache(os.path.join(os.path.dirname(snapdir), "checked.json"))
@@ -384,13 +393,17 @@ def online(uri, model_path, statedir, control, names):
     v = list_json([], env)
     if [s["name"] for s in v] != names:
         die("cowchain list: %s, expected %s" % ([s["name"] for s in v], names))
+    # Disk, Layers, [State,] Active layer, Base.
     st = run([COW, "status"], env=env).stdout
+    head = [l.split() for l in st.splitlines() if l.startswith(" Disk ")]
     rows = [l.split() for l in st.splitlines() if l.startswith(" (default)")]
-    if len(rows) != 1 or rows[0][1] != str(len(layers)) \
-            or not same_file(rows[0][2], active):
+    if len(head) != 1 or len(rows) != 1 or rows[0][1] != str(len(layers)) \
+            or not any(same_file(w, active) for w in rows[0][2:]):
         die("cowchain status does not show %d layers, active %s:\n%s"
             % (len(layers), active, st))
-    if not nobase and (len(rows[0]) < 4 or not same_file(rows[0][3], base)):
+    if "State" in head[0] and rows[0][head[0].index("State")] != "ok":
+        die("cowchain status: the disk's state is not ok:\n%s" % st)
+    if not nobase and not same_file(rows[0][-1], base):
         die("cowchain status does not show the base %s:\n%s" % (base, st))
     bl = run([COW, "blklist"], env=env).stdout
     rows = [l.split() for l in bl.splitlines() if l.startswith("(default)")
@@ -406,8 +419,8 @@ def dispatch(cmd, a):
     if cmd == "write":
         write(a[0], a[1], int(a[2]), a[3] if len(a) > 3 else None)
     elif cmd == "offline":
-        offline(a[0], a[1], a[2], a[3], a[4] == "1", a[5] == "1", a[6], a[7],
-                [x for x in a[8].split(",") if x], a[9:])
+        offline(a[0], a[1], a[2], a[3], a[4] == "1", a[5] == "1", a[6] == "1",
+                a[7], a[8], [x for x in a[9].split(",") if x], a[10:])
     elif cmd == "online":
         online(a[0], a[1], a[2], a[3], a[4:])
     else:
@@ -561,14 +574,18 @@ start_disk ()
     start_server "$srv" "${keys[@]}"
 }
 
+# offline_check [WHAT]: the offline checks; WHAT names the offline
+# command just run (then without the table and tree forms of list, which
+# the check right after the stop did).
 offline_check ()
 {
-    local strict=1 leaks=0
+    local strict=1 leaks=0 forms=1
     [ "$how" = kill ] && { strict=0; leaks=1; }
+    [ -z "${1:-}" ] || forms=0
     rmpy offline "$st" "$model" "$d/snaps" "$d/pending.json" \
-        "$strict" "$leaks" "$base_want" "$base_fmt" "$base_chain" \
+        "$strict" "$leaks" "$forms" "$base_want" "$base_fmt" "$base_chain" \
         ${names[@]+"${names[@]}"} ||
-        fail "$cell: offline check of the stopped disk${1:+ ($1)}"
+        fail "$cell: offline check of the stopped disk"
 }
 
 # stop_and_check [OFFLINE-HOOK]: unflushed writes, the stop, the offline
@@ -600,6 +617,8 @@ offline_jobs ()
     offline_check "$cell"
     cell="$kind/$how: offline pull --base s7"
     offjob pull --base s7 --force;          drop_name s8; offline_check "$cell"
+    cell="$kind/$how: offline revert s7"
+    offjob revert s7;           cp "$d/snaps/s7.raw" "$model"; offline_check "$cell"
     cell="$kind/$how: restart after the offline commands"
 }
 
@@ -656,7 +675,7 @@ run_disk ()
     drop_name s6; cp "$d/snaps/s5.raw" "$model"
     stop_and_check
 
-    cell="$kind/$how: offline delete, commit, snapshot, pull"; note "$cell"
+    cell="$kind/$how: offline delete, commit, snapshot, pull, revert"; note "$cell"
     snap s7
     stop_and_check offline_jobs
 
@@ -676,10 +695,14 @@ run_disk ()
     esac
 }
 
+# COWCHAIN_MATRIX_BASES / COWCHAIN_MATRIX_STOPS: a part of the matrix, to
+# reproduce one cell faster (default: all of it).
 n=0
 for kind in raw qcow2 nbd; do
     for how in term kill; do
         n=$(( n + 1 ))
+        case " ${COWCHAIN_MATRIX_BASES:-raw qcow2 nbd} " in *" $kind "*) ;; *) continue ;; esac
+        case " ${COWCHAIN_MATRIX_STOPS:-term kill} " in *" $how "*) ;; *) continue ;; esac
         run_disk "$kind" "$how" "$n"
     done
 done
