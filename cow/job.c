@@ -1210,6 +1210,7 @@ int
 cow_disk_job_info (struct cow_disk *d, struct cow_job_info *out)
 {
   struct cow_job *j;
+  bool want_msg = false;
 
   memset (out, 0, sizeof *out);
   pthread_mutex_lock (&d->job_lock);
@@ -1236,10 +1237,13 @@ cow_disk_job_info (struct cow_disk *d, struct cow_job_info *out)
     out->ended = j->ended;
     out->error = j->err;
     out->message = j->msg ? strdup (j->msg) : NULL;
+    want_msg = j->msg != NULL;
   }
   pthread_mutex_unlock (&d->job_lock);
+  /* j itself only under the lock: the job thread sets its message, and
+   * a new job frees it. */
   if (j && (out->top == NULL || out->base == NULL
-            || (j->msg && out->message == NULL))) {
+            || (want_msg && out->message == NULL))) {
     cow_job_info_clear (out);
     cow_error_errno ("job info");
     return -1;

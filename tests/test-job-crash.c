@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1024,6 +1025,88 @@ test_commit_eio_small_cache (void **state)
   fx_fini (&f);
 }
 
+/* The job's state read while jobs fail, from another thread: the job's
+ * end (its message set) may fall between any two instructions of
+ * cow_disk_job_info, which must not fail for it (nor read a job that a
+ * new one replaced). */
+static struct cow_disk *poll_disk;
+static int poll_stop;                   /* atomic */
+static unsigned long poll_calls, poll_errors;
+static char poll_error[512];
+
+static void *
+job_info_poller (void *arg)
+{
+  (void) arg;
+  while (!__atomic_load_n (&poll_stop, __ATOMIC_ACQUIRE)) {
+    struct cow_job_info i;
+    if (cow_disk_job_info (poll_disk, &i) == -1) {
+      if (poll_errors++ == 0)
+        snprintf (poll_error, sizeof poll_error, "%s", cow_last_error ());
+    }
+    else
+      cow_job_info_clear (&i);
+    poll_calls++;
+  }
+  return NULL;
+}
+
+static void
+test_job_info_while_jobs_fail (void **state)
+{
+  const struct scenario *sc = &scenarios[0];
+  struct fx f;
+  struct tu_chain old, now;
+  const char *alt = NULL;
+  pthread_t t;
+  char *real;
+  int jobs = 0;
+  double t0;
+
+  (void) state;
+  cs = 65536;
+  fx_init (&f, "job-info", 2004);
+  io_set_ops (&failing);
+  poll_disk = fx_prepare (&f, sc->layers, 2004, 8);
+  tu_chain_get (poll_disk, &old);
+  real = realpath (f.st, NULL);
+  assert_non_null (real);
+  snprintf (fail_dir, sizeof fail_dir, "%s", real);
+  free (real);
+  real = realpath (old.path[old.n - 1], NULL);
+  assert_non_null (real);
+  snprintf (fail_except, sizeof fail_except, "%s", real);
+  free (real);
+  __atomic_store_n (&fail_errno, EIO, __ATOMIC_SEQ_CST);
+  __atomic_store_n (&poll_stop, 0, __ATOMIC_SEQ_CST);
+  poll_calls = poll_errors = 0;
+  assert_int_equal (pthread_create (&t, NULL, job_info_poller, NULL), 0);
+  for (t0 = now_s (); jobs < 400 && now_s () - t0 < 20; jobs++) {
+    int r = start_job (poll_disk, sc, alt);
+    if (r == -1)
+      print_error ("start %d: %s\n", jobs, cow_last_error ());
+    assert_int_equal (r, 0);
+    assert_int_equal (cow_disk_job_wait (poll_disk), -1);
+    if (alt == NULL) {
+      tu_chain_get (poll_disk, &now);
+      alt = alt_name (sc, &now, &old);
+      tu_chain_free (&now);
+    }
+  }
+  __atomic_store_n (&poll_stop, 1, __ATOMIC_SEQ_CST);
+  pthread_join (t, NULL);
+  __atomic_store_n (&fail_errno, 0, __ATOMIC_SEQ_CST);
+  print_message ("%d failed jobs, %lu job info calls, %lu failed\n", jobs,
+                 poll_calls, poll_errors);
+  if (poll_errors)
+    print_error ("cow_disk_job_info failed: %s\n", poll_error);
+  assert_int_equal (poll_errors, 0);
+  assert_int_equal (cow_disk_close (poll_disk), 0);
+  io_set_ops (&quick);
+  tu_chain_free (&old);
+  fx_fini (&f);
+}
+
 static void
 test_commit_frozen_4k_killed (void **state)
 {
@@ -1084,6 +1167,7 @@ main (int argc, char **argv)
     cmocka_unit_test (test_commit_eio),
     cmocka_unit_test (test_delete_enospc),
     cmocka_unit_test (test_commit_eio_small_cache),
+    cmocka_unit_test (test_job_info_while_jobs_fail),
   };
 
   killing = io_real_ops;
