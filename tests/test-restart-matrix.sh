@@ -113,6 +113,9 @@ def run(argv, ok=(0,), env=None, leaks=False):
                                else "") + "detect_leaks=0"
     p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, env=env)
+    if argv[0] == COW and re.search(r"runtime error:|ERROR: \w+Sanitizer",
+                                    p.stderr):
+        die("%s: sanitizer report:\n%s" % (" ".join(argv), p.stderr))
     if p.returncode not in ok:
         how = ("killed by signal %d" % -p.returncode if p.returncode < 0
                else "exit status %d" % p.returncode)
@@ -536,7 +539,9 @@ gw ()
 # snap NAME: a snapshot through the server; its model saved.
 snap ()
 {
-    "$cow" snapshot "$1" >/dev/null || fail "$cell: snapshot $1 failed"
+    "$cow" snapshot "$1" > "$d/cmd.out" 2>&1 ||
+        { cat "$d/cmd.out" >&2; fail "$cell: snapshot $1 failed"; }
+    check_sanitizer_log "$d/cmd.out"
     cp "$model" "$d/snaps/$1.raw"
     names+=("$1")
 }
@@ -553,15 +558,17 @@ drop_name ()
 # job ARGS...: a job through the server, to its end.
 job ()
 {
-    "$cow" "$@" --wait > "$d/job.out" 2>&1 ||
-        { cat "$d/job.out" >&2; fail "$cell: cowchain $* failed"; }
+    "$cow" "$@" --wait > "$d/cmd.out" 2>&1 ||
+        { cat "$d/cmd.out" >&2; fail "$cell: cowchain $* failed"; }
+    check_sanitizer_log "$d/cmd.out"
 }
 
 # offjob ARGS...: a cowchain command on the stopped state directory.
 offjob ()
 {
-    "$cow" "$@" --state "$st" > "$d/job.out" 2>&1 ||
-        { cat "$d/job.out" >&2; fail "$cell: cowchain $* --state failed"; }
+    "$cow" "$@" --state "$st" > "$d/cmd.out" 2>&1 ||
+        { cat "$d/cmd.out" >&2; fail "$cell: cowchain $* --state failed"; }
+    check_sanitizer_log "$d/cmd.out"
 }
 
 start_disk ()
@@ -671,7 +678,9 @@ run_disk ()
 
     cell="$kind/$how: after revert s5"; note "$cell"
     snap s6; gw
-    "$cow" revert --force s5 >/dev/null || fail "$cell: revert failed"
+    "$cow" revert --force s5 > "$d/cmd.out" 2>&1 ||
+        { cat "$d/cmd.out" >&2; fail "$cell: revert failed"; }
+    check_sanitizer_log "$d/cmd.out"
     drop_name s6; cp "$d/snaps/s5.raw" "$model"
     stop_and_check
 
