@@ -895,8 +895,12 @@ sync_thread (void *arg)
       break;
     pthread_mutex_unlock (&d->sync_lock);
     if (__atomic_exchange_n (&d->dirty, 0, __ATOMIC_ACQ_REL)
-        && cow_disk_flush (d) == -1)
-      __atomic_store_n (&d->dirty, 1, __ATOMIC_RELEASE);
+        || __atomic_load_n (&d->sync_failed, __ATOMIC_ACQUIRE)) {
+      bool failed = cow_disk_flush (d) == -1;
+      if (failed)
+        __atomic_store_n (&d->dirty, 1, __ATOMIC_RELEASE);
+      __atomic_store_n (&d->sync_failed, failed, __ATOMIC_RELEASE);
+    }
     pthread_mutex_lock (&d->sync_lock);
   }
   pthread_mutex_unlock (&d->sync_lock);
@@ -996,10 +1000,17 @@ cow_disk_pread (struct cow_disk *d, void *buf, uint32_t count, uint64_t offset)
   return r;
 }
 
+/* sync=MS promises that a write is durable within MS: while the
+ * interval flush fails (or the disk is degraded, which fails it), each
+ * write is made durable itself, or fails, so that the loss window never
+ * grows without bound. */
 static bool
 wants_durable (struct cow_disk *d, unsigned flags)
 {
-  return (flags & COW_FLAG_FUA) || d->sync_mode == COW_SYNC_ALWAYS;
+  return (flags & COW_FLAG_FUA) || d->sync_mode == COW_SYNC_ALWAYS
+    || (d->sync_mode == COW_SYNC_INTERVAL
+        && (__atomic_load_n (&d->sync_failed, __ATOMIC_ACQUIRE)
+            || chain_degraded (d)));
 }
 
 /* Locks for a change: a durable one also holds durability_lock (first),
@@ -1054,43 +1065,49 @@ int
 cow_disk_pwrite (struct cow_disk *d, const void *buf, uint32_t count,
                  uint64_t offset, unsigned flags)
 {
+  bool durable;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
-  change_begin (d, wants_durable (d, flags));
+  durable = wants_durable (d, flags);
+  change_begin (d, durable);
   r = d->top->ops->write (d->top, buf, count, offset, &d->top_below);
   note_change (d, count, offset);
-  return change_end (d, wants_durable (d, flags), r);
+  return change_end (d, durable, r);
 }
 
 int
 cow_disk_zero (struct cow_disk *d, uint32_t count, uint64_t offset,
                unsigned flags)
 {
+  bool durable;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
-  change_begin (d, wants_durable (d, flags));
+  durable = wants_durable (d, flags);
+  change_begin (d, durable);
   r = d->top->ops->zero (d->top, count, offset,
                          (flags & COW_FLAG_FAST_ZERO) != 0, &d->top_below);
   note_change (d, count, offset);
-  return change_end (d, wants_durable (d, flags), r);
+  return change_end (d, durable, r);
 }
 
 int
 cow_disk_trim (struct cow_disk *d, uint32_t count, uint64_t offset,
                unsigned flags)
 {
+  bool durable;
   int r;
 
   if (check_range (d, count, offset) == -1)
     return -1;
-  change_begin (d, wants_durable (d, flags));
+  durable = wants_durable (d, flags);
+  change_begin (d, durable);
   r = d->top->ops->trim (d->top, count, offset);
   note_change (d, count, offset);
-  return change_end (d, wants_durable (d, flags), r);
+  return change_end (d, durable, r);
 }
 
 int

@@ -68,6 +68,7 @@ struct cow_disk {
   enum cow_sync_mode sync_mode;
   uint32_t sync_interval_ms;
   unsigned dirty;               /* atomic: written since the last flush */
+  bool sync_failed;             /* atomic: the last interval flush failed */
 
   /* The interval sync thread; sync_lock protects stop. */
   pthread_t sync_thread;

@@ -392,7 +392,14 @@ manifest_save (const char *dir, const struct manifest *m, bool *uncertain)
     cow_error_set (ENOMEM, "%s: out of memory encoding the manifest", dir);
     goto out;
   }
-  fd = io_open (tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  /* A fresh file, never whatever sits at that name: a symlink planted
+   * there must not redirect the write, nor a FIFO block it. */
+  if (io_unlink (tmp) == -1 && errno != ENOENT) {
+    cow_error_errno ("%s: cannot remove the old temporary file", tmp);
+    goto out;
+  }
+  fd = io_open (tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                0644);
   if (fd == -1) {
     cow_error_errno ("%s: cannot create", tmp);
     goto out;

@@ -27,6 +27,7 @@ make_random_file "$tmpdir/base.img" "$size" 3
 #   flush-ok             FLUSH must succeed (acknowledges)
 #   flush-fails          FLUSH must fail, with EIO
 #   fua-fails:OFF:LEN:SEED  a FUA write must fail
+#   write-fails:OFF:LEN:SEED  a plain write must fail (sync=MS, degraded)
 #   read-cur             the disk reads as cur
 #   read-model           the disk reads as model (after a restart)
 guest () {
@@ -72,6 +73,17 @@ for s in steps:
             cur[off:off + ln] = h.pread(ln, off)
         else:
             sys.exit("FUA write succeeded on a degraded disk")
+    elif f[0] == "write-fails":
+        off, ln = int(f[1]), int(f[2])
+        b = data(ln, f[3])
+        try:
+            h.pwrite(b, off)
+        except nbd.Error as e:
+            if e.errnum != errno.EIO:
+                sys.exit("write failed with %s, expected EIO" % e)
+            cur[off:off + ln] = h.pread(ln, off)
+        else:
+            sys.exit("a write under sync=MS succeeded on a degraded disk")
     elif f[0] == "read-cur":
         check_equal(read_all(h), cur, 0, "disk vs what the guest wrote")
     elif f[0] == "read-model":
@@ -169,6 +181,45 @@ guest read-model
 stop_server srv
 for s in s0 s1 s2; do snapshot_equals $s "$tmpdir/$s.state"; done
 for f in $(layer_files_in "$tmpdir/st"); do check_image "$tmpdir/st/$f" leaks-ok; done
+
+#----------------------------------------------------------------------
+note "sync=MS: a degraded disk acknowledges no write, then recovers"
+rm -rf "$tmpdir/st"
+cp "$tmpdir/base.img" "$tmpdir/cur"; cp "$tmpdir/base.img" "$tmpdir/model"
+start_server srv base="$tmpdir/base.img" state="$tmpdir/st" control="$ctl" sync=100
+guest write:0:65536:21 flush-ok
+mkdir "$tmpdir/st/.manifest.tmp"
+expect_fail "disk is degraded" "$cow" snapshot m1
+guest write-fails:4096:4096:22 write-fails:3000000:65536:23 read-cur
+sleep 0.3
+guest write-fails:8192:4096:24 flush-fails
+crash_server srv
+start_server srv base="$tmpdir/base.img" state="$tmpdir/st" control="$ctl" sync=100
+guest read-model
+# Once the cause is gone the next write saves the manifest and works.
+expect_fail "disk is degraded" "$cow" snapshot m1
+rmdir "$tmpdir/st/.manifest.tmp"
+guest write:12288:4096:25 flush-ok read-cur
+status_ok
+stop_server srv
+
+#----------------------------------------------------------------------
+note "a FIFO or a symlink planted as .manifest.tmp is replaced, not used"
+start_server srv base="$tmpdir/base.img" state="$tmpdir/st" control="$ctl"
+mkfifo "$tmpdir/st/.manifest.tmp"
+timeout 60 "$cow" snapshot p1 > /dev/null || fail "snapshot with a FIFO as .manifest.tmp"
+echo "precious" > "$tmpdir/victim"
+ln -s "$tmpdir/victim" "$tmpdir/st/.manifest.tmp"
+"$cow" snapshot p2 > /dev/null || fail "snapshot with a symlink as .manifest.tmp"
+[ "$(cat "$tmpdir/victim")" = precious ] || fail "the symlink's target was written"
+[ -f "$tmpdir/st/manifest" ] && [ ! -L "$tmpdir/st/manifest" ] ||
+    fail "the manifest is not a plain file"
+ln -s "$tmpdir/nowhere" "$tmpdir/st/.manifest.tmp"
+"$cow" snapshot p3 > /dev/null || fail "snapshot with a dangling symlink as .manifest.tmp"
+[ -e "$tmpdir/nowhere" ] && fail "a dangling symlink's target was created"
+"$cow" list | grep -q '^ p3 ' || fail "p3 not listed"
+status_ok
+stop_server srv
 
 #----------------------------------------------------------------------
 note "a full state file system (tmpfs): snapshot, FLUSH, then space freed"
