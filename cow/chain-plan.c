@@ -219,6 +219,36 @@ chain_plan_add_layer (struct cow_disk *d, struct chain_plan *p,
   return -1;
 }
 
+/* Does layer l (index i of m) name another backing than m records? */
+static bool
+backing_lags (const struct manifest *m, size_t i, struct layer *l)
+{
+  const char *bn = qcow2_backing_file (l);
+
+  if (i > 0)
+    return bn == NULL || strcmp (bn, m->layers[i - 1].file) != 0;
+  if (m->no_base)
+    return bn != NULL;
+  /* Over the base: lags only while it still names a merged layer. */
+  return bn && strncmp (bn, "layer-", 6) == 0 && strchr (bn, '/') == NULL;
+}
+
+/* The "rebase" marks of next: exactly the layers whose header the
+ * change leaves to be rewritten (chain_plan_free rewrites them; open
+ * repairs only those after a crash). */
+static int
+mark_rebases (struct chain_plan *p, struct layer *const *ls)
+{
+  for (size_t i = 0; i < p->next.n_rebase; i++)
+    free (p->next.rebase[i]);
+  p->next.n_rebase = 0;
+  for (size_t i = 0; i < p->next.n_layers; i++)
+    if (backing_lags (&p->next, i, ls[i])
+        && manifest_add_rebase (&p->next, p->next.layers[i].file) == -1)
+      return -1;
+  return 0;
+}
+
 int
 chain_plan_build (struct cow_disk *d, struct chain_plan *p)
 {
@@ -273,6 +303,8 @@ chain_plan_build (struct cow_disk *d, struct chain_plan *p)
     kept[j] = true;
     ls[i] = chain_layer (d, j);
   }
+  if (mark_rebases (p, ls) == -1)
+    return -1;
   p->top = ls[m - 1];
   p->n_lower = 0;
   for (size_t i = m - 1; i-- > 0; )

@@ -607,7 +607,10 @@ is_merged_layer (const struct cow_disk *d, const char *name)
  * the two leaves that layer naming a layer file that the manifest no
  * longer lists (or, pulled self-contained, still naming the base).  Its
  * contents already read the same over the new backing, so the name is
- * repaired here.  Any other mismatch is refused. */
+ * repaired here, but only for a layer the manifest marks "rebase" (the
+ * merge's own record that it is about to rewrite it): a manifest that
+ * lost a line by other means must not have the layer it forgot cut out
+ * of the chain and deleted.  Any other mismatch is refused. */
 int
 chain_check_names (struct cow_disk *d, bool readonly)
 {
@@ -620,16 +623,25 @@ chain_check_names (struct cow_disk *d, bool readonly)
     char *p = state_path (d, d->man.layers[i].file), *want = NULL;
     const char *wfmt = NULL;
     bool ok, repair;
+    bool marked = manifest_has_rebase (&d->man, d->man.layers[i].file);
     int r = -1;
 
     if (p == NULL)
       return -1;
     if (i == 0 && d->man.no_base) {
       ok = bn == NULL;
-      repair = true;
+      repair = marked;
+      if (!ok && !repair)
+        cow_error_set (EINVAL, "%s: backing file '%s', but the manifest "
+                       "records a self-contained disk (nobase)", p, bn);
     }
     else if (i == 0) {
       repair = is_merged_layer (d, bn);
+      if (repair && !marked) {
+        cow_error_set (EINVAL, "%s: backing file '%s' is a layer file that "
+                       "the manifest does not list", p, bn);
+        goto next;
+      }
       ok = repair ? false
         : check_backing (l, p, d->man.base, d->man.base_format) == 0;
       if (repair) {
@@ -645,7 +657,7 @@ chain_check_names (struct cow_disk *d, bool readonly)
     else {
       ok = bn && strcmp (bn, d->man.layers[i - 1].file) == 0
         && (bf == NULL || strcmp (bf, "qcow2") == 0);
-      repair = is_merged_layer (d, bn);
+      repair = marked && is_merged_layer (d, bn);
       want = strdup (d->man.layers[i - 1].file);
       wfmt = "qcow2";
       if (want == NULL) {
@@ -1221,9 +1233,12 @@ check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
                      d->state_dir, name);
       return -1;
     }
-  if (d->n_lower + 1 >= COW_MAX_DEPTH) {
-    cow_error_set (EMLINK, "%s: the chain already has %zu layers; merge "
-                   "some first", d->state_dir, d->n_lower + 1);
+  /* The snapshot adds one layer file and one layer under the top. */
+  if (d->man.n_layers >= MANIFEST_MAX_LAYERS || d->n_lower >= COW_MAX_DEPTH) {
+    cow_error_set (EMLINK, "%s: the chain already holds %zu layer files "
+                   "(and %zu layers of the base); a chain holds at most %d "
+                   "of each: merge some first", d->state_dir,
+                   d->man.n_layers, d->n_lower - d->n_frozen, COW_MAX_DEPTH);
     return -1;
   }
   return 0;

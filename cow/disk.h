@@ -12,6 +12,8 @@
 #include "manifest.h"
 
 #define COW_MAX_DEPTH 128
+_Static_assert (MANIFEST_MAX_LAYERS <= COW_MAX_DEPTH,
+                "a manifest's layers fit the layer arrays");
 
 /* One read-only layer under the active one, with the way to what lies
  * under it. */

@@ -49,6 +49,9 @@ manifest_free (struct manifest *m)
     free (m->layers[i].description);
   }
   free (m->layers);
+  for (size_t i = 0; i < m->n_rebase; i++)
+    free (m->rebase[i]);
+  free (m->rebase);
   free (m->base);
   free (m->base_format);
   memset (m, 0, sizeof *m);
@@ -94,6 +97,40 @@ manifest_push (struct manifest *m, const char *file, int64_t created,
   return 0;
 }
 
+int
+manifest_add_rebase (struct manifest *m, const char *file)
+{
+  char **v;
+
+  if (manifest_has_rebase (m, file))
+    return 0;
+  if (m->n_rebase >= MANIFEST_MAX_LAYERS) {
+    cow_error_set (EMLINK, "too many rebase marks");
+    return -1;
+  }
+  v = realloc (m->rebase, (m->n_rebase + 1) * sizeof *v);
+  if (v == NULL) {
+    cow_error_errno ("manifest");
+    return -1;
+  }
+  m->rebase = v;
+  if ((v[m->n_rebase] = strdup (file)) == NULL) {
+    cow_error_errno ("manifest");
+    return -1;
+  }
+  m->n_rebase++;
+  return 0;
+}
+
+bool
+manifest_has_rebase (const struct manifest *m, const char *file)
+{
+  for (size_t i = 0; i < m->n_rebase; i++)
+    if (strcmp (m->rebase[i], file) == 0)
+      return true;
+  return false;
+}
+
 void
 manifest_cut (struct manifest *m, size_t from, size_t to)
 {
@@ -125,6 +162,11 @@ manifest_copy (struct manifest *dst, const struct manifest *src)
     if (manifest_push (dst, src->layers[i].file, src->layers[i].created,
                        src->layers[i].snapshot,
                        src->layers[i].description) == -1) {
+      manifest_free (dst);
+      return -1;
+    }
+  for (size_t i = 0; i < src->n_rebase; i++)
+    if (manifest_add_rebase (dst, src->rebase[i]) == -1) {
       manifest_free (dst);
       return -1;
     }
@@ -206,6 +248,17 @@ parse_line (struct manifest *m, char *line, const char *path, int lineno)
       && !m->no_base) {
     if (decode (f[1], &m->base, false) == -1
         || decode (f[2], &m->base_format, false) == -1)
+      goto bad;
+    return 0;
+  }
+  if (strcmp (f[0], "rebase") == 0 && n == 2) {
+    char *file;
+    int r;
+    if (decode (f[1], &file, false) == -1)
+      goto bad;
+    r = manifest_add_rebase (m, file);
+    free (file);
+    if (r == -1)
       goto bad;
     return 0;
   }
@@ -309,6 +362,17 @@ manifest_load (const char *dir, struct manifest *m)
     cow_error_set (EINVAL, "%s: no base or no layers recorded", path);
     goto out;
   }
+  for (size_t i = 0; i < m->n_rebase; i++) {
+    size_t j;
+    for (j = 0; j < m->n_layers; j++)
+      if (strcmp (m->layers[j].file, m->rebase[i]) == 0)
+        break;
+    if (j == m->n_layers) {
+      cow_error_set (EINVAL, "%s: 'rebase %s' names no layer of the chain",
+                     path, m->rebase[i]);
+      goto out;
+    }
+  }
   if (m->layers[m->n_layers - 1].snapshot) {
     cow_error_set (EINVAL, "%s: the last layer '%s' is the active one but "
                    "carries the snapshot name '%s'", path,
@@ -380,6 +444,14 @@ manifest_save (const char *dir, const struct manifest *m, bool *uncertain)
     free (fl);
     free (s);
     free (d);
+  }
+  for (size_t i = 0; i < m->n_rebase; i++) {
+    char *fl = word_encode (m->rebase[i]);
+    if (fl)
+      fprintf (f, "rebase %s\n", fl);
+    else
+      encoded = false;
+    free (fl);
   }
   if (fclose (f) == EOF) {
     f = NULL;

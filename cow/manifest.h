@@ -7,7 +7,12 @@
  *   cowchain-manifest 1
  *   base PATH FORMAT        (or "nobase": the layers are self-contained)
  *   layer FILE CREATED SNAPSHOT DESCRIPTION     (bottom to top)
+ *   rebase FILE             (after the layers; zero or more)
  * SNAPSHOT and DESCRIPTION are "-" when empty; the last layer is active.
+ * "rebase FILE": the header of layer FILE may still name the backing it
+ * had before this manifest was saved (a merge rewrites it just after);
+ * only such a layer's backing name is repaired at open, any other
+ * mismatch is refused.
  */
 #ifndef COW_MANIFEST_H
 #define COW_MANIFEST_H
@@ -35,6 +40,8 @@ struct manifest {
   bool no_base;           /* pulled self-contained: base is NULL */
   struct manifest_layer *layers;
   size_t n_layers;
+  char **rebase;          /* layer files whose backing may lag (see above) */
+  size_t n_rebase;
 };
 
 /* Read dir/manifest: 1 loaded, 0 absent, -1 error (named).  Refused:
@@ -50,6 +57,9 @@ int manifest_save (const char *dir, const struct manifest *m,
 void manifest_free (struct manifest *m);
 int manifest_push (struct manifest *m, const char *file, int64_t created,
                    const char *snapshot, const char *description);
+/* Mark layer file 'file' as one whose backing name may lag. */
+int manifest_add_rebase (struct manifest *m, const char *file);
+bool manifest_has_rebase (const struct manifest *m, const char *file);
 /* Remove entries [from, to] (inclusive; from <= to < n_layers). */
 void manifest_cut (struct manifest *m, size_t from, size_t to);
 /* A deep copy (for changes that may fail). */

@@ -426,6 +426,10 @@ class Tester:
             elif w[0] == "layer" and len(w) == 5:
                 name = None if w[3] == "-" else urllib.parse.unquote(w[3])
                 layers.append((urllib.parse.unquote(w[1]), name))
+            elif w[0] == "rebase" and len(w) == 2:
+                # A merge's mark of a layer whose header it rewrites next.
+                if urllib.parse.unquote(w[1]) not in [l for l, _ in layers]:
+                    raise ModelFailure("manifest: %r names no layer" % line)
             else:
                 raise ModelFailure("manifest: unexpected line %r" % line)
         return layers, has_base

@@ -5,6 +5,8 @@
 #   - layer files but no manifest (it was moved away): refused, not wiped
 #   - a manifest listing more layers than a chain may hold (130)
 #   - a snapshot name on the active (last) layer's line
+#   - a manifest missing a layer line, or saying nobase: refused, not
+#     "repaired" (which would cut the forgotten layer out and delete it)
 #   - revert to a snapshot whose layer file was removed under the server
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
 requires qemu-img qemu-io
@@ -74,6 +76,23 @@ note "a snapshot name on the active layer"
 printf '%s\n' "$good_manifest" | sed '$ s/^\(layer [^ ]* [0-9]*\) - /\1 bogus /' > "$st/manifest"
 tail -1 "$st/manifest" | grep -q ' bogus ' || fail "test setup: no name on the last line"
 refused "carries the snapshot name"
+printf '%s\n' "$good_manifest" > "$st/manifest"
+
+# A manifest that lost a line (a botched edit or restore) must not be
+# "repaired" as after a crash in a merge: the layer it forgot holds data.
+note "a manifest missing the middle layer's line"
+printf '%s\n' "$good_manifest" | awk '/^layer /{n++; if (n == 2) next} {print}' > "$st/manifest"
+[ "$(grep -c '^layer ' "$st/manifest")" = 2 ] || fail "test setup: not 2 layer lines"
+refused "as the manifest records"
+note "a manifest missing the bottom layer's line"
+printf '%s\n' "$good_manifest" | awk '/^layer /{n++; if (n == 1) next} {print}' > "$st/manifest"
+refused "the manifest does not list"
+note "a manifest saying nobase for a disk on a base"
+printf '%s\n' "$good_manifest" | sed 's/^base .*/nobase/' > "$st/manifest"
+refused "self-contained"
+note "a rebase mark naming no layer"
+{ printf '%s\n' "$good_manifest"; echo "rebase layer-000099.qcow2"; } > "$st/manifest"
+refused "names no layer"
 printf '%s\n' "$good_manifest" > "$st/manifest"
 
 note "revert to a snapshot whose layer file was removed"
