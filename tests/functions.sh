@@ -246,6 +246,18 @@ declare -a server_wrapper=()    # a command prefix (e.g. setpriv ...)
 declare -A server_waiters=()    # NAME -> pid of the subshell waiting for it
 server_start_timeout=${COWCHAIN_START_TIMEOUT:-60}
 
+# expect_fail TEXT CMD...: CMD fails, and its stderr mentions TEXT
+# (case-insensitive).  Its output is left in $tmpdir/out and $tmpdir/err.
+expect_fail ()
+{
+    local text=$1; shift
+    if "$@" > "$tmpdir/out" 2> "$tmpdir/err"; then
+        fail "should have failed: $*"
+    fi
+    grep -q -i -- "$text" "$tmpdir/err" ||
+        { cat "$tmpdir/err" >&2; fail "error of '$*' does not mention '$text'"; }
+}
+
 server_uri ()
 {
     echo "nbd+unix:///?socket=$tmpdir/$1.sock"

@@ -107,14 +107,6 @@ snapshot_equals () {   # NAME FILE
     cmp -s "$tmpdir/snap.raw" "$2" || fail "snapshot $1 does not hold its state"
 }
 
-expect_fail () {            # expect_fail TEXT CMD...: fails, stderr has TEXT
-    local text=$1; shift
-    if "$@" > "$tmpdir/out" 2> "$tmpdir/err"; then
-        fail "should have failed: $*"
-    fi
-    grep -q -i -- "$text" "$tmpdir/err" ||
-        { cat "$tmpdir/err" >&2; fail "error of '$*' does not mention '$text'"; }
-}
 
 status_degraded () {        # status_degraded TEXT: degraded, reason has TEXT
     if "$cow" status > "$tmpdir/status"; then

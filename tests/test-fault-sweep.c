@@ -509,8 +509,7 @@ record_snap (struct fx *f, struct dsk *k, const char *name)
  * Oracles: qemu-img check and convert, cached by content hash as in
  * test-job-crash.c. */
 
-static uint64_t passed[8192];
-static size_t n_passed;
+static struct tu_hashset passed;
 static unsigned long qemu_runs;
 
 static uint64_t
@@ -555,61 +554,15 @@ read_into (const char *path, uint8_t *buf, uint64_t n)
   return (uint64_t) st.st_size;
 }
 
-static uint64_t
-hash_file (const char *path, uint64_t h)
-{
-  static uint8_t buf[1 << 20];
-  struct stat st;
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  ssize_t r;
-  uint64_t n = 0;
-
-  assert_true (fd >= 0);
-  assert_int_equal (fstat (fd, &st), 0);
-  /* In 8-byte words, as hash_bytes over the whole file would. */
-  while ((r = read (fd, buf, sizeof buf)) > 0) {
-    size_t m = (size_t) r, i;
-    uint64_t w;
-    assert_true (m % 8 == 0 || (off_t) (n + m) == st.st_size);
-    for (i = 0; i + 8 <= m; i += 8) {
-      memcpy (&w, buf + i, 8);
-      h = (h ^ w) * 0x100000001b3ull;
-      h ^= h >> 29;
-    }
-    for (; i < m; i++)
-      h = (h ^ buf[i]) * 0x100000001b3ull;
-    n += m;
-  }
-  assert_true (r == 0);
-  close (fd);
-  return (h ^ n) * 0x100000001b3ull;
-}
-
-static bool
-has_passed (uint64_t h)
-{
-  for (size_t i = 0; i < n_passed; i++)
-    if (passed[i] == h)
-      return true;
-  return false;
-}
-
-static void
-mark_passed (uint64_t h)
-{
-  if (n_passed < sizeof passed / sizeof passed[0])
-    passed[n_passed++] = h;
-}
-
 /* qemu-img check, leaks allowed (the criterion of
  * tu_assert_check_no_corruption, but reported as a case failure). */
 static uint64_t
 check_layer (const char *path)
 {
-  uint64_t h = hash_file (path, 0xcbf29ce484222325ull);
+  uint64_t h = tu_hash_file (path, 0xcbf29ce484222325ull);
   struct tu_check c;
 
-  if (has_passed (h))
+  if (tu_hashset_has (&passed, h))
     return h;
   qemu_runs++;
   tu_qemu_check (path, &c);
@@ -622,7 +575,7 @@ check_layer (const char *path)
                c.check_errors, out);
   }
   free (c.output);
-  mark_passed (h);
+  tu_hashset_add (&passed, h);
   return h;
 }
 
@@ -691,7 +644,7 @@ static void
 check_snapshots (struct fx *f, struct dsk *k, const struct tu_chain *c)
 {
   /* The base changes only by a commit into it. */
-  uint64_t h = f->op->base_write ? hash_file (k->base, 0x84222325cbf29ce4ull)
+  uint64_t h = f->op->base_write ? tu_hash_file (k->base, 0x84222325cbf29ce4ull)
     : hash_bytes (k->base_data, 64, f->size);
 
   for (size_t i = 0; i < c->n; i++) {
@@ -701,7 +654,7 @@ check_snapshots (struct fx *f, struct dsk *k, const struct tu_chain *c)
     int st;
     uint64_t n;
 
-    h = (h ^ hash_file (c->path[i], 0xcbf29ce484222325ull))
+    h = (h ^ tu_hash_file (c->path[i], 0xcbf29ce484222325ull))
       * 0x100000001b3ull;
     if (c->snapshot[i] == NULL)
       continue;
@@ -715,7 +668,7 @@ check_snapshots (struct fx *f, struct dsk *k, const struct tu_chain *c)
       s->hashed = true;
     }
     key = (h ^ s->hash) * 0x100000001b3ull;
-    if (has_passed (key))
+    if (tu_hashset_has (&passed, key))
       continue;
     qemu_runs++;
     unlink (f->scratch);
@@ -739,7 +692,7 @@ check_snapshots (struct fx *f, struct dsk *k, const struct tu_chain *c)
       snprintf (what, sizeof what, "snapshot %s read offline", s->name);
       expect_masked (k->buf2, s->data, s->known, f->size, what);
     }
-    mark_passed (key);
+    tu_hashset_add (&passed, key);
   }
 }
 
@@ -1527,7 +1480,7 @@ sweep (const struct opdef *op)
 
   io_set_ops (&seam);
   disarm ();
-  n_passed = 0;
+  passed.n = 0;
   qemu_runs = 0;
   n_fails = 0;
   fail_ids[0] = '\0';

@@ -342,55 +342,20 @@ verify (struct cow_disk *d, struct fx *f, const char *what)
 /* Most files are the same from one kill to the next (the setup is the
  * same each time), so a check that passed on some contents is not run
  * again on the same contents: 'passed' holds hashes of what passed. */
-static uint64_t passed[2048];
-static size_t n_passed;
+static struct tu_hashset passed;
 static unsigned long qemu_runs;         /* qemu-img check and convert */
-
-static uint64_t
-hash_file (const char *path, uint64_t h)
-{
-  size_t n, i;
-  uint8_t *buf = tu_read_file (path, &n);
-  uint64_t w;
-
-  for (i = 0; i + 8 <= n; i += 8) {
-    memcpy (&w, buf + i, 8);
-    h = (h ^ w) * 0x100000001b3ull;
-    h ^= h >> 29;
-  }
-  for (; i < n; i++)
-    h = (h ^ buf[i]) * 0x100000001b3ull;
-  free (buf);
-  return (h ^ n) * 0x100000001b3ull;
-}
-
-static bool
-has_passed (uint64_t h)
-{
-  for (size_t i = 0; i < n_passed; i++)
-    if (passed[i] == h)
-      return true;
-  return false;
-}
-
-static void
-mark_passed (uint64_t h)
-{
-  if (n_passed < sizeof passed / sizeof passed[0])
-    passed[n_passed++] = h;
-}
 
 /* qemu-img check of a layer, leaks allowed.  Returns the hash of the
  * file. */
 static uint64_t
 check_layer (const char *path)
 {
-  uint64_t h = hash_file (path, 0xcbf29ce484222325ull);
+  uint64_t h = tu_hash_file (path, 0xcbf29ce484222325ull);
 
-  if (!has_passed (h)) {
+  if (!tu_hashset_has (&passed, h)) {
     tu_assert_check_no_corruption (path);
     qemu_runs++;
-    mark_passed (h);
+    tu_hashset_add (&passed, h);
   }
   return h;
 }
@@ -443,16 +408,16 @@ static void expect_layer_content (struct fx *f, const char *path,
 static void
 check_snapshots (struct fx *f, const struct tu_chain *c, const char *what)
 {
-  uint64_t h = hash_file (f->base, 0x84222325cbf29ce4ull);
+  uint64_t h = tu_hash_file (f->base, 0x84222325cbf29ce4ull);
 
   for (size_t i = 0; i < c->n; i++) {
     h = (h ^ check_layer (c->path[i])) * 0x100000001b3ull;
-    if (c->snapshot[i] == NULL || has_passed (h))
+    if (c->snapshot[i] == NULL || tu_hashset_has (&passed, h))
       continue;
     expect_layer_content (f, c->path[i], fx_snap (f, c->snapshot[i])->data,
                           what);
     qemu_runs++;
-    mark_passed (h);
+    tu_hashset_add (&passed, h);
   }
 }
 
@@ -695,7 +660,7 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
 
   cs = sc->cs ? sc->cs : 65536;
   fx_init (&f, sc->tag, seed);
-  n_passed = 0;
+  passed.n = 0;
   qemu_runs = 0;
   steps = count_steps (&f, sc, seed);
   for (n = 0; !completed; n = next_kill (n, steps)) {
@@ -930,7 +895,7 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   tu_chain_get (d, &now);
   assert_int_equal (cow_disk_close (d), 0);
   io_set_ops (&quick);
-  n_passed = 0;
+  passed.n = 0;
   check_snapshots (&f, &now, sc->tag);
   tu_chain_free (&now);
   tu_chain_free (&old);

@@ -25,14 +25,6 @@ expect_pattern () {
     out=$(qemu-io -f raw -r -c "read -P $2 $3 $4" "$1")
     case $out in *"Pattern verification failed"*) fail "$1: not $2 at $3+$4";; esac
 }
-expect_fail () {            # expect_fail TEXT CMD...: fails, stderr has TEXT
-    local text=$1; shift
-    if "$@" > "$tmpdir/out" 2> "$tmpdir/err"; then
-        fail "should have failed: $*"
-    fi
-    grep -q -i -- "$text" "$tmpdir/err" ||
-        { cat "$tmpdir/err" >&2; fail "error of '$*' does not mention '$text'"; }
-}
 
 note "two snapshots while serving"
 write 0x11 0 1M

@@ -428,3 +428,54 @@ tu_chain_find (const struct tu_chain *c, const char *name)
       return (int) i;
   return -1;
 }
+
+uint64_t
+tu_hash_file (const char *path, uint64_t h)
+{
+  static __thread uint8_t buf[1 << 16];
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  uint64_t n = 0, w;
+  size_t have = 0;
+  ssize_t r;
+
+  if (fd == -1) {
+    fprintf (stderr, "tu_hash_file: %s: %m\n", path);
+    abort ();
+  }
+  /* In 8-byte words; a partial word is carried to the next read. */
+  while ((r = read (fd, buf + have, sizeof buf - have)) > 0) {
+    size_t m = have + (size_t) r, i;
+    for (i = 0; i + 8 <= m; i += 8) {
+      memcpy (&w, buf + i, 8);
+      h = (h ^ w) * 0x100000001b3ull;
+      h ^= h >> 29;
+    }
+    memmove (buf, buf + i, m - i);
+    have = m - i;
+    n += (uint64_t) r;
+  }
+  if (r == -1) {
+    fprintf (stderr, "tu_hash_file: %s: %m\n", path);
+    abort ();
+  }
+  close (fd);
+  for (size_t i = 0; i < have; i++)
+    h = (h ^ buf[i]) * 0x100000001b3ull;
+  return (h ^ n) * 0x100000001b3ull;
+}
+
+bool
+tu_hashset_has (const struct tu_hashset *s, uint64_t h)
+{
+  for (size_t i = 0; i < s->n; i++)
+    if (s->v[i] == h)
+      return true;
+  return false;
+}
+
+void
+tu_hashset_add (struct tu_hashset *s, uint64_t h)
+{
+  if (s->n < sizeof s->v / sizeof s->v[0] && !tu_hashset_has (s, h))
+    s->v[s->n++] = h;
+}

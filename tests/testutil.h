@@ -79,6 +79,19 @@ char *tu_json_str (const char *json, const char *key);
 void tu_assert_bytes_equal (const void *got, const void *want, size_t n,
                             uint64_t base, const char *what);
 
+/* A 64-bit hash of a file's contents (streamed; seed h), and a set of
+ * such hashes: tests that check the same file contents over and over
+ * (after each of many kills) run an expensive oracle once per content. */
+uint64_t tu_hash_file (const char *path, uint64_t h);
+struct tu_hashset {
+  uint64_t v[8192];
+  size_t n;
+};
+bool tu_hashset_has (const struct tu_hashset *s, uint64_t h);
+/* Adds h (silently not once the set is full: the oracle then just runs
+ * again). */
+void tu_hashset_add (struct tu_hashset *s, uint64_t h);
+
 /* A disk's chain as cow_disk_layers reports it, bottom to top. */
 #define TU_CHAIN_MAX 32
 struct cow_disk;
