@@ -5,12 +5,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "cowchain.h"
 #include "error.h"
 #include "io.h"
 #include "manifest.h"
@@ -226,6 +228,82 @@ manifest_check_description (const char *desc)
   return 0;
 }
 
+/* Refuse line lineno of path, saying what is wrong with it. */
+static int __attribute__ ((format (printf, 3, 4)))
+bad_line (const char *path, int lineno, const char *fmt, ...)
+{
+  char *why = NULL;
+  va_list ap;
+
+  va_start (ap, fmt);
+  if (vasprintf (&why, fmt, ap) == -1)
+    why = NULL;
+  va_end (ap);
+  cow_error_set (EINVAL, "%s: line %d is malformed: %s", path, lineno,
+                 why ? why : "(out of memory)");
+  free (why);
+  return -1;
+}
+
+/* Decode field 'what' of a line, or refuse the line. */
+static int
+decode_field (const char *s, char **out, bool allow_empty, const char *path,
+              int lineno, const char *what)
+{
+  if (decode (s, out, allow_empty) == 0)
+    return 0;
+  if (errno == ENOMEM) {
+    cow_error_errno ("%s: line %d", path, lineno);
+    return -1;
+  }
+  return bad_line (path, lineno, "%s '%.64s' is %s", what, s,
+                   allow_empty ? "not valid percent-encoding"
+                   : "empty or not valid percent-encoding");
+}
+
+static int
+parse_layer (struct manifest *m, char **f, const char *path, int lineno)
+{
+  char *file = NULL, *snap = NULL, *desc = NULL, *end;
+  long long created;
+  int r = -1;
+
+  errno = 0;
+  created = strtoll (f[2], &end, 10);
+  if (errno || *end || created < 0 || f[2][0] == '\0')
+    return bad_line (path, lineno, "creation time '%.32s' is not a number "
+                     "of seconds since the epoch", f[2]);
+  if (decode_field (f[1], &file, false, path, lineno, "layer file") == -1
+      || decode_field (f[3], &snap, true, path, lineno,
+                       "snapshot name") == -1
+      || decode_field (f[4], &desc, true, path, lineno, "description") == -1)
+    goto out;
+  if (m->n_layers >= MANIFEST_MAX_LAYERS) {
+    cow_error_set (EMLINK, "%s: line %d: more than %d layers (the most a "
+                   "chain may hold)", path, lineno, MANIFEST_MAX_LAYERS);
+    goto out;
+  }
+  /* A layer file is a plain name inside the state directory. */
+  if (strchr (file, '/') || file[0] == '.') {
+    bad_line (path, lineno, "layer file '%.64s' is not a plain file name "
+              "inside the state directory", file);
+    goto out;
+  }
+  if ((snap && manifest_check_name (snap) == -1)
+      || (desc && manifest_check_description (desc) == -1)) {
+    char *why = strdup (cow_last_error ());
+    bad_line (path, lineno, "%s", why ? why : "bad name or description");
+    free (why);
+    goto out;
+  }
+  r = manifest_push (m, file, created, snap, desc);
+ out:
+  free (file);
+  free (snap);
+  free (desc);
+  return r;
+}
+
 static int
 parse_line (struct manifest *m, char *line, const char *path, int lineno)
 {
@@ -234,76 +312,46 @@ parse_line (struct manifest *m, char *line, const char *path, int lineno)
 
   for (char *tok = strtok (line, " "); tok; tok = strtok (NULL, " ")) {
     if (n == 6)
-      goto bad;
+      return bad_line (path, lineno, "too many fields");
     f[n++] = tok;
   }
   if (n == 0)
     return 0;
-  if (strcmp (f[0], "nobase") == 0 && n == 1 && m->base == NULL
-      && !m->no_base) {
-    m->no_base = true;
+  if (strcmp (f[0], "nobase") == 0 || strcmp (f[0], "base") == 0) {
+    bool nobase = f[0][0] == 'n';
+    if (m->base != NULL || m->no_base)
+      return bad_line (path, lineno, "a second base or nobase record");
+    if (n != (nobase ? 1 : 3))
+      return bad_line (path, lineno, "'%s' takes %d fields, not %d", f[0],
+                       nobase ? 0 : 2, n - 1);
+    if (nobase) {
+      m->no_base = true;
+      return 0;
+    }
+    if (decode_field (f[1], &m->base, false, path, lineno, "base") == -1
+        || decode_field (f[2], &m->base_format, false, path, lineno,
+                         "base format") == -1)
+      return -1;
     return 0;
   }
-  if (strcmp (f[0], "base") == 0 && n == 3 && m->base == NULL
-      && !m->no_base) {
-    if (decode (f[1], &m->base, false) == -1
-        || decode (f[2], &m->base_format, false) == -1)
-      goto bad;
-    return 0;
-  }
-  if (strcmp (f[0], "rebase") == 0 && n == 2) {
+  if (strcmp (f[0], "rebase") == 0) {
     char *file;
     int r;
-    if (decode (f[1], &file, false) == -1)
-      goto bad;
+    if (n != 2)
+      return bad_line (path, lineno, "'rebase' takes 1 field, not %d", n - 1);
+    if (decode_field (f[1], &file, false, path, lineno, "layer file") == -1)
+      return -1;
     r = manifest_add_rebase (m, file);
     free (file);
-    if (r == -1)
-      goto bad;
-    return 0;
+    return r;
   }
-  if (strcmp (f[0], "layer") == 0 && n == 5) {
-    char *file, *snap, *desc, *end;
-    long long created;
-    int r;
-    errno = 0;
-    created = strtoll (f[2], &end, 10);
-    if (errno || *end || created < 0)
-      goto bad;
-    if (decode (f[1], &file, false) == -1)
-      goto bad;
-    if (decode (f[3], &snap, true) == -1) {
-      free (file);
-      goto bad;
-    }
-    if (decode (f[4], &desc, true) == -1) {
-      free (file);
-      free (snap);
-      goto bad;
-    }
-    /* A layer file is a plain name inside the state directory. */
-    if (m->n_layers >= MANIFEST_MAX_LAYERS) {
-      cow_error_set (EMLINK, "%s: line %d: more than %d layers (the most a "
-                     "chain may hold)", path, lineno, MANIFEST_MAX_LAYERS);
-      free (file);
-      free (snap);
-      free (desc);
-      return -1;
-    }
-    r = (strchr (file, '/') || file[0] == '.' || file[0] == '\0'
-         || (snap && manifest_check_name (snap) == -1)
-         || (desc && manifest_check_description (desc) == -1))
-      ? -1 : manifest_push (m, file, created, snap, desc);
-    free (file);
-    free (snap);
-    free (desc);
-    if (r == -1)
-      goto bad;
-    return 0;
+  if (strcmp (f[0], "layer") == 0) {
+    if (n != 5)
+      return bad_line (path, lineno, "'layer' takes 4 fields, not %d", n - 1);
+    return parse_layer (m, f, path, lineno);
   }
- bad:
-  cow_error_set (EINVAL, "%s: line %d is malformed", path, lineno);
-  return -1;
+  return bad_line (path, lineno, "unknown record '%.32s' (base, nobase, "
+                   "layer or rebase)", f[0]);
 }
 
 int
@@ -385,8 +433,11 @@ manifest_load (const char *dir, struct manifest *m)
       if (strcmp (m->layers[i].file, m->layers[j].file) == 0
           || (m->layers[i].snapshot && m->layers[j].snapshot
               && strcmp (m->layers[i].snapshot, m->layers[j].snapshot) == 0)) {
-        cow_error_set (EINVAL, "%s: a layer file or snapshot name appears "
-                       "twice", path);
+        cow_error_set (EINVAL, "%s: %s '%s' appears twice", path,
+                       strcmp (m->layers[i].file, m->layers[j].file) == 0
+                       ? "layer file" : "snapshot name",
+                       strcmp (m->layers[i].file, m->layers[j].file) == 0
+                       ? m->layers[i].file : m->layers[i].snapshot);
         goto out;
       }
   ret = 1;
