@@ -380,8 +380,10 @@ chain_plan_free (struct cow_disk *d, struct chain_plan *p)
     return;
   if (p->installed) {
     /* Backing names that the change made stale (the layer over a merged
-     * one); a failure is repaired at the next open (check_chain_names). */
-    if (chain_check_names (d, false) == -1)
+     * one): exactly the layers mark_rebases marked, so a change without
+     * marks (snapshot, revert, names) has nothing to check.  A failure is
+     * repaired at the next open (chain_check_names). */
+    if (d->man.n_rebase > 0 && chain_check_names (d, false) == -1)
       cow_error_clear ();
     for (size_t i = 0; i < p->n_gone; i++)
       p->gone[i]->ops->close (p->gone[i]);

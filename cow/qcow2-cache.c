@@ -252,6 +252,20 @@ free_slot (struct qcow2_cache *c)
   return s;
 }
 
+/* Read the table at offset from the file into buf. */
+static int
+read_table (struct qcow2_cache *c, void *buf, uint64_t offset)
+{
+  struct qcow2 *q = c->q;
+
+  if (io_pread (q->fd, buf, q->cluster_size, offset) == -1) {
+    cow_error_errno ("%s: reading %s at offset %" PRIu64, q->layer.path,
+                     c->is_l2 ? "L2 table" : "refcount block", offset);
+    return -1;
+  }
+  return 0;
+}
+
 /* Put the table at offset into slot s (clean); fresh: zeroed. */
 static int
 load (struct qcow2_cache *c, struct slot *s, uint64_t offset, bool fresh)
@@ -278,11 +292,8 @@ load (struct qcow2_cache *c, struct slot *s, uint64_t offset, bool fresh)
   }
   if (fresh)
     memset (s->data, 0, q->cluster_size);
-  else if (io_pread (q->fd, s->data, q->cluster_size, offset) == -1) {
-    cow_error_errno ("%s: reading %s at offset %" PRIu64, q->layer.path,
-                     c->is_l2 ? "L2 table" : "refcount block", offset);
+  else if (read_table (c, s->data, offset) == -1)
     return -1;
-  }
   s->offset = offset;
   s->dirty = false;
   hash_insert (c, s);
@@ -330,9 +341,7 @@ qcow2_cache_lookup (struct qcow2_cache *c, uint64_t offset)
     free (lt);
     return NULL;
   }
-  if (io_pread (q->fd, lt->data, q->cluster_size, offset) == -1) {
-    cow_error_errno ("%s: reading %s at offset %" PRIu64, q->layer.path,
-                     c->is_l2 ? "L2 table" : "refcount block", offset);
+  if (read_table (c, lt->data, offset) == -1) {
     free (lt->data);
     free (lt);
     return NULL;
