@@ -24,6 +24,7 @@
 
 #include "cli.h"
 #include "cowchain.h"
+#include "image.h"
 #include "io.h"
 #include "layer.h"
 #include "qcow2.h"
@@ -324,7 +325,7 @@ resolve_backing (const char *referrer, const char *name)
 static int
 read_qcow2_info (const char *path, struct image_info *ii)
 {
-  struct layer *l = qcow2_open (path, true, 1u << 20);
+  struct layer *l = qcow2_open (path, LAYER_RDONLY, 1u << 20);
   struct qcow2 *q;
 
   if (l == NULL) {
@@ -361,11 +362,11 @@ read_qcow2_info (const char *path, struct image_info *ii)
 static int
 read_raw_info (const char *path, struct image_info *ii)
 {
-  int fd = io_open (path, O_RDONLY, 0);
+  int fd = image_open (path, O_RDONLY, 0);
   off_t end;
 
   if (fd == -1) {
-    cli_error ("%s: cannot open: %s", path, strerror (errno));
+    cli_error ("%s", cow_last_error ());
     return -1;
   }
   /* lseek rather than st_size, which is 0 for a block device. */
