@@ -462,7 +462,8 @@ new_layer_name (struct cow_disk *d, const struct manifest *m)
     p = state_path (d, name);
     if (p == NULL)
       return NULL;
-    if (stat (p, &st) == -1 && errno == ENOENT) {
+    /* lstat: a dangling symbolic link takes its name too. */
+    if (lstat (p, &st) == -1 && errno == ENOENT) {
       char *r = strdup (name);
       free (p);
       if (r == NULL)

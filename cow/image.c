@@ -16,6 +16,7 @@
 #include "error.h"
 #include "image.h"
 #include "io.h"
+#include "layer.h"
 
 #define LOCK_PERM_BASE   100    /* + bit: permission held */
 #define LOCK_SHARED_BASE 200    /* + bit: permission not shared */
@@ -98,8 +99,7 @@ perms_held (enum image_access a)
 static unsigned
 perms_unshared (enum image_access a)
 {
-  (void) a;
-  return IMAGE_PERM_WRITE | IMAGE_PERM_RESIZE;
+  return a == IMAGE_FORCE_SHARE ? 0 : IMAGE_PERM_WRITE | IMAGE_PERM_RESIZE;
 }
 
 static int
@@ -235,6 +235,14 @@ image_lock_change (struct image_lock *lk, enum image_access a)
   }
   lk->access = a;
   return 0;
+}
+
+enum image_access
+layer_lock_access (unsigned flags)
+{
+  if (!(flags & LAYER_RDONLY) || (flags & LAYER_HOLD_WRITE))
+    return IMAGE_WRITER;
+  return (flags & LAYER_FORCE_SHARE) ? IMAGE_FORCE_SHARE : IMAGE_READER;
 }
 
 void

@@ -37,6 +37,9 @@
 enum image_access {
   IMAGE_READER,
   IMAGE_WRITER,
+  /* Consistent-read, sharing everything (qemu-img -U, "force share"):
+   * for looking at an image that a running server holds. */
+  IMAGE_FORCE_SHARE,
 };
 
 /* image_open flags, besides O_RDONLY or O_RDWR. */
@@ -57,6 +60,8 @@ struct image_lock *image_lock_take (const char *path, int fd,
 /* Change how the image is held (a base that a commit will write).  On a
  * conflict the lock stays as it was.  -1 with the error set. */
 int image_lock_change (struct image_lock *lk, enum image_access a);
+/* How a layer opened with LAYER_* flags (layer.h) is held. */
+enum image_access layer_lock_access (unsigned layer_flags);
 /* Release the lock (NULL: nothing). */
 void image_lock_release (struct image_lock *lk);
 

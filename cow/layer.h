@@ -61,6 +61,8 @@ struct layer {
                                 * symbolic link */
 #define LAYER_HOLD_WRITE 0x4u  /* read-only for now but locked as a writer
                                 * (a frozen layer that jobs will write) */
+#define LAYER_FORCE_SHARE 0x8u /* read-only, sharing everything (qemu-img
+                                * -U): a look at a live server's layer */
 
 /* raw.c */
 struct layer *raw_open (const char *path, unsigned flags);

@@ -418,8 +418,7 @@ open_common (const char *path, unsigned flags, uint64_t cache_size,
     goto err;
   /* Locked before the header is read: no other writer from here on. */
   q->layer.lock = image_lock_take (path, q->fd,
-                                   readonly && !(flags & LAYER_HOLD_WRITE)
-                                   ? IMAGE_READER : IMAGE_WRITER);
+                                   layer_lock_access (flags));
   if (q->layer.lock == NULL)
     goto err;
   if (io_file_size (q->fd, &file_size) == -1) {

@@ -205,8 +205,7 @@ raw_open (const char *path, unsigned flags)
     return NULL;
   }
   r->layer.lock = image_lock_take (path, r->fd,
-                                   readonly && !(flags & LAYER_HOLD_WRITE)
-                                   ? IMAGE_READER : IMAGE_WRITER);
+                                   layer_lock_access (flags));
   if (r->layer.lock == NULL)
     goto err;
   if (io_file_size (r->fd, &size) == -1) {
