@@ -4,7 +4,8 @@
 #   layer files, .manifest.tmp, lock) leave the files they point at
 #   untouched and uncreated, and are themselves left alone; a layer file
 #   replaced by a symbolic link or a FIFO, and a layer file removed, are
-#   refused with the file's name, nothing deleted; a FIFO as the base or
+#   refused with the file's name, nothing deleted; so is a manifest
+#   replaced by a symbolic link or a FIFO; a FIFO as the base or
 #   as a qcow2 base's backing file is refused, never waited on (server,
 #   cowchain info --backing-chain); a read-only command on a path with no
 #   disk creates nothing.
@@ -93,6 +94,23 @@ grep -q "layer-000001.qcow2: cannot open: No such file" "$(server_log d)" ||
 expect_fail "layer-000001.qcow2: cannot open" "$cow" list --state "$st"
 [ "$(snapshot_dir)" = "$before" ] || fail "the state directory changed"
 mv "$out/moved.qcow2" "$st/layer-000001.qcow2"
+
+note "the manifest replaced by a symbolic link, or by a FIFO"
+mv "$st/manifest" "$out/moved.manifest"
+ln -s "$out/moved.manifest" "$st/manifest"
+before=$(snapshot_dir)
+expect_start_failure i base="$base" state="$st"
+grep -q "manifest: is a symbolic link" "$(server_log i)" ||
+    { cat "$(server_log i)" >&2; fail "a symbolic link as the manifest was not refused"; }
+expect_fail "manifest: is a symbolic link" "$cow" list --state "$st"
+[ "$(snapshot_dir)" = "$before" ] || fail "the state directory changed"
+rm "$st/manifest"
+mkfifo "$st/manifest"
+expect_start_failure j base="$base" state="$st"
+grep -q "manifest: is not a regular file" "$(server_log j)" ||
+    { cat "$(server_log j)" >&2; fail "a FIFO as the manifest was not refused"; }
+rm "$st/manifest"
+mv "$out/moved.manifest" "$st/manifest"
 start_server e base="$base" state="$st"
 nbdsh -u "$(server_uri e)" -c '
 assert h.pread(512, 0) == b"\x11" * 512
