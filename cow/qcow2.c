@@ -573,10 +573,23 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
     cow_error_errno ("set backing");
     goto out;
   }
-  fd = io_open (l->path, O_RDWR, 0);
+  fd = io_open (l->path, O_RDWR | O_NONBLOCK, 0);
   if (fd == -1) {
     cow_error_errno ("%s: cannot open for writing", l->path);
     goto out;
+  }
+  {
+    /* The name must still lead to this layer's file. */
+    struct stat a, b;
+    if (fstat (q->fd, &a) == -1 || fstat (fd, &b) == -1) {
+      cow_error_errno ("%s: stat", l->path);
+      goto out;
+    }
+    if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+      cow_error_set (EBUSY, "%s: the name leads to another file now; the "
+                     "backing name is not rewritten", l->path);
+      goto out;
+    }
   }
   pthread_mutex_lock (&q->flush_lock);
   pthread_mutex_lock (&q->lock);
