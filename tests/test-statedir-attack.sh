@@ -44,7 +44,7 @@ stop_server a
 ln -s "$out/victim" "$st/layer-000002.qcow2"     # an existing file
 ln -s "$out/new-layer" "$st/layer-000003.qcow2"  # a dangling link
 ln -s "$out/victim2" "$st/.manifest.tmp"
-ln -s "$out/lockfile" "$st/lock"
+ln -sfn "$out/lockfile" "$st/lock"      # replaces an older version's lock file
 mkfifo "$st/layer-000004.qcow2"
 start_server a base="$base" state="$st" control="$tmpdir/a.ctl"
 COWCHAIN_CONTROL=$tmpdir/a.ctl "$cow" snapshot s1 > /dev/null
