@@ -145,7 +145,8 @@ apply_bytes (struct image_lock *lk, enum image_access a)
   return 0;
 }
 
-/* Is anybody else in the way of access a? */
+/* Is anybody else in the way of access a?  Others must share every
+ * permission held, and hold none that is not shared. */
 static int
 check_bytes (struct image_lock *lk, enum image_access a)
 {
@@ -153,32 +154,29 @@ check_bytes (struct image_lock *lk, enum image_access a)
 
   for (int i = 0; i < IMAGE_PERM_COUNT; i++) {
     unsigned bit = 1u << i;
-    int r;
-    if (held & bit) {
-      r = byte_taken (lk->fd, LOCK_SHARED_BASE + i);
-      if (r == 1)
-        cow_error_set (EBUSY, "%s: locked by another process, which does not "
-                       "share the \"%s\" permission that cowchain needs "
-                       "(QEMU's image locks); is a server, QEMU or "
-                       "qemu-img using it?", lk->path, perm_names[i]);
-      if (r != 0)
-        goto fail;
-    }
-    if (unshared & bit) {
-      r = byte_taken (lk->fd, LOCK_PERM_BASE + i);
-      if (r == 1)
-        cow_error_set (EBUSY, "%s: locked by another process, which holds "
-                       "the \"%s\" permission that cowchain does not share "
-                       "(QEMU's image locks); is a server, QEMU or qemu-io "
-                       "using it?", lk->path, perm_names[i]);
-      if (r != 0)
-        goto fail;
-    }
-    continue;
-  fail:
-    if (r == -1)
+    int not_shared = (held & bit)
+      ? byte_taken (lk->fd, LOCK_SHARED_BASE + i) : 0;
+    int held_by_other = (unshared & bit)
+      ? byte_taken (lk->fd, LOCK_PERM_BASE + i) : 0;
+
+    if (not_shared == -1 || held_by_other == -1) {
       cow_error_errno ("%s: cannot test the image's locks", lk->path);
-    return -1;
+      return -1;
+    }
+    if (not_shared) {
+      cow_error_set (EBUSY, "%s: locked by another process, which does not "
+                     "share the \"%s\" permission that cowchain needs "
+                     "(QEMU's image locks); is a server, QEMU or "
+                     "qemu-img using it?", lk->path, perm_names[i]);
+      return -1;
+    }
+    if (held_by_other) {
+      cow_error_set (EBUSY, "%s: locked by another process, which holds "
+                     "the \"%s\" permission that cowchain does not share "
+                     "(QEMU's image locks); is a server, QEMU or qemu-io "
+                     "using it?", lk->path, perm_names[i]);
+      return -1;
+    }
   }
   return 0;
 }
@@ -228,9 +226,8 @@ image_lock_change (struct image_lock *lk, enum image_access a)
   if (lk->access == a)
     return 0;
   if (apply_bytes (lk, a) == -1 || check_bytes (lk, a) == -1) {
-    /* Back to what was held; the error above stays the one reported. */
-    struct image_lock old = *lk;
-    apply_bytes (&old, lk->access);
+    /* Back to what was held (lk->access is unchanged). */
+    apply_bytes (lk, lk->access);
     return -1;
   }
   lk->access = a;
