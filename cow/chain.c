@@ -21,6 +21,7 @@
 
 #include "cowchain.h"
 #include "error.h"
+#include "image.h"
 #include "io.h"
 #include "layer.h"
 #include "manifest.h"
@@ -260,9 +261,9 @@ static struct layer *
 open_one (const char *path, const char *fmt, const struct cow_disk_config *cfg)
 {
   if (strcmp (fmt, "raw") == 0)
-    return raw_open (path, true);
+    return raw_open (path, LAYER_RDONLY);
   if (strcmp (fmt, "qcow2") == 0)
-    return qcow2_open (path, true, cfg->cache_size);
+    return qcow2_open (path, LAYER_RDONLY, cfg->cache_size);
   cow_error_set (EINVAL, "%s: format '%s' is not supported (raw or qcow2)",
                  path, fmt);
   return NULL;
@@ -393,7 +394,8 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
     return -1;
   link_chain (d);
   if (stat (cfg->overlay, &st) == 0) {
-    d->top = qcow2_open (cfg->overlay, cfg->readonly, cfg->cache_size);
+    d->top = qcow2_open (cfg->overlay, cfg->readonly ? LAYER_RDONLY : 0,
+                         cfg->cache_size);
     if (d->top == NULL)
       return -1;
     return check_backing (d->top, cfg->overlay, cfg->base, fmt);
@@ -427,7 +429,7 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
     if (r == -1)
       return -1;
   }
-  d->top = qcow2_open (cfg->overlay, false, cfg->cache_size);
+  d->top = qcow2_open (cfg->overlay, 0, cfg->cache_size);
   return d->top ? 0 : -1;
 }
 
@@ -460,7 +462,8 @@ new_layer_name (struct cow_disk *d, const struct manifest *m)
     p = state_path (d, name);
     if (p == NULL)
       return NULL;
-    if (stat (p, &st) == -1 && errno == ENOENT) {
+    /* lstat: a dangling symbolic link takes its name too. */
+    if (lstat (p, &st) == -1 && errno == ENOENT) {
       char *r = strdup (name);
       free (p);
       if (r == NULL)
@@ -505,7 +508,7 @@ create_layer (struct cow_disk *d, const char *file, const char *backing)
     o.backing_format = d->man.base_format;
   }
   if (qcow2_create (path, &o) == 0)
-    l = qcow2_open (path, false, d->cache_size);
+    l = qcow2_open (path, LAYER_NOFOLLOW, d->cache_size);
  out:
   free (bname);
   free (path);
@@ -551,7 +554,13 @@ remove_orphans (struct cow_disk *d)
     return;
   while ((e = readdir (dir)) != NULL) {
     bool known = false;
+    struct stat st;
     if (strncmp (e->d_name, "layer-", 6) != 0)
+      continue;
+    /* Only files this engine made: a symbolic link or a device planted
+     * under a layer's name stays (and is never opened). */
+    if (fstatat (dirfd (dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == -1
+        || !S_ISREG (st.st_mode))
       continue;
     for (size_t i = 0; i < d->man.n_layers; i++)
       if (strcmp (d->man.layers[i].file, e->d_name) == 0)
@@ -562,30 +571,6 @@ remove_orphans (struct cow_disk *d)
   closedir (dir);
 }
 
-static int
-lock_state_dir (struct cow_disk *d)
-{
-  char *lockp = state_path (d, "lock");
-
-  if (lockp == NULL)
-    return -1;
-  d->lock_fd = open (lockp, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  free (lockp);
-  if (d->lock_fd == -1) {
-    cow_error_errno ("%s: cannot open the lock file", d->state_dir);
-    return -1;
-  }
-  if (flock (d->lock_fd, LOCK_EX | LOCK_NB) == -1) {
-    if (errno == EWOULDBLOCK)
-      cow_error_set (EBUSY, "%s: the disk is in use by another process (a "
-                     "running server?); use its control socket",
-                     d->state_dir);
-    else
-      cow_error_errno ("%s: lock", d->state_dir);
-    return -1;
-  }
-  return 0;
-}
 
 /* Is name a layer file of this state directory that the manifest does
  * not list (one that a merge took out of the chain)? */
@@ -690,7 +675,9 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
   const char *fmt = NULL;
   int r;
 
-  if (mkdir (cfg->state_dir, 0700) == -1 && errno != EEXIST) {
+  /* Read-only creates nothing, not even the directory. */
+  if (!cfg->readonly && mkdir (cfg->state_dir, 0700) == -1
+      && errno != EEXIST) {
     cow_error_errno ("%s: cannot create state directory", cfg->state_dir);
     return -1;
   }
@@ -699,11 +686,19 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
     cow_error_errno ("%s: state directory", cfg->state_dir);
     return -1;
   }
-  if (lock_state_dir (d) == -1)
+  /* The directory itself is locked: no file to create, none whose
+   * deletion would let a second process in.  Readers share. */
+  d->lock_fd = image_lock_dir (d->state_dir, !cfg->readonly);
+  if (d->lock_fd == -1)
     return -1;
   r = manifest_load (d->state_dir, &d->man);
   if (r == -1)
     return -1;
+  if (r == 0 && cfg->readonly) {
+    cow_error_set (ENOENT, "%s: holds no disk (no manifest); a read-only "
+                   "open creates nothing", d->state_dir);
+    return -1;
+  }
   /* A disk pulled self-contained no longer needs the base it was
    * configured with. */
   if (r == 1 && cfg->base && !d->man.no_base) {
@@ -760,7 +755,11 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
       struct layer *l;
       if (p == NULL)
         return -1;
-      l = qcow2_open (p, true, cfg->cache_size);
+      /* Held as a writer unless read-only: jobs write frozen layers
+       * and rewrite their headers. */
+      l = qcow2_open (p, LAYER_RDONLY | LAYER_NOFOLLOW
+                      | (cfg->readonly ? 0 : LAYER_HOLD_WRITE),
+                      cfg->cache_size);
       free (p);
       if (l == NULL)
         return -1;
@@ -809,7 +808,9 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
     char *p = state_path (d, top->file);
     if (p == NULL)
       return -1;
-    d->top = qcow2_open (p, cfg->readonly, cfg->cache_size);
+    d->top = qcow2_open (p, LAYER_NOFOLLOW
+                         | (cfg->readonly ? LAYER_RDONLY : 0),
+                         cfg->cache_size);
     free (p);
     if (d->top == NULL)
       return -1;
@@ -819,7 +820,8 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
   }
   if (chain_check_names (d, cfg->readonly) == -1)
     return -1;
-  remove_orphans (d);
+  if (!cfg->readonly)
+    remove_orphans (d);
   return 0;
 }
 

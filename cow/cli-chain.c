@@ -55,9 +55,9 @@ cli_target_done (const char *cmd, struct cli_target *t)
 }
 
 struct cow_disk *
-cli_open_offline (const struct cli_target *t)
+cli_open_offline (const struct cli_target *t, bool readonly)
 {
-  struct cow_disk_config cfg = { .state_dir = t->state };
+  struct cow_disk_config cfg = { .state_dir = t->state, .readonly = readonly };
   struct cow_disk *d;
 
   if (access (t->state, F_OK) == -1) {
@@ -148,7 +148,7 @@ cmd_snapshot (int argc, char **argv)
   if (r != EXIT_OK)
     return r;
   if (t.state) {
-    struct cow_disk *d = cli_open_offline (&t);
+    struct cow_disk *d = cli_open_offline (&t, false);
     if (d == NULL)
       return EXIT_ERROR;
     if (cow_disk_snapshot (d, name, desc) == -1) {
@@ -206,7 +206,7 @@ get_layers (const struct cli_target *t, struct layer_row **out, size_t *n)
   *out = NULL;
   *n = 0;
   if (t->state) {
-    struct cow_disk *d = cli_open_offline (t);
+    struct cow_disk *d = cli_open_offline (t, true);
     struct cow_layer_info *li;
     size_t m;
     int r;
@@ -423,7 +423,7 @@ cmd_revert (int argc, char **argv)
   if (r != EXIT_OK)
     return r;
   if (t.state) {
-    struct cow_disk *d = cli_open_offline (&t);
+    struct cow_disk *d = cli_open_offline (&t, false);
     if (d == NULL)
       return EXIT_ERROR;
     if (cow_disk_revert (d, argv[optind], force) == -1) {

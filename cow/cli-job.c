@@ -579,7 +579,7 @@ static int
 start_offline (const struct cli_target *t, enum cow_job_kind kind,
                const char *name, const struct cow_job_opts *o)
 {
-  struct cow_disk *d = cli_open_offline (t);
+  struct cow_disk *d = cli_open_offline (t, false);
   int r;
 
   if (d == NULL)

@@ -4,6 +4,7 @@
 #define COW_CLI_H
 
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -50,7 +51,8 @@ int cli_target_option (struct cli_target *t, int c, const char *arg);
  * --control nor --state was given, default the disk to "". */
 int cli_target_done (const char *cmd, struct cli_target *t);
 /* Offline: open the disk of t->state, reporting any error. */
-struct cow_disk *cli_open_offline (const struct cli_target *t);
+/* readonly: for commands that only read (shared lock, creates nothing). */
+struct cow_disk *cli_open_offline (const struct cli_target *t, bool readonly);
 /* Close it; status, or EXIT_ERROR if closing failed. */
 int cli_close_offline (struct cow_disk *d, int status);
 /* Online: one request of argc words to the server, payload lines in

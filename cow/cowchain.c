@@ -24,6 +24,7 @@
 
 #include "cli.h"
 #include "cowchain.h"
+#include "image.h"
 #include "io.h"
 #include "layer.h"
 #include "qcow2.h"
@@ -260,6 +261,8 @@ static const char info_help[] =
   "                         (\"\" = its default disk)\n"
   "  --control=SOCKET       the server's control socket (default:\n"
   "                         $COWCHAIN_CONTROL)\n"
+  "  -U, --force-share      read an image that a running server or QEMU\n"
+  "                         holds (like qemu-img -U; implied by --disk)\n"
   "  -h, --help             show this help\n"
   "\n"
   "Relative backing names are relative to the directory of the image that\n"
@@ -321,10 +324,15 @@ resolve_backing (const char *referrer, const char *name)
   return r;
 }
 
+/* -U: layers that a running server holds are read sharing everything. */
+static bool info_force_share;
+
 static int
 read_qcow2_info (const char *path, struct image_info *ii)
 {
-  struct layer *l = qcow2_open (path, true, 1u << 20);
+  struct layer *l = qcow2_open (path, LAYER_RDONLY
+                                | (info_force_share ? LAYER_FORCE_SHARE : 0),
+                                1u << 20);
   struct qcow2 *q;
 
   if (l == NULL) {
@@ -361,11 +369,11 @@ read_qcow2_info (const char *path, struct image_info *ii)
 static int
 read_raw_info (const char *path, struct image_info *ii)
 {
-  int fd = io_open (path, O_RDONLY, 0);
+  int fd = image_open (path, O_RDONLY, 0);
   off_t end;
 
   if (fd == -1) {
-    cli_error ("%s: cannot open: %s", path, strerror (errno));
+    cli_error ("%s", cow_last_error ());
     return -1;
   }
   /* lseek rather than st_size, which is 0 for a block device. */
@@ -554,6 +562,7 @@ cmd_info (int argc, char **argv)
     { "output", required_argument, NULL, 'o' },
     { "disk", required_argument, NULL, 'd' },
     { "control", required_argument, NULL, 'c' },
+    { "force-share", no_argument, NULL, 'U' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
@@ -565,9 +574,10 @@ cmd_info (int argc, char **argv)
   size_t n = 0;
   int c, r;
 
-  while ((c = cli_next_option ("info", argc, argv, ":h", longopts)) != -1) {
+  while ((c = cli_next_option ("info", argc, argv, ":hU", longopts)) != -1) {
     switch (c) {
     case 'b': follow = true; break;
+    case 'U': info_force_share = true; break;
     case 'o':
       if ((r = parse_output ("info", optarg, &output)) != EXIT_OK)
         return r;
@@ -591,6 +601,7 @@ cmd_info (int argc, char **argv)
     if (active == NULL)
       return EXIT_ERROR;
     image = active;
+    info_force_share = true;    /* the server holds its layers */
   }
   else if ((r = one_operand ("info", argc, argv, &image)) != EXIT_OK)
     return r;

@@ -21,6 +21,19 @@ real_open (const char *path, int flags, mode_t mode)
 }
 
 static int
+real_rename_noreplace (const char *from, const char *to)
+{
+  if (renameat2 (AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) == 0)
+    return 0;
+  if (errno != EINVAL && errno != ENOSYS)
+    return -1;
+  /* A file system without RENAME_NOREPLACE: link() never replaces. */
+  if (link (from, to) == -1)
+    return -1;
+  return unlink (from);
+}
+
+static int
 real_fsync (int fd)
 {
   return fdatasync (fd);
@@ -36,6 +49,7 @@ const struct io_ops io_real_ops = {
   .fallocate = fallocate,
   .rename = rename,
   .unlink = unlink,
+  .rename_noreplace = real_rename_noreplace,
 };
 
 static const struct io_ops *ops = &io_real_ops;
@@ -151,13 +165,33 @@ io_rename (const char *from, const char *to)
 }
 
 int
+io_rename_noreplace (const char *from, const char *to)
+{
+  return ops->rename_noreplace ? ops->rename_noreplace (from, to)
+    : real_rename_noreplace (from, to);
+}
+
+int
 io_reopen_rw (const char *path, int fd)
 {
-  int rw = ops->open (path, O_RDWR, 0), saved;
+  int rw = ops->open (path, O_RDWR | O_NONBLOCK, 0), saved;
+  struct stat a, b;
 
   if (rw == -1)
     return -1;
+  if (fstat (fd, &a) == -1 || fstat (rw, &b) == -1)
+    goto err;
+  if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+    errno = EBUSY;              /* the name leads to another file now */
+    goto err;
+  }
+  {
+    int fl = fcntl (rw, F_GETFL);
+    if (fl == -1 || fcntl (rw, F_SETFL, fl & ~O_NONBLOCK) == -1)
+      goto err;
+  }
   if (dup2 (rw, fd) == -1) {
+  err:
     saved = errno;
     ops->close (rw);
     errno = saved;

@@ -25,6 +25,9 @@ struct io_ops {
   int (*fallocate) (int fd, int mode, off_t offset, off_t len);
   int (*rename) (const char *from, const char *to);
   int (*unlink) (const char *path);
+  /* rename that fails with EEXIST rather than replace 'to'; NULL in a
+   * test's table: the real one. */
+  int (*rename_noreplace) (const char *from, const char *to);
 };
 
 /* The real system calls. */
@@ -42,10 +45,14 @@ int io_fsync (int fd);
 int io_ftruncate (int fd, uint64_t length);
 int io_punch_hole (int fd, uint64_t offset, uint64_t len);
 int io_rename (const char *from, const char *to);
+/* rename, but never over an existing name (file, symbolic link, any):
+ * fails with EEXIST. */
+int io_rename_noreplace (const char *from, const char *to);
 int io_unlink (const char *path);
 /* Make fd (open read-only on path) read-write, atomically: the file is
  * opened again for writing and the new descriptor takes fd's number, so
- * I/O running on fd meanwhile goes on unharmed. */
+ * I/O running on fd meanwhile goes on unharmed.  Fails (EBUSY) if path
+ * no longer names the file that fd has open. */
 int io_reopen_rw (const char *path, int fd);
 /* fsync the directory that holds path. */
 int io_fsync_dir_of (const char *path);

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 struct layer;
+struct image_lock;
 
 /* What one layer holds for a range. */
 enum layer_status {
@@ -51,10 +52,20 @@ struct layer {
   char *path;          /* as given by the user */
   uint64_t size;       /* virtual size */
   bool readonly;
+  struct image_lock *lock;  /* QEMU-style image lock (image.h); NULL: none */
 };
 
+/* How raw_open and qcow2_open open a file. */
+#define LAYER_RDONLY     0x1u  /* read-only (locked as a reader) */
+#define LAYER_NOFOLLOW   0x2u  /* a state directory's file: never through a
+                                * symbolic link */
+#define LAYER_HOLD_WRITE 0x4u  /* read-only for now but locked as a writer
+                                * (a frozen layer that jobs will write) */
+#define LAYER_FORCE_SHARE 0x8u /* read-only, sharing everything (qemu-img
+                                * -U): a look at a live server's layer */
+
 /* raw.c */
-struct layer *raw_open (const char *path, bool readonly);
+struct layer *raw_open (const char *path, unsigned flags);
 
 /* qcow2.c */
 struct qcow2_create_opts {
@@ -65,7 +76,8 @@ struct qcow2_create_opts {
   int version;                  /* 3 (compat 1.1, default) or 2 (0.10) */
 };
 int qcow2_create (const char *path, const struct qcow2_create_opts *opts);
-struct layer *qcow2_open (const char *path, bool readonly, uint64_t cache_size);
+struct layer *qcow2_open (const char *path, unsigned flags,
+                          uint64_t cache_size);
 /* The backing file name and format stored in an open qcow2 layer (NULL if
  * none); owned by the layer. */
 const char *qcow2_backing_file (struct layer *l);

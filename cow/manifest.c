@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cowchain.h"
@@ -366,15 +367,31 @@ manifest_load (const char *dir, struct manifest *m)
     cow_error_errno ("asprintf");
     return -1;
   }
-  fd = io_open (path, O_RDONLY, 0);
+  /* Never through a symbolic link, never waiting on a FIFO. */
+  fd = io_open (path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK, 0);
   if (fd == -1) {
     if (errno == ENOENT) {
       free (path);
       return 0;
     }
-    cow_error_errno ("%s: cannot open", path);
+    if (errno == ELOOP)
+      cow_error_set (ELOOP, "%s: is a symbolic link; cowchain does not open "
+                     "a state directory's files through one", path);
+    else
+      cow_error_errno ("%s: cannot open", path);
     free (path);
     return -1;
+  }
+  {
+    struct stat st;
+    if (fstat (fd, &st) == -1) {
+      cow_error_errno ("%s: stat", path);
+      goto out;
+    }
+    if (!S_ISREG (st.st_mode)) {
+      cow_error_set (EINVAL, "%s: is not a regular file", path);
+      goto out;
+    }
   }
   if (io_file_size (fd, &size) == -1) {
     cow_error_errno ("%s: stat", path);

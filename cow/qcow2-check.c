@@ -652,7 +652,10 @@ open_image (struct checker *ck, bool repair)
                    "checked)", ck->path);
     return -1;
   }
-  l = qcow2_open (ck->path, true, 1u << 20);
+  /* A repair holds the image as a writer from the start (QEMU's locks):
+   * it refuses a layer that a server or QEMU is using. */
+  l = qcow2_open (ck->path, LAYER_RDONLY | (repair ? LAYER_HOLD_WRITE : 0),
+                  1u << 20);
   if (l == NULL)
     return -1;
   ck->q = (struct qcow2 *) l;

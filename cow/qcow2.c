@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 
 #include "error.h"
+#include "image.h"
 #include "io.h"
 #include "qcow2.h"
 
@@ -64,12 +65,10 @@ qcow2_probe (const char *path)
 {
   uint8_t magic[4];
   uint64_t size;
-  int fd = io_open (path, O_RDONLY, 0);
+  int fd = image_open (path, O_RDONLY, 0);
 
-  if (fd == -1) {
-    cow_error_errno ("%s: cannot open", path);
+  if (fd == -1)
     return -1;
-  }
   if (io_file_size (fd, &size) == -1 || io_pread (fd, magic, 4, 0) == -1) {
     cow_error_errno ("%s: cannot read", path);
     io_close (fd);
@@ -351,6 +350,7 @@ qcow2_free (struct qcow2 *q)
   free (q->backing_file);
   free (q->backing_format);
   free (q->layer.path);
+  image_lock_release (q->layer.lock);
   pthread_mutex_destroy (&q->lock);
   pthread_mutex_destroy (&q->flush_lock);
   pthread_cond_destroy (&q->alloc_done);
@@ -389,9 +389,10 @@ static const struct layer_ops qcow2_ops = {
 };
 
 static struct qcow2 *
-open_common (const char *path, bool readonly, uint64_t cache_size,
+open_common (const char *path, unsigned flags, uint64_t cache_size,
              bool creating)
 {
+  const bool readonly = flags & LAYER_RDONLY;
   struct qcow2 *q = calloc (1, sizeof *q);
   uint8_t *h = NULL;
   uint64_t file_size, n_l2;
@@ -411,11 +412,15 @@ open_common (const char *path, bool readonly, uint64_t cache_size,
     cow_error_errno ("strdup");
     goto err;
   }
-  q->fd = io_open (path, readonly ? O_RDONLY : O_RDWR, 0);
-  if (q->fd == -1) {
-    cow_error_errno ("%s: cannot open", path);
+  q->fd = image_open (path, readonly ? O_RDONLY : O_RDWR,
+                      (flags & LAYER_NOFOLLOW) ? IMAGE_NOFOLLOW : 0);
+  if (q->fd == -1)
     goto err;
-  }
+  /* Locked before the header is read: no other writer from here on. */
+  q->layer.lock = image_lock_take (path, q->fd,
+                                   layer_lock_access (flags));
+  if (q->layer.lock == NULL)
+    goto err;
   if (io_file_size (q->fd, &file_size) == -1) {
     cow_error_errno ("%s: stat", path);
     goto err;
@@ -476,9 +481,9 @@ open_common (const char *path, bool readonly, uint64_t cache_size,
 }
 
 struct layer *
-qcow2_open (const char *path, bool readonly, uint64_t cache_size)
+qcow2_open (const char *path, unsigned flags, uint64_t cache_size)
 {
-  struct qcow2 *q = open_common (path, readonly, cache_size, false);
+  struct qcow2 *q = open_common (path, flags, cache_size, false);
 
   return q ? &q->layer : NULL;
 }
@@ -527,6 +532,9 @@ qcow2_layer_reopen_rw (struct layer *l)
                    "does not write such images", l->path);
     return -1;
   }
+  /* Writer first: a conflict leaves the layer as it was. */
+  if (image_lock_change (l->lock, IMAGE_WRITER) == -1)
+    return -1;
   if (io_reopen_rw (l->path, q->fd) == -1) {
     cow_error_errno ("%s: cannot open for writing", l->path);
     return -1;
@@ -565,10 +573,23 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
     cow_error_errno ("set backing");
     goto out;
   }
-  fd = io_open (l->path, O_RDWR, 0);
+  fd = io_open (l->path, O_RDWR | O_NONBLOCK, 0);
   if (fd == -1) {
     cow_error_errno ("%s: cannot open for writing", l->path);
     goto out;
+  }
+  {
+    /* The name must still lead to this layer's file. */
+    struct stat a, b;
+    if (fstat (q->fd, &a) == -1 || fstat (fd, &b) == -1) {
+      cow_error_errno ("%s: stat", l->path);
+      goto out;
+    }
+    if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+      cow_error_set (EBUSY, "%s: the name leads to another file now; the "
+                     "backing name is not rewritten", l->path);
+      goto out;
+    }
   }
   pthread_mutex_lock (&q->flush_lock);
   pthread_mutex_lock (&q->lock);
@@ -749,7 +770,7 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
   }
   fchmod (fd, 0644);
   close (fd);
-  fd = io_open (tmp, O_RDWR, 0);
+  fd = io_open (tmp, O_RDWR | O_NOFOLLOW, 0);
   if (fd == -1) {
     cow_error_errno ("%s: cannot open", tmp);
     goto err;
@@ -775,7 +796,7 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
 
   /* Allocate the L1 table through the allocator, so that any cluster
    * size and virtual size get the refcount blocks they need. */
-  q = open_common (tmp, false, 1u << 20, true);
+  q = open_common (tmp, LAYER_NOFOLLOW, 1u << 20, true);
   if (q == NULL)
     goto err;
   if (l1_entries) {
@@ -813,8 +834,14 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
   q->fd = -1;
   qcow2_free (q);
   q = NULL;
-  if (io_rename (tmp, path) == -1) {
-    cow_error_errno ("%s: cannot rename the new image into place", path);
+  /* Never over a file already there: in a state directory that could be
+   * a file or a symbolic link planted to make us destroy something. */
+  if (io_rename_noreplace (tmp, path) == -1) {
+    if (errno == EEXIST)
+      cow_error_set (EEXIST, "%s: already exists; refusing to replace it "
+                     "with a new image", path);
+    else
+      cow_error_errno ("%s: cannot rename the new image into place", path);
     goto err;
   }
   if (io_fsync_dir_of (path) == -1) {

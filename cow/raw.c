@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "error.h"
+#include "image.h"
 #include "io.h"
 #include "layer.h"
 
@@ -148,6 +149,7 @@ raw_close (struct layer *l)
   int ret = raw_flush (l);
 
   io_close (r->fd);
+  image_lock_release (l->lock);
   free (l->path);
   free (r);
   return ret;
@@ -161,6 +163,10 @@ raw_reopen_rw (struct layer *l)
 
   if (!l->readonly)
     return 0;
+  /* Writer first (another disk may share this base): a conflict leaves
+   * the base as it was. */
+  if (image_lock_change (l->lock, IMAGE_WRITER) == -1)
+    return -1;
   if (io_reopen_rw (l->path, r->fd) == -1) {
     cow_error_errno ("%s: cannot open for writing", l->path);
     return -1;
@@ -182,21 +188,26 @@ static const struct layer_ops raw_ops = {
 };
 
 struct layer *
-raw_open (const char *path, bool readonly)
+raw_open (const char *path, unsigned flags)
 {
   struct raw *r = calloc (1, sizeof *r);
+  const bool readonly = flags & LAYER_RDONLY;
   uint64_t size;
 
   if (r == NULL) {
     cow_error_errno ("calloc");
     return NULL;
   }
-  r->fd = io_open (path, readonly ? O_RDONLY : O_RDWR, 0);
+  r->fd = image_open (path, readonly ? O_RDONLY : O_RDWR,
+                      (flags & LAYER_NOFOLLOW) ? IMAGE_NOFOLLOW : 0);
   if (r->fd == -1) {
-    cow_error_errno ("%s: cannot open raw image", path);
     free (r);
     return NULL;
   }
+  r->layer.lock = image_lock_take (path, r->fd,
+                                   layer_lock_access (flags));
+  if (r->layer.lock == NULL)
+    goto err;
   if (io_file_size (r->fd, &size) == -1) {
     cow_error_errno ("%s: stat", path);
     goto err;
@@ -213,6 +224,8 @@ raw_open (const char *path, bool readonly)
 
  err:
   io_close (r->fd);
+  image_lock_release (r->layer.lock);
+  free (r->layer.path);
   free (r);
   return NULL;
 }

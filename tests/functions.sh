@@ -39,6 +39,8 @@
 #   check_image FILE [leaks-ok]
 #                            qemu-img check: exit 0 (or 3 = leaks only,
 #                            when leaks-ok); anything else fails the test
+#                            (both with -U: a running server holds its
+#                            images locked in QEMU's convention)
 #   make_random_file FILE SIZE SEED
 #   sha256 FILE
 #   nbdsh ARGS...            the system nbdsh with the system python3
@@ -476,7 +478,7 @@ server_alive ()
 check_image ()
 {
     local file=$1 leaks_ok=${2:-} rc=0 out
-    out=$(qemu-img check -f qcow2 "$file" 2>&1) || rc=$?
+    out=$(qemu-img check -U -f qcow2 "$file" 2>&1) || rc=$?
     case $rc in
         0) ;;
         3)
@@ -498,7 +500,7 @@ check_image ()
 # dots for nested keys (format-specific.data.compat).
 img_info ()
 {
-    qemu-img info --output=json "$1" |
+    qemu-img info -U --output=json "$1" |
         "$PYTHON" -c '
 import json, sys
 v = json.load(sys.stdin)

@@ -150,7 +150,7 @@ def check_chain(statedir):
         die("%s: layer files %s, but the manifest names %s"
             % (statedir, on_disk, layers))
     active = os.path.join(statedir, layers[-1])
-    out = subprocess.run(["qemu-img", "info", "--backing-chain",
+    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain",
                           "--output=json", active], check=True,
                          stdout=subprocess.PIPE).stdout
     got = [real(i["filename"]) for i in json.loads(out)]

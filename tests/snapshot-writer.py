@@ -86,7 +86,7 @@ for name, t_req, t_ack in snaps:
     seen = []       # per disk: block -> seq (0 = never written)
     for di in range(len(disks)):
         raw = os.path.join(tmp, "snap.raw")
-        subprocess.run(["qemu-img", "convert", "-O", "raw", files[di][name],
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", files[di][name],
                         raw], check=True)
         with open(raw, "rb") as f:
             img = f.read(NBLOCKS * BLOCK)

@@ -226,6 +226,11 @@ s_rename (const char *a, const char *b)
   return step_ok (NULL, -1, m) ? io_real_ops.rename (a, b) : -1;
 }
 static int
+s_rename_noreplace (const char *a, const char *b)
+{
+  return step_ok (NULL, -1, false) ? io_real_ops.rename_noreplace (a, b) : -1;
+}
+static int
 s_unlink (const char *p)
 {
   return step_ok (p, -1, false) ? io_real_ops.unlink (p) : -1;
@@ -672,7 +677,7 @@ check_snapshots (struct fx *f, struct dsk *k, const struct tu_chain *c)
       continue;
     qemu_runs++;
     unlink (f->scratch);
-    st = tu_run (&out, "qemu-img convert -f qcow2 -O raw '%s' '%s'",
+    st = tu_run (&out, "qemu-img convert -U -f qcow2 -O raw '%s' '%s'",
                  c->path[i], f->scratch);
     if (st != 0) {
       char msg[1024];
@@ -1613,6 +1618,7 @@ main (int argc, char **argv)
   seam.ftruncate = s_ftruncate;
   seam.fallocate = s_fallocate;
   seam.rename = s_rename;
+  seam.rename_noreplace = s_rename_noreplace;
   seam.unlink = s_unlink;
   if (argc > 1)
     cmocka_set_test_filter (argv[1]);

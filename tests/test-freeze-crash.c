@@ -61,6 +61,12 @@ k_rename (const char *a, const char *b)
 {
   return spend () ? io_real_ops.rename (a, b) : -1;
 }
+
+static int
+k_rename_noreplace (const char *a, const char *b)
+{
+  return spend () ? io_real_ops.rename_noreplace (a, b) : -1;
+}
 static int k_unlink (const char *p) { return spend () ? io_real_ops.unlink (p) : -1; }
 
 static struct io_ops killing;
@@ -279,6 +285,7 @@ main (void)
   killing.ftruncate = k_ftruncate;
   killing.fallocate = k_fallocate;
   killing.rename = k_rename;
+  killing.rename_noreplace = k_rename_noreplace;
   killing.unlink = k_unlink;
   return cmocka_run_group_tests (tests, NULL, NULL);
 }

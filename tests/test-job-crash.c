@@ -95,6 +95,12 @@ k_rename (const char *a, const char *b)
 {
   return spend () ? io_real_ops.rename (a, b) : -1;
 }
+
+static int
+k_rename_noreplace (const char *a, const char *b)
+{
+  return spend () ? io_real_ops.rename_noreplace (a, b) : -1;
+}
 static int
 k_unlink (const char *p)
 {
@@ -431,7 +437,7 @@ expect_layer_content (struct fx *f, const char *path, const uint8_t *data,
   uint8_t *got;
 
   unlink (f->scratch);
-  st = tu_run (&out, "qemu-img convert -f qcow2 -O raw '%s' '%s'", path,
+  st = tu_run (&out, "qemu-img convert -U -f qcow2 -O raw '%s' '%s'", path,
                f->scratch);
   if (st != 0)
     print_error ("qemu-img convert %s: %s\n", path, out);
@@ -1141,6 +1147,7 @@ main (int argc, char **argv)
   killing.ftruncate = k_ftruncate;
   killing.fallocate = k_fallocate;
   killing.rename = k_rename;
+  killing.rename_noreplace = k_rename_noreplace;
   killing.unlink = k_unlink;
   quick = io_real_ops;
   quick.fsync = nosync;

@@ -480,7 +480,7 @@ expect_layer_content (struct fx *f, const char *path, const uint8_t *data,
   uint8_t *got;
 
   unlink (f->scratch);
-  st = tu_run (&out, "qemu-img convert -f qcow2 -O raw '%s' '%s'", path,
+  st = tu_run (&out, "qemu-img convert -U -f qcow2 -O raw '%s' '%s'", path,
                f->scratch);
   if (st != 0)
     print_error ("qemu-img convert %s: %s\n", path, out);
@@ -511,7 +511,7 @@ fx_offline_check (struct fx *f, const char *what)
   for (size_t i = 0; i < c.n; i++)
     tu_assert_check_clean (c.path[i]);
   tu_write_file (f->model_path, f->model, f->size);
-  st = tu_run (&out, "qemu-img compare -f qcow2 -F raw '%s' '%s'",
+  st = tu_run (&out, "qemu-img compare -U -f qcow2 -F raw '%s' '%s'",
                c.path[c.n - 1], f->model_path);
   if (st != 0)
     print_error ("%s: qemu-img compare of %s with the model: exit %d\n%s\n",

@@ -88,7 +88,7 @@ active_of ()
 # compare_offline DIR: qemu-img compare of the model and the active chain.
 compare_offline ()
 {
-    qemu-img compare -q -f raw -F qcow2 "$model" "$(active_of "$1")" ||
+    qemu-img compare -U -q -f raw -F qcow2 "$model" "$(active_of "$1")" ||
         fail "$1: qemu-img compare: the active chain differs from the model"
 }
 
@@ -120,7 +120,7 @@ expect_snapshot ()
     local f
     f=$(snapshot_file "$1")
     [ -f "$f" ] || fail "snapshot $1 has no layer file ('$f')"
-    qemu-img compare -q -f raw -F qcow2 "$2" "$f" ||
+    qemu-img compare -U -q -f raw -F qcow2 "$2" "$f" ||
         fail "snapshot $1 ($f) differs from its model"
 }
 
@@ -274,7 +274,7 @@ cmp -s "$tmpdir/manifest.before" "$st/manifest" || fail "a refused pull changed 
 "$cow" pull --force --wait > "$tmpdir/out" || fail "pull failed"
 grep -q "Pull completed" "$tmpdir/out" || fail "pull --wait did not report completion"
 active=$(active_of "$st")
-qemu-img info --output=json "$active" > "$tmpdir/info.json"
+qemu-img info -U --output=json "$active" > "$tmpdir/info.json"
 "$PYTHON" -c 'import json,sys; v = json.load(open(sys.argv[1])); assert "backing-filename" not in v, v' \
     "$tmpdir/info.json" || fail "the pulled active layer still has a backing file"
 grep -q '^nobase$' "$st/manifest" || fail "the manifest still records a base"

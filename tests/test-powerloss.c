@@ -372,6 +372,16 @@ sim_rename (const char *from, const char *to)
 }
 
 static int
+sim_rename_noreplace (const char *from, const char *to)
+{
+  if (sim.crashed) {
+    errno = EIO;
+    return -1;
+  }
+  return io_real_ops.rename_noreplace (from, to);
+}
+
+static int
 sim_unlink (const char *path)
 {
   if (sim.crashed) {
@@ -390,6 +400,7 @@ static const struct io_ops sim_ops = {
   .ftruncate = sim_ftruncate,
   .fallocate = sim_fallocate,
   .rename = sim_rename,
+  .rename_noreplace = sim_rename_noreplace,
   .unlink = sim_unlink,
 };
 

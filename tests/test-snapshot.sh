@@ -49,7 +49,7 @@ PY
 note "every layer is valid qcow2; the chain is visible to qemu-img"
 active=$("$cow" blklist | awk '$1 == "(default)" {print $2}')
 [ -f "$active" ] || fail "blklist did not name the active layer: $active"
-qemu-img info --backing-chain "$active" > "$tmpdir/chain"
+qemu-img info -U --backing-chain "$active" > "$tmpdir/chain"
 [ "$(grep -c '^image:' "$tmpdir/chain")" = 4 ] || { cat "$tmpdir/chain"; fail "chain is not 3 layers + base"; }
 for f in "$tmpdir"/st/layer-*.qcow2; do check_image "$f"; done
 "$cow" info --disk "" --backing-chain > "$tmpdir/cinfo"
@@ -61,8 +61,8 @@ files=$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; [print(s["fil
 s1=$(echo "$files" | sed -n 1p); s2=$(echo "$files" | sed -n 2p)
 cp "$tmpdir/base.img" "$tmpdir/m1"; qemu-io -f raw -c 'write -P 0x11 0 1M' "$tmpdir/m1" >/dev/null
 cp "$tmpdir/m1" "$tmpdir/m2"; qemu-io -f raw -c 'write -P 0x22 0 512k' "$tmpdir/m2" >/dev/null
-qemu-img compare -q -f raw -F qcow2 "$tmpdir/m1" "$s1" || fail "snapshot s1 differs from its model"
-qemu-img compare -q -f raw -F qcow2 "$tmpdir/m2" "$s2" || fail "snapshot s2 differs from its model"
+qemu-img compare -U -q -f raw -F qcow2 "$tmpdir/m1" "$s1" || fail "snapshot s1 differs from its model"
+qemu-img compare -U -q -f raw -F qcow2 "$tmpdir/m2" "$s2" || fail "snapshot s2 differs from its model"
 
 note "refused names and commands change nothing"
 cp "$tmpdir/st/manifest" "$tmpdir/manifest.before"

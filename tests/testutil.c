@@ -261,13 +261,15 @@ tu_json_int (const char *json, const char *key)
   return strtoll (p + strlen (pat), NULL, 10);
 }
 
+/* qemu-img runs with -U (force share): the test's own process may hold
+ * the image open, and so locked in QEMU's convention. */
 int
 tu_qemu_check (const char *path, struct tu_check *res)
 {
   int64_t v;
 
   memset (res, 0, sizeof *res);
-  res->status = tu_run (&res->output, "qemu-img check --output=json '%s'",
+  res->status = tu_run (&res->output, "qemu-img check -U --output=json '%s'",
                         path);
   res->leaks = (v = tu_json_int (res->output, "leaks")) > 0 ? v : 0;
   res->corruptions = (v = tu_json_int (res->output, "corruptions")) > 0 ? v : 0;
@@ -277,7 +279,7 @@ tu_qemu_check (const char *path, struct tu_check *res)
              path, res->leaks);
   else if (res->status != 0) {
     char *human = NULL;
-    tu_run (&human, "qemu-img check '%s'", path);
+    tu_run (&human, "qemu-img check -U '%s'", path);
     fprintf (stderr, "qemu-img check %s: exit %d\n%s\n", path, res->status,
              human ? human : "");
     free (human);
@@ -320,7 +322,7 @@ tu_qemu_info_int (const char *path, const char *key)
 {
   char *out = NULL;
   int64_t v;
-  int st = tu_run (&out, "qemu-img info --output=json '%s'", path);
+  int st = tu_run (&out, "qemu-img info -U --output=json '%s'", path);
 
   if (st != 0) {
     fprintf (stderr, "qemu-img info %s: exit %d\n%s\n", path, st, out);
@@ -352,7 +354,7 @@ tu_qemu_info_str (const char *path, const char *key)
 {
   char *out = NULL, *r = NULL;
 
-  if (tu_run (&out, "qemu-img info --output=json '%s'", path) == 0)
+  if (tu_run (&out, "qemu-img info -U --output=json '%s'", path) == 0)
     r = tu_json_str (out, key);
   free (out);
   return r;

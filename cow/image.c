@@ -1,0 +1,315 @@
+/* Safe opening of image files and QEMU-compatible image locks (see
+ * image.h for the convention). */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include "error.h"
+#include "image.h"
+#include "io.h"
+#include "layer.h"
+
+#define LOCK_PERM_BASE   100    /* + bit: permission held */
+#define LOCK_SHARED_BASE 200    /* + bit: permission not shared */
+
+static const char *const perm_names[IMAGE_PERM_COUNT] = {
+  "consistent read", "write", "write unchanged", "resize",
+};
+
+static const char *
+file_kind (mode_t m)
+{
+  if (S_ISFIFO (m))
+    return "a FIFO";
+  if (S_ISSOCK (m))
+    return "a socket";
+  if (S_ISCHR (m))
+    return "a character device";
+  if (S_ISDIR (m))
+    return "a directory";
+  if (S_ISLNK (m))
+    return "a symbolic link";
+  return "not a regular file";
+}
+
+int
+image_open (const char *path, int flags, unsigned how)
+{
+  struct stat st;
+  int fd, fl, saved;
+
+  /* O_NONBLOCK: opening a FIFO must not wait for a writer; it is
+   * refused below and cleared for a real image. */
+  fd = io_open (path, flags | O_NONBLOCK
+                | ((how & IMAGE_NOFOLLOW) ? O_NOFOLLOW : 0), 0);
+  if (fd == -1) {
+    if (errno == ELOOP && (how & IMAGE_NOFOLLOW))
+      cow_error_set (ELOOP, "%s: is a symbolic link; cowchain does not open "
+                     "a state directory's files through one", path);
+    else
+      cow_error_errno ("%s: cannot open", path);
+    return -1;
+  }
+  if (fstat (fd, &st) == -1) {
+    cow_error_errno ("%s: stat", path);
+    goto err;
+  }
+  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
+    cow_error_set (EINVAL, "%s: is %s; an image must be a regular file or a "
+                   "block device", path, file_kind (st.st_mode));
+    goto err;
+  }
+  fl = fcntl (fd, F_GETFL);
+  if (fl == -1 || fcntl (fd, F_SETFL, fl & ~O_NONBLOCK) == -1) {
+    cow_error_errno ("%s: fcntl", path);
+    goto err;
+  }
+  return fd;
+
+ err:
+  saved = errno;
+  io_close (fd);
+  errno = saved;
+  return -1;
+}
+
+struct image_lock {
+  int fd;                       /* a descriptor of its own: holds the bytes */
+  char *path;
+  enum image_access access;
+};
+
+static unsigned
+perms_held (enum image_access a)
+{
+  return a == IMAGE_WRITER
+    ? IMAGE_PERM_CONSISTENT_READ | IMAGE_PERM_WRITE | IMAGE_PERM_RESIZE
+    : IMAGE_PERM_CONSISTENT_READ;
+}
+
+static unsigned
+perms_unshared (enum image_access a)
+{
+  return a == IMAGE_FORCE_SHARE ? 0 : IMAGE_PERM_WRITE | IMAGE_PERM_RESIZE;
+}
+
+static int
+set_byte (int fd, short type, off_t off)
+{
+  struct flock fl = {
+    .l_type = type, .l_whence = SEEK_SET, .l_start = off, .l_len = 1,
+  };
+
+  return fcntl (fd, F_OFD_SETLK, &fl);
+}
+
+/* Does another open file description hold a lock on byte off?  1 yes,
+ * 0 no, -1 error. */
+static int
+byte_taken (int fd, off_t off)
+{
+  struct flock fl = {
+    .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1,
+  };
+
+  if (fcntl (fd, F_OFD_GETLK, &fl) == -1)
+    return -1;
+  return fl.l_type != F_UNLCK;
+}
+
+/* Lock exactly the bytes of access a (unlocking the others). */
+static int
+apply_bytes (struct image_lock *lk, enum image_access a)
+{
+  unsigned held = perms_held (a), unshared = perms_unshared (a);
+
+  for (int i = 0; i < IMAGE_PERM_COUNT; i++) {
+    unsigned bit = 1u << i;
+    if (set_byte (lk->fd, (held & bit) ? F_RDLCK : F_UNLCK,
+                  LOCK_PERM_BASE + i) == -1
+        || set_byte (lk->fd, (unshared & bit) ? F_RDLCK : F_UNLCK,
+                     LOCK_SHARED_BASE + i) == -1) {
+      cow_error_errno ("%s: cannot lock the image", lk->path);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* Is anybody else in the way of access a?  Others must share every
+ * permission held, and hold none that is not shared. */
+static int
+check_bytes (struct image_lock *lk, enum image_access a)
+{
+  unsigned held = perms_held (a), unshared = perms_unshared (a);
+
+  for (int i = 0; i < IMAGE_PERM_COUNT; i++) {
+    unsigned bit = 1u << i;
+    int not_shared = (held & bit)
+      ? byte_taken (lk->fd, LOCK_SHARED_BASE + i) : 0;
+    int held_by_other = (unshared & bit)
+      ? byte_taken (lk->fd, LOCK_PERM_BASE + i) : 0;
+
+    if (not_shared == -1 || held_by_other == -1) {
+      cow_error_errno ("%s: cannot test the image's locks", lk->path);
+      return -1;
+    }
+    if (not_shared) {
+      cow_error_set (EBUSY, "%s: locked by another process, which does not "
+                     "share the \"%s\" permission that cowchain needs "
+                     "(QEMU's image locks); is a server, QEMU or "
+                     "qemu-img using it?", lk->path, perm_names[i]);
+      return -1;
+    }
+    if (held_by_other) {
+      cow_error_set (EBUSY, "%s: locked by another process, which holds "
+                     "the \"%s\" permission that cowchain does not share "
+                     "(QEMU's image locks); is a server, QEMU or qemu-io "
+                     "using it?", lk->path, perm_names[i]);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+struct image_lock *
+image_lock_take (const char *path, int fd, enum image_access a)
+{
+  struct image_lock *lk = calloc (1, sizeof *lk);
+  struct stat a_st, b_st;
+
+  if (lk == NULL || (lk->path = strdup (path)) == NULL) {
+    cow_error_errno ("calloc");
+    free (lk);
+    return NULL;
+  }
+  lk->fd = open (path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (lk->fd == -1) {
+    cow_error_errno ("%s: cannot open for locking", path);
+    goto err;
+  }
+  /* The name must still lead to the file that fd has open. */
+  if (fstat (fd, &a_st) == -1 || fstat (lk->fd, &b_st) == -1) {
+    cow_error_errno ("%s: stat", path);
+    goto err;
+  }
+  if (a_st.st_dev != b_st.st_dev || a_st.st_ino != b_st.st_ino) {
+    cow_error_set (EBUSY, "%s: the file was replaced while it was opened",
+                   path);
+    goto err;
+  }
+  if (apply_bytes (lk, a) == -1 || check_bytes (lk, a) == -1)
+    goto err;
+  lk->access = a;
+  return lk;
+
+ err:
+  if (lk->fd != -1)
+    close (lk->fd);             /* gives back any byte taken */
+  free (lk->path);
+  free (lk);
+  return NULL;
+}
+
+int
+image_lock_change (struct image_lock *lk, enum image_access a)
+{
+  if (lk->access == a)
+    return 0;
+  if (apply_bytes (lk, a) == -1 || check_bytes (lk, a) == -1) {
+    /* Back to what was held (lk->access is unchanged). */
+    apply_bytes (lk, lk->access);
+    return -1;
+  }
+  lk->access = a;
+  return 0;
+}
+
+enum image_access
+layer_lock_access (unsigned flags)
+{
+  if (!(flags & LAYER_RDONLY) || (flags & LAYER_HOLD_WRITE))
+    return IMAGE_WRITER;
+  return (flags & LAYER_FORCE_SHARE) ? IMAGE_FORCE_SHARE : IMAGE_READER;
+}
+
+void
+image_lock_release (struct image_lock *lk)
+{
+  if (lk == NULL)
+    return;
+  close (lk->fd);
+  free (lk->path);
+  free (lk);
+}
+
+/* Who holds a flock on the file (dev, ino)?  Writes "pid N, COMM" into
+ * buf, or leaves it empty. */
+static void
+flock_holder (dev_t dev, ino_t ino, char *buf, size_t len)
+{
+  FILE *f = fopen ("/proc/locks", "re");
+  char line[256], want[64];
+
+  buf[0] = '\0';
+  if (f == NULL)
+    return;
+  snprintf (want, sizeof want, "%02x:%02x:%" PRIuMAX " ", major (dev),
+            minor (dev), (uintmax_t) ino);
+  while (fgets (line, sizeof line, f)) {
+    long pid;
+    char comm[64] = "", path[64];
+    FILE *c;
+    if (strstr (line, " FLOCK ") == NULL || strstr (line, "->")
+        || strstr (line, want) == NULL)
+      continue;
+    if (sscanf (line, "%*d: FLOCK %*s %*s %ld", &pid) != 1 || pid <= 0)
+      continue;
+    snprintf (path, sizeof path, "/proc/%ld/comm", pid);
+    c = fopen (path, "re");
+    if (c) {
+      if (fgets (comm, sizeof comm, c))
+        comm[strcspn (comm, "\n")] = '\0';
+      fclose (c);
+    }
+    snprintf (buf, len, " (pid %ld%s%s)", pid, comm[0] ? ", " : "", comm);
+    break;
+  }
+  fclose (f);
+}
+
+int
+image_lock_dir (const char *dir, bool exclusive)
+{
+  int fd = open (dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  struct stat st;
+  char who[128] = "";
+
+  if (fd == -1) {
+    cow_error_errno ("%s: cannot open the state directory", dir);
+    return -1;
+  }
+  if (flock (fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0)
+    return fd;
+  if (errno != EWOULDBLOCK) {
+    cow_error_errno ("%s: cannot lock the state directory", dir);
+    close (fd);
+    return -1;
+  }
+  if (fstat (fd, &st) == 0)
+    flock_holder (st.st_dev, st.st_ino, who, sizeof who);
+  cow_error_set (EBUSY, "%s: the disk is in use by another process%s; "
+                 "if that is a running server, use its control socket",
+                 dir, who);
+  close (fd);
+  return -1;
+}
