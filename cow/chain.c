@@ -1396,10 +1396,17 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
   if (job_busy (d, "revert") || chain_settle (d, "revert") == -1)
     goto out;
   n = d->man.n_layers;
+  /* A snapshot by its layer file name first (as commit and delete read
+   * a layer word), then by its name. */
   for (k = 0; k + 1 < n; k++)
     if (d->man.layers[k].snapshot
-        && strcmp (d->man.layers[k].snapshot, name) == 0)
+        && strcmp (d->man.layers[k].file, name) == 0)
       break;
+  if (k + 1 >= n)
+    for (k = 0; k + 1 < n; k++)
+      if (d->man.layers[k].snapshot
+          && strcmp (d->man.layers[k].snapshot, name) == 0)
+        break;
   if (k + 1 >= n) {
     cow_error_set (ENOENT, "%s: no snapshot named '%s'", d->state_dir, name);
     goto out;
