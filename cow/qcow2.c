@@ -259,9 +259,10 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
   if (q->reftable_offset > file_size
       || (uint64_t) q->reftable_clusters * q->cluster_size
          > file_size - q->reftable_offset) {
-    cow_error_set (EINVAL, "%s: refcount table (%u clusters at offset %"
+    cow_error_set (EINVAL, "%s: refcount table (%u cluster%s at offset %"
                    PRIu64 ") runs past the end of the file (%" PRIu64
-                   " bytes)", f, q->reftable_clusters, q->reftable_offset,
+                   " bytes)", f, q->reftable_clusters,
+                   q->reftable_clusters == 1 ? "" : "s", q->reftable_offset,
                    file_size);
     return -1;
   }
