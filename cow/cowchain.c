@@ -562,7 +562,7 @@ read_chain (const char *path, bool follow, struct image_info *chain,
     if (ii->full_backing == NULL) {
       fprintf (stderr, "cowchain: note: %s: backing file '%s' is not "
                "followed (json: names and URLs are never opened)\n",
-               ii->filename, ii->backing_file);
+               cli_text (ii->filename), cli_text (ii->backing_file));
       return 0;
     }
     if (*n > MAX_BACKING_DEPTH) {
@@ -709,7 +709,7 @@ static void
 print_findings (const struct qcow2_check_result *res)
 {
   for (size_t i = 0; i < res->n_messages; i++)
-    printf ("%s\n", res->messages[i]);
+    printf ("%s\n", cli_text (res->messages[i]));
   if (res->messages_dropped)
     printf ("(%" PRIu64 " more findings not shown)\n", res->messages_dropped);
 }
