@@ -252,8 +252,8 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
   }
   if (q->reftable_offset & (q->cluster_size - 1)) {
     cow_error_set (EINVAL, "%s: refcount table offset %" PRIu64 " is not "
-                   "aligned to the cluster size %" PRIu64, f, q->reftable_offset,
-                   q->cluster_size);
+                   "aligned to the cluster size %" PRIu64, f,
+                   q->reftable_offset, q->cluster_size);
     return -1;
   }
   if (q->reftable_offset > file_size

@@ -843,7 +843,8 @@ static int
 cowchain_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
                  uint32_t flags)
 {
-  if (cow_disk_pwrite (DISK_OF (h), buf, count, offset, to_cow_flags (flags)) == -1) {
+  if (cow_disk_pwrite (DISK_OF (h), buf, count, offset,
+                       to_cow_flags (flags)) == -1) {
     report ();
     return -1;
   }
@@ -900,7 +901,8 @@ static int
 cowchain_extents (void *h, uint32_t count, uint64_t offset, uint32_t flags,
                   struct nbdkit_extents *extents)
 {
-  if (cow_disk_extents (DISK_OF (h), count, offset, add_extent, extents) == -1) {
+  if (cow_disk_extents (DISK_OF (h), count, offset, add_extent,
+                        extents) == -1) {
     report ();
     return -1;
   }

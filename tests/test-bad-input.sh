@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bad input: nbdkit must refuse to start, with an error that names the
-# problem (for a damaged refcount table: which fault it is), and nothing on disk may change (no overlay created, the base
-# and any existing overlay byte for byte the same, no stray files).
+# problem (for a damaged refcount table: which fault it is), and nothing
+# on disk may change (no overlay created, the base and any existing
+# overlay byte for byte the same, no stray files).
 # Then requests beyond the end of the disk: an error, and the server
 # lives on.
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
