@@ -621,8 +621,9 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
       goto usage;
     force = w[3][0] != '\0';
     /* A client's page cache would go on holding the old disk: refused
-     * unless forced.  A client may connect just after this check; it
-     * then reads the disk as the revert leaves it, which is no harm. */
+     * unless forced.  The count is read once, not held: a client that
+     * connects while the revert runs (a few milliseconds) is not
+     * counted, and may read some of the old disk before the switch. */
     clients = atomic_load (&e->clients);
     if (clients > 0 && !force) {
       cow_error_set (EBUSY, "%u NBD client%s %s connected to disk %s; "
