@@ -1226,6 +1226,14 @@ check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
     return -1;
   if (desc && manifest_check_description (desc) == -1)
     return -1;
+  /* Layer files are named layer-*, which no new name can take; a
+   * manifest from elsewhere may name them otherwise. */
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (strcmp (d->man.layers[i].file, name) == 0) {
+      cow_error_set (EINVAL, "%s: snapshot name '%s' is reserved: it is the "
+                     "name of a layer file of this disk", d->state_dir, name);
+      return -1;
+    }
   for (size_t i = 0; i < d->man.n_layers; i++)
     if (d->man.layers[i].snapshot
         && strcmp (d->man.layers[i].snapshot, name) == 0) {

@@ -90,7 +90,8 @@ int cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
  * new one on top.  Guest I/O pauses only for the switch; the old layer's
  * flush and the manifest update follow, and FLUSH/FUA requests wait for
  * them.  Names: see manifest.h (1-128 of [A-Za-z0-9._+-:@]; active,
- * base and layer-* reserved); descriptions: printable UTF-8, one line.
+ * base, layer-* and the disk's layer file names reserved); descriptions:
+ * printable UTF-8, one line.
  * Errors: EINVAL bad or reserved name or bad description, EEXIST
  * duplicate name, ENOTSUP no state
  * directory, ENOSPC/EIO creating the new layer (nothing changed).

@@ -241,3 +241,16 @@ expect_pattern "nbd+unix:///vm1?socket=$tmpdir/srv2.sock" 0x11 "after the revert
 "$cow" list --output=json | "$PYTHON" -c 'import json,sys; v=json.load(sys.stdin); assert v == [], v'
 stop_server srv2
 for f in "$st"/layer-*.qcow2; do check_image "$f"; done
+
+note "a layer file not named layer-*: its name is reserved too"
+# A manifest from elsewhere may name the (active) layer file otherwise;
+# a snapshot may not take that name, which commit and delete read as
+# the layer.
+top=$(awk '$1 == "layer" {f = $2} END {print f}' "$st/manifest")
+mv "$st/$top" "$st/top.qcow2"
+sed -i "s/ $top\( \|\$\)/ top.qcow2\1/" "$st/manifest"
+cp "$st/manifest" "$tmpdir/manifest.before"
+expect_fail "snapshot name 'top.qcow2' is reserved: it is the name of a layer file" \
+    "$cow" snapshot --state "$st" top.qcow2
+manifest_same "a layer file's name"
+"$cow" snapshot --state "$st" s5 >/dev/null || fail "snapshot over a layer not named layer-*"
