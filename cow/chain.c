@@ -1228,6 +1228,14 @@ check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
     return -1;
   if (desc && manifest_check_description (desc) == -1)
     return -1;
+  /* Layer files are named layer-*, which no new name can take; a
+   * manifest from elsewhere may name them otherwise. */
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (strcmp (d->man.layers[i].file, name) == 0) {
+      cow_error_set (EINVAL, "%s: snapshot name '%s' is reserved: it is the "
+                     "name of a layer file of this disk", d->state_dir, name);
+      return -1;
+    }
   for (size_t i = 0; i < d->man.n_layers; i++)
     if (d->man.layers[i].snapshot
         && strcmp (d->man.layers[i].snapshot, name) == 0) {
@@ -1398,10 +1406,17 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
   if (job_busy (d, "revert") || chain_settle (d, "revert") == -1)
     goto out;
   n = d->man.n_layers;
+  /* A snapshot by its layer file name first (as commit and delete read
+   * a layer word), then by its name. */
   for (k = 0; k + 1 < n; k++)
     if (d->man.layers[k].snapshot
-        && strcmp (d->man.layers[k].snapshot, name) == 0)
+        && strcmp (d->man.layers[k].file, name) == 0)
       break;
+  if (k + 1 >= n)
+    for (k = 0; k + 1 < n; k++)
+      if (d->man.layers[k].snapshot
+          && strcmp (d->man.layers[k].snapshot, name) == 0)
+        break;
   if (k + 1 >= n) {
     cow_error_set (ENOENT, "%s: no snapshot named '%s'", d->state_dir, name);
     goto out;

@@ -19,6 +19,7 @@
 #include "cli.h"
 #include "control.h"
 #include "cowchain.h"
+#include "manifest.h"
 
 /*----------------------------------------------------------------------
  * Finding the disk (cli.h).
@@ -105,7 +106,10 @@ const char snapshot_help[] =
   "Usage: cowchain snapshot [OPTION]... NAME\n"
   "Freeze the disk's active layer as snapshot NAME and go on writing in a\n"
   "new layer (a live external snapshot, like virsh snapshot-create-as\n"
-  "--disk-only).  NAME: 1 to 128 letters, digits and . _ - + : @.\n"
+  "--disk-only).  NAME: 1 to 128 letters, digits and . _ - + : @, not\n"
+  "starting with . or -; not active, base or layer-* (any case), which\n"
+  "name layers.  TEXT: printable UTF-8, at most 1024 bytes, no control\n"
+  "characters (no tab or newline).\n"
   "\n"
   TARGET_HELP
   "  -a, --atomic          all disks of the server at one consistent cut\n"
@@ -157,14 +161,14 @@ cmd_snapshot (int argc, char **argv)
     }
     r = cli_close_offline (d, EXIT_OK);
     if (r == EXIT_OK)
-      printf ("Snapshot %s created\n", name);
+      printf ("Snapshot %s created\n", cli_text (name));
     return cli_finish_output (r);
   }
   r = atomic ? cli_ask (&t, &lines, 3, "snapshot-atomic", name, desc)
     : cli_ask (&t, &lines, 4, "snapshot", t.disk, name, desc);
   if (r != EXIT_OK)
     return r;
-  printf ("Snapshot %s created", name);
+  printf ("Snapshot %s created", cli_text (name));
   for (char **l = lines; *l; l++) {
     unsigned long long ns;
     if (sscanf (*l, "pause-ns %llu", &ns) == 1)
@@ -265,6 +269,21 @@ get_layers (const struct cli_target *t, struct layer_row **out, size_t *n)
   }
 }
 
+/* A snapshot's name in the text list: one that an older version let
+ * take a reserved word also shows the layer file name that reaches it
+ * (commit, delete and revert read the word in its reserved meaning). */
+static const char *
+list_name (const struct layer_row *r)
+{
+  static char buf[COW_NAME_MAX + 64];
+  const char *file = strrchr (r->path, '/');
+
+  if (!manifest_name_reserved (r->snapshot))
+    return cli_text (r->snapshot);
+  snprintf (buf, sizeof buf, "%s (%s)", r->snapshot, file ? file + 1 : r->path);
+  return cli_text (buf);
+}
+
 static void
 format_time (int64_t t, char *buf, size_t len)
 {
@@ -355,10 +374,10 @@ cmd_list (int argc, char **argv)
       if (label == NULL)
         continue;
       if (depth == 0)
-        printf ("%s\n", label);
+        printf ("%s\n", cli_text (label));
       else {
         printf ("%*s|\n%*s+- %s\n", (int) (depth * 4 - 2), "",
-                (int) (depth * 4 - 2), "", label);
+                (int) (depth * 4 - 2), "", cli_text (label));
       }
       depth++;
     }
@@ -373,8 +392,8 @@ cmd_list (int argc, char **argv)
       if (!v[i].snapshot)
         continue;
       format_time (v[i].created, when, sizeof when);
-      printf (" %-20s %-27s %-15s %s\n", v[i].snapshot, when,
-              "disk-snapshot", v[i].description ? v[i].description : "");
+      printf (" %-20s %-27s %-15s %s\n", list_name (&v[i]), when,
+              "disk-snapshot", cli_text (v[i].description));
     }
   }
   free_rows (v, n);
@@ -388,10 +407,15 @@ cmd_list (int argc, char **argv)
 const char revert_help[] =
   "Usage: cowchain revert [OPTION]... NAME\n"
   "Return the disk to snapshot NAME: the layers written since are\n"
-  "discarded and a new empty layer is stacked on the snapshot.\n"
+  "discarded and a new empty layer is stacked on the snapshot.  NAME is a\n"
+  "snapshot name, or the layer file name of a snapshot's layer.  Refused\n"
+  "while NBD clients are connected to the disk (what they cached would no\n"
+  "longer be on it) and when later snapshots would be deleted, unless\n"
+  "--force.\n"
   "\n"
   TARGET_HELP
-  "  -f, --force           also when that deletes later snapshots\n";
+  "  -f, --force           also then: delete later snapshots, change the\n"
+  "                        disk under connected clients\n";
 
 int
 cmd_revert (int argc, char **argv)
@@ -439,7 +463,7 @@ cmd_revert (int argc, char **argv)
       control_free_lines (lines);
   }
   if (r == EXIT_OK)
-    printf ("Reverted to snapshot %s\n", argv[optind]);
+    printf ("Reverted to snapshot %s\n", cli_text (argv[optind]));
   return cli_finish_output (r);
 }
 
@@ -458,7 +482,8 @@ const char blklist_help[] =
 
 const char status_help[] =
   "Usage: cowchain status [OPTION]...\n"
-  "Each disk of a running server: chain depth, state, active layer, base.\n"
+  "Each disk of a running server: chain depth, state, the NBD clients\n"
+  "connected, active layer, base.\n"
   "State is ok, or degraded (with the reason on the next line) when a\n"
   "chain change could not be recorded: FLUSH then fails until a retry\n"
   "succeeds.  Exits 1 if any disk is degraded.\n"
@@ -478,7 +503,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   struct cli_target t = { 0 };
   bool details = false, status = strcmp (cmd, "status") == 0;
   bool degraded = false;
-  char **lines;
+  char **lines, clients[16] = "-";
   int c, r;
 
   while ((c = cli_next_option (cmd, argc, argv, "c:h", opts)) != -1) {
@@ -504,8 +529,8 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   if (r != EXIT_OK)
     return r;
   if (status)
-    printf (" %-10s %-6s %-8s %-45s %s\n", "Disk", "Layers", "State",
-            "Active layer", "Base");
+    printf (" %-10s %-6s %-8s %-7s %-45s %s\n", "Disk", "Layers", "State",
+            "Clients", "Active layer", "Base");
   else if (details)
     printf (" %-8s %-8s %-10s %s\n", "Type", "Device", "Target", "Source");
   else
@@ -515,21 +540,29 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
     char *w[7];
     int k = control_split (*l, w, 7);
     const char *name;
+    /* "clients NAME N" comes before its disk's line (an older server
+     * sends none: "-"). */
+    if (k == 3 && strcmp (w[0], "clients") == 0) {
+      snprintf (clients, sizeof clients, "%.15s", w[2]);
+      continue;
+    }
     if (k < 3 || strcmp (w[0], "disk") != 0)
       continue;
-    name = w[1][0] ? w[1] : "(default)";
+    name = w[1][0] ? cli_text (w[1]) : "(default)";
     if (status && k == 7) {
-      printf (" %-10s %-6s %-8s %-45s %s\n", name, w[4], w[5], w[2],
-              w[3][0] ? w[3] : "(none: self-contained)");
+      printf (" %-10s %-6s %-8s %-7s %-45s %s\n", name, cli_text (w[4]),
+              cli_text (w[5]), cli_text (clients), cli_text (w[2]),
+              w[3][0] ? cli_text (w[3]) : "(none: self-contained)");
+      strcpy (clients, "-");
       if (strcmp (w[5], "ok") != 0) {
-        printf ("   %s: %s\n", name, w[6]);
+        printf ("   %s: %s\n", name, cli_text (w[6]));
         degraded = true;
       }
     }
     else if (details)
-      printf (" %-8s %-8s %-10s %s\n", "file", "disk", name, w[2]);
+      printf (" %-8s %-8s %-10s %s\n", "file", "disk", name, cli_text (w[2]));
     else if (!status)
-      printf (" %-10s %s\n", name, w[2]);
+      printf (" %-10s %s\n", name, cli_text (w[2]));
   }
   control_free_lines (lines);
   /* Like a failed check: scripts see a degraded disk in the status. */

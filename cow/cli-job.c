@@ -674,7 +674,8 @@ job_start_command (const struct job_command *jc, int argc, char **argv)
       r = wait_online (&t, true, progress);
     else if (r == EXIT_OK) {
       if (jc->kind == COW_JOB_DELETE)
-        printf ("Snapshot %s deleted; its layer is being merged\n", name);
+        printf ("Snapshot %s deleted; its layer is being merged\n",
+                cli_text (name));
       else
         printf ("%s job started\n", jc->kind == COW_JOB_COMMIT ? "Commit"
                 : "Pull");
@@ -683,7 +684,7 @@ job_start_command (const struct job_command *jc, int argc, char **argv)
   }
   if (r == EXIT_OK) {
     if (jc->kind == COW_JOB_DELETE)
-      printf ("Snapshot %s deleted and its layer merged\n", name);
+      printf ("Snapshot %s deleted and its layer merged\n", cli_text (name));
     else
       printf ("%s completed\n", jc->kind == COW_JOB_COMMIT ? "Commit"
               : "Pull");
@@ -784,12 +785,13 @@ print_jobs_table (const struct job_row *v, size_t n)
         strcpy (limit, "unlimited");
     }
     printf (" %-10s %-7s %-10s %-20s %-20s %-26s %-12s %s\n",
-            j->disk[0] ? j->disk : "(default)", j->kind[0] ? j->kind : "-",
-            cow_job_state_name (j->state), j->top[0] ? j->top : "-",
-            j->base[0] ? j->base : "-", progress, rate, limit);
+            j->disk[0] ? cli_text (j->disk) : "(default)",
+            j->kind[0] ? cli_text (j->kind) : "-",
+            cow_job_state_name (j->state), j->top[0] ? cli_text (j->top) : "-",
+            j->base[0] ? cli_text (j->base) : "-", progress, rate, limit);
     if (j->state == COW_JOB_FAILED
         || (j->state == COW_JOB_CANCELLED && j->message[0]))
-      printf ("   error: %s\n", j->message[0] ? j->message
+      printf ("   error: %s\n", j->message[0] ? cli_text (j->message)
               : strerror (j->error ? j->error : EIO));
   }
 }

@@ -19,8 +19,15 @@ int cli_usage_error (const char *cmd, const char *fmt, ...)
 int cli_finish_output (int status);
 int cli_next_option (const char *cmd, int argc, char **argv,
                      const char *shortopts, const struct option *longopts);
-/* Print s as a JSON string (quoted, escaped). */
+/* Print s as a JSON string: quoted; control characters (C0, DEL, C1)
+ * and U+2028/U+2029 escaped as \uNNNN; a byte that is not valid UTF-8
+ * (a manifest or header written by something else) becomes U+FFFD, so
+ * the output is always valid JSON in valid UTF-8. */
 void cli_json_string (FILE *f, const char *s);
+/* s made safe for a terminal (text_printable: control characters and
+ * invalid bytes escaped visibly).  The result lives until 16 more calls;
+ * for text output only, never for JSON. */
+const char *cli_text (const char *s);
 /* A size like qemu-img prints it ("1.5 GiB"). */
 void cli_human_size (uint64_t v, char *buf, size_t len);
 

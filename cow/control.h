@@ -8,17 +8,24 @@
  *             payload lines of encoded words, then a line ".".
  *
  * Commands (DISK "" = the default disk):
- *   status                       -> "disk NAME ACTIVE-PATH BASE DEPTH
- *                                   HEALTH REASON" per disk (BASE "" if
- *                                   self-contained; DEPTH the layers;
- *                                   HEALTH ok|degraded; REASON "" if ok)
+ *   status                       -> per disk "clients NAME N" (the NBD
+ *                                   connections open on it), then "disk
+ *                                   NAME ACTIVE-PATH BASE DEPTH HEALTH
+ *                                   REASON" (BASE "" if self-contained;
+ *                                   DEPTH the layers; HEALTH ok|degraded;
+ *                                   REASON "" if ok).  Clients skip lines
+ *                                   they do not know.
  *   blklist                      -> "disk NAME ACTIVE-PATH" per disk
  *   list DISK                    -> "layer PATH CREATED SNAPSHOT DESC STATE"
  *                                   bottom to top (SNAPSHOT/DESC "-" if none,
  *                                   STATE active|frozen)
  *   snapshot DISK NAME DESC      -> "pause-ns N"
  *   snapshot-atomic NAME DESC    -> all disks at one cut; "pause-ns N"
- *   revert DISK NAME force|-     -> nothing
+ *   revert DISK NAME force|-     -> nothing.  Without force, refused
+ *                                   (EBUSY) while NBD clients are
+ *                                   connected to DISK or when later
+ *                                   snapshots would be deleted; force
+ *                                   allows both.
  *
  * Background merges (see cowchain.h).  SPEED: bytes per second in
  * decimal, 0 = unlimited.  FLAGS: "-" or a comma list of

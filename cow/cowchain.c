@@ -29,18 +29,45 @@
 #include "layer.h"
 #include "qcow2.h"
 #include "qcow2-check.h"
+#include "words.h"
 
 /* How many backing links `info --backing-chain` follows at most. */
 #define MAX_BACKING_DEPTH 64
+
+const char *
+cli_text (const char *s)
+{
+  /* A few results at once, so that one printf can take several. */
+  static char *ring[16];
+  static unsigned next;
+  char **slot = &ring[next++ % 16];
+
+  free (*slot);
+  *slot = text_printable (s ? s : "");
+  return *slot ? *slot : "(out of memory)";
+}
+
+/* A message that may quote anything (a name given on the command line,
+ * a path from a header): printed with its control characters escaped. */
+static void
+print_message (const char *prefix, const char *fmt, va_list ap)
+{
+  char *msg = NULL;
+
+  if (vasprintf (&msg, fmt, ap) == -1)
+    msg = NULL;
+  fprintf (stderr, "cowchain: %s%s", prefix,
+           msg ? cli_text (msg) : "(out of memory)");
+  free (msg);
+}
 
 void
 cli_error (const char *fmt, ...)
 {
   va_list ap;
 
-  fputs ("cowchain: ", stderr);
   va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
+  print_message ("", fmt, ap);
   va_end (ap);
   fputc ('\n', stderr);
 }
@@ -49,12 +76,15 @@ cli_error (const char *fmt, ...)
 int
 cli_usage_error (const char *cmd, const char *fmt, ...)
 {
+  char *prefix = NULL;
   va_list ap;
 
-  fprintf (stderr, "cowchain: %s: ", cmd);
+  if (asprintf (&prefix, "%s: ", cmd) == -1)
+    prefix = NULL;
   va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
+  print_message (prefix ? prefix : "", fmt, ap);
   va_end (ap);
+  free (prefix);
   fprintf (stderr, "\nTry 'cowchain %s --help' for more information.\n", cmd);
   return EXIT_ERROR;
 }
@@ -150,20 +180,26 @@ struct json {
 void
 cli_json_string (FILE *f, const char *s)
 {
+  const unsigned char *p = (const unsigned char *) s;
+
   fputc ('"', f);
-  for (const unsigned char *p = (const unsigned char *) s; *p; p++) {
-    switch (*p) {
+  while (*p) {
+    size_t len;
+    long cp = utf8_decode (p, &len);
+    switch (cp) {
     case '"': fputs ("\\\"", f); break;
     case '\\': fputs ("\\\\", f); break;
     case '\n': fputs ("\\n", f); break;
     case '\t': fputs ("\\t", f); break;
     case '\r': fputs ("\\r", f); break;
+    case -1: fputs ("\\ufffd", f); break;
     default:
-      if (*p < 0x20 || *p == 0x7f)
-        fprintf (f, "\\u%04x", *p);
+      if (text_is_control (cp) || cp == 0x2028 || cp == 0x2029)
+        fprintf (f, "\\u%04lx", cp);
       else
-        fputc (*p, f);
+        fwrite (p, 1, len, f);
     }
+    p += len;
   }
   fputc ('"', f);
 }
@@ -432,7 +468,7 @@ print_info_human (const struct image_info *ii)
 {
   char size[32];
 
-  printf ("image: %s\n", ii->filename);
+  printf ("image: %s\n", cli_text (ii->filename));
   printf ("file format: %s\n", ii->format);
   cli_human_size (ii->virtual_size, size, sizeof size);
   printf ("virtual size: %s (%" PRIu64 " bytes)\n", size, ii->virtual_size);
@@ -442,12 +478,12 @@ print_info_human (const struct image_info *ii)
     return;
   printf ("cluster_size: %" PRIu64 "\n", ii->cluster_size);
   if (ii->backing_file) {
-    printf ("backing file: %s", ii->backing_file);
+    printf ("backing file: %s", cli_text (ii->backing_file));
     if (ii->full_backing && strcmp (ii->full_backing, ii->backing_file) != 0)
-      printf (" (actual path: %s)", ii->full_backing);
+      printf (" (actual path: %s)", cli_text (ii->full_backing));
     putchar ('\n');
     if (ii->backing_format)
-      printf ("backing file format: %s\n", ii->backing_format);
+      printf ("backing file format: %s\n", cli_text (ii->backing_format));
   }
   printf ("Format specific information:\n");
   printf ("    compat: %s\n", ii->version >= 3 ? "1.1" : "0.10");
@@ -534,7 +570,7 @@ read_chain (const char *path, bool follow, struct image_info *chain,
     if (ii->full_backing == NULL) {
       fprintf (stderr, "cowchain: note: %s: backing file '%s' is not "
                "followed (json: names and URLs are never opened)\n",
-               ii->filename, ii->backing_file);
+               cli_text (ii->filename), cli_text (ii->backing_file));
       return 0;
     }
     if (*n > MAX_BACKING_DEPTH) {
@@ -684,7 +720,7 @@ static void
 print_findings (const struct qcow2_check_result *res)
 {
   for (size_t i = 0; i < res->n_messages; i++)
-    printf ("%s\n", res->messages[i]);
+    printf ("%s\n", cli_text (res->messages[i]));
   if (res->messages_dropped)
     printf ("(%" PRIu64 " more findings not shown)\n", res->messages_dropped);
 }

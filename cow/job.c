@@ -117,23 +117,15 @@ below_of (struct cow_disk *d, const struct layer *l)
 
 #define IDX_BASE (-1L)
 
-/* A layer word: a snapshot name, a layer file name, "active" or "base". */
+/* A layer word: "active", "base", a layer file name or a snapshot name,
+ * in that order, so that no snapshot name shadows another meaning (new
+ * names cannot look like the others; see manifest_name_reserved, and
+ * an older manifest's snapshot reaches its layer by the file name). */
 static int
 resolve (struct cow_disk *d, const char *word, long *idx)
 {
   size_t n = d->man.n_layers;
 
-  for (size_t i = 0; i < n; i++)
-    if (d->man.layers[i].snapshot
-        && strcmp (d->man.layers[i].snapshot, word) == 0) {
-      *idx = (long) i;
-      return 0;
-    }
-  for (size_t i = 0; i < n; i++)
-    if (strcmp (d->man.layers[i].file, word) == 0) {
-      *idx = (long) i;
-      return 0;
-    }
   if (strcmp (word, "active") == 0) {
     *idx = (long) n - 1;
     return 0;
@@ -147,9 +139,32 @@ resolve (struct cow_disk *d, const char *word, long *idx)
     *idx = IDX_BASE;
     return 0;
   }
+  for (size_t i = 0; i < n; i++)
+    if (strcmp (d->man.layers[i].file, word) == 0) {
+      *idx = (long) i;
+      return 0;
+    }
+  for (size_t i = 0; i < n; i++)
+    if (d->man.layers[i].snapshot
+        && strcmp (d->man.layers[i].snapshot, word) == 0) {
+      *idx = (long) i;
+      return 0;
+    }
   cow_error_set (ENOENT, "%s: no snapshot or layer named '%s' (see "
                  "cowchain list)", d->state_dir, word);
   return -1;
+}
+
+/* The layer file of a snapshot that an older version let take the
+ * reserved name 'word', or NULL: for a hint in refusals. */
+static const char *
+shadowed_file (struct cow_disk *d, const char *word)
+{
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (d->man.layers[i].snapshot
+        && strcmp (d->man.layers[i].snapshot, word) == 0)
+      return d->man.layers[i].file;
+  return NULL;
 }
 
 static const char *
@@ -1096,9 +1111,13 @@ start_delete (struct cow_disk *d, const char *name,
   if (resolve (d, name, &l) == -1)
     return -1;
   if (l == IDX_BASE || l == n - 1) {
+    const char *file = shadowed_file (d, name);
     cow_error_set (EINVAL, "%s: '%s' is not a snapshot (the %s cannot be "
-                   "deleted)", d->state_dir, name,
-                   l == IDX_BASE ? "base" : "active layer");
+                   "deleted)%s%s", d->state_dir, name,
+                   l == IDX_BASE ? "base" : "active layer",
+                   file ? "; the snapshot that an older version let take "
+                   "this reserved name is reached by its layer file name, "
+                   : "", file ? file : "");
     return -1;
   }
   if (drop_names (d, l, l) == -1)

@@ -1,7 +1,6 @@
 /* The persistent chain record of a disk; see manifest.h for the format. */
 #include <config.h>
 
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -10,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -176,8 +176,10 @@ manifest_copy (struct manifest *dst, const struct manifest *src)
   return 0;
 }
 
-int
-manifest_check_name (const char *name)
+/* The characters of a snapshot name (the rule since names exist; a
+ * loaded manifest is held to it, and to nothing newer). */
+static int
+check_name_chars (const char *name)
 {
   size_t n = strlen (name);
 
@@ -195,23 +197,62 @@ manifest_check_name (const char *name)
                    name, name[0]);
     return -1;
   }
-  for (const unsigned char *c = (const unsigned char *) name; *c; c++)
-    if (!isalnum (*c) && !strchr ("._-+:@", *c)) {
-      if (isprint (*c))
-        cow_error_set (EINVAL, "snapshot name '%s': character '%c' is not "
-                       "allowed (letters, digits and . _ - + : @ only)",
-                       name, *c);
-      else
-        cow_error_set (EINVAL, "snapshot name contains the control or "
-                       "non-ASCII byte 0x%02x (letters, digits and "
-                       ". _ - + : @ only)", *c);
-      return -1;
-    }
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char) name[i];
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+        || (c >= '0' && c <= '9') || strchr ("._-+:@", c))
+      continue;
+    /* Only the accepted part is echoed: the rest may be anything. */
+    if (c > 0x20 && c < 0x7f)
+      cow_error_set (EINVAL, "snapshot name '%.*s%c...': character '%c' "
+                     "(byte %zu) is not allowed (letters, digits and "
+                     ". _ - + : @ only)", (int) i, name, c, c, i + 1);
+    else
+      cow_error_set (EINVAL, "snapshot name '%.*s...': byte %zu is 0x%02x, "
+                     "a %s (letters, digits and . _ - + : @ only)",
+                     (int) i, name, i + 1, c,
+                     c == ' ' ? "space" : c < 0x80 ? "control character"
+                     : "non-ASCII byte");
+    return -1;
+  }
   return 0;
 }
 
+const char *
+manifest_name_reserved (const char *name)
+{
+  if (strcasecmp (name, "active") == 0)
+    return "it names the active layer";
+  if (strcasecmp (name, "base") == 0)
+    return "it names the disk's base";
+  if (strncasecmp (name, "layer-", 6) == 0)
+    return "names starting with 'layer-' are layer file names";
+  return NULL;
+}
+
 int
-manifest_check_description (const char *desc)
+manifest_check_name (const char *name)
+{
+  const char *why;
+
+  if (check_name_chars (name) == -1)
+    return -1;
+  why = manifest_name_reserved (name);
+  if (why) {
+    cow_error_set (EINVAL, "snapshot name '%s' is reserved: %s, and "
+                   "commands that take a layer (commit --top/--base, delete) "
+                   "would read it that way; choose another name", name, why);
+    return -1;
+  }
+  return 0;
+}
+
+/* The bytes a description may hold (the rule before descriptions had
+ * to be printable UTF-8; a loaded manifest is held to it, so that
+ * manifests written by older versions still open).  The control bytes
+ * refused here would break a manifest line or the control protocol. */
+static int
+check_description_bytes (const char *desc)
 {
   size_t n = strlen (desc);
 
@@ -226,6 +267,42 @@ manifest_check_description (const char *desc)
                      *c);
       return -1;
     }
+  return 0;
+}
+
+int
+manifest_check_description (const char *desc)
+{
+  const unsigned char *s = (const unsigned char *) desc;
+  size_t n = strlen (desc);
+
+  if (n > COW_DESC_MAX) {
+    cow_error_set (EINVAL, "description is %zu bytes long (at most %d)", n,
+                   COW_DESC_MAX);
+    return -1;
+  }
+  for (size_t i = 0; i < n; ) {
+    size_t len;
+    long cp = utf8_decode (s + i, &len);
+    if (cp == -1) {
+      cow_error_set (EINVAL, "description: byte %zu (0x%02x) is not valid "
+                     "UTF-8; a description is printable UTF-8 text",
+                     i + 1, s[i]);
+      return -1;
+    }
+    if (text_is_control (cp)) {
+      cow_error_set (EINVAL, "description: byte %zu is U+%04lX, %s; a "
+                     "description is printable UTF-8 text on one line, "
+                     "without control characters", i + 1, cp,
+                     cp == '\n' ? "a newline" : cp == '\t' ? "a tab"
+                     : cp == 0x1b ? "an escape (ESC)"
+                     : cp == 0x7f ? "a delete (DEL)"
+                     : cp >= 0x80 ? "a C1 control character"
+                     : "a control character");
+      return -1;
+    }
+    i += len;
+  }
   return 0;
 }
 
@@ -290,8 +367,8 @@ parse_layer (struct manifest *m, char **f, const char *path, int lineno)
               "inside the state directory", file);
     goto out;
   }
-  if ((snap && manifest_check_name (snap) == -1)
-      || (desc && manifest_check_description (desc) == -1)) {
+  if ((snap && check_name_chars (snap) == -1)
+      || (desc && check_description_bytes (desc) == -1)) {
     char *why = strdup (cow_last_error ());
     bad_line (path, lineno, "%s", why ? why : "bad name or description");
     free (why);

@@ -65,9 +65,20 @@ void manifest_cut (struct manifest *m, size_t from, size_t to);
 /* A deep copy (for changes that may fail). */
 int manifest_copy (struct manifest *dst, const struct manifest *src);
 
-/* Snapshot names: 1 to COW_NAME_MAX bytes of [A-Za-z0-9._+-:@], not
- * starting with '.' or '-'.  Returns 0 or -1 with an error naming why. */
+/* A new snapshot name: 1 to COW_NAME_MAX bytes of [A-Za-z0-9._+-:@],
+ * not starting with '.' or '-', and not reserved (below).  A new
+ * description: at most COW_DESC_MAX bytes of valid UTF-8 without control
+ * characters (C0 including tab and newline, DEL, C1).  Both return 0 or
+ * -1 with an error naming what is wrong and where.  A loaded manifest is
+ * held only to the older rules (names: the characters; descriptions: no
+ * C0 but tab), so that manifests of older versions still open. */
 int manifest_check_name (const char *name);
 int manifest_check_description (const char *desc);
+/* Why a snapshot name is reserved, or NULL if it is not: "active" and
+ * "base" (any case) and names starting with "layer-" mean a
+ * layer where a command takes one.  A reserved name that an older
+ * version recorded still works where only snapshot names are read
+ * (revert); elsewhere its layer file name reaches that snapshot. */
+const char *manifest_name_reserved (const char *name);
 
 #endif /* COW_MANIFEST_H */

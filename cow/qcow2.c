@@ -245,14 +245,24 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
                    f, q->reftable_clusters);
     return -1;
   }
-  if (q->reftable_clusters == 0
-      || (q->reftable_offset & (q->cluster_size - 1))
-      || q->reftable_offset > file_size
+  if (q->reftable_clusters == 0) {
+    cow_error_set (EINVAL, "%s: refcount table is empty (0 clusters)", f);
+    return -1;
+  }
+  if (q->reftable_offset & (q->cluster_size - 1)) {
+    cow_error_set (EINVAL, "%s: refcount table offset %" PRIu64 " is not "
+                   "aligned to the cluster size %" PRIu64, f,
+                   q->reftable_offset, q->cluster_size);
+    return -1;
+  }
+  if (q->reftable_offset > file_size
       || (uint64_t) q->reftable_clusters * q->cluster_size
          > file_size - q->reftable_offset) {
-    cow_error_set (EINVAL, "%s: refcount table offset %" PRIu64 " is "
-                   "misaligned, empty or past the end of the file", f,
-                   q->reftable_offset);
+    cow_error_set (EINVAL, "%s: refcount table (%u cluster%s at offset %"
+                   PRIu64 ") runs past the end of the file (%" PRIu64
+                   " bytes)", f, q->reftable_clusters,
+                   q->reftable_clusters == 1 ? "" : "s", q->reftable_offset,
+                   file_size);
     return -1;
   }
 

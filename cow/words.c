@@ -70,3 +70,77 @@ word_decode (char *s)
   *out = '\0';
   return 0;
 }
+
+long
+utf8_decode (const unsigned char *s, size_t *len)
+{
+  unsigned char c = s[0];
+  size_t n;
+  long cp, min;
+
+  *len = 1;
+  if (c < 0x80)
+    return c;
+  if (c >= 0xc2 && c <= 0xdf) {
+    n = 2;
+    cp = c & 0x1f;
+    min = 0x80;
+  }
+  else if (c >= 0xe0 && c <= 0xef) {
+    n = 3;
+    cp = c & 0x0f;
+    min = 0x800;
+  }
+  else if (c >= 0xf0 && c <= 0xf4) {
+    n = 4;
+    cp = c & 0x07;
+    min = 0x10000;
+  }
+  else
+    return -1;                  /* continuation byte, 0xc0/0xc1, 0xf5+ */
+  for (size_t i = 1; i < n; i++) {
+    if ((s[i] & 0xc0) != 0x80)  /* also stops at the NUL */
+      return -1;
+    cp = (cp << 6) | (s[i] & 0x3f);
+  }
+  if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+    return -1;
+  *len = n;
+  return cp;
+}
+
+bool
+text_is_control (long cp)
+{
+  return cp < 0x20 || cp == 0x7f || (cp >= 0x80 && cp <= 0x9f);
+}
+
+char *
+text_printable (const char *s)
+{
+  const unsigned char *p = (const unsigned char *) s;
+  /* Worst case: every byte becomes a 6-byte escape. */
+  char *r = malloc (strlen (s) * 6 + 1), *o = r;
+
+  if (r == NULL)
+    return NULL;
+  while (*p) {
+    size_t len;
+    long cp = utf8_decode (p, &len);
+    if (cp == -1)
+      o += sprintf (o, "\\x%02x", *p);
+    else if (cp == '\\')
+      o += sprintf (o, "\\\\");
+    else if (cp == '\t' || cp == '\n' || cp == '\r')
+      o += sprintf (o, "\\%c", cp == '\t' ? 't' : cp == '\n' ? 'n' : 'r');
+    else if (text_is_control (cp))
+      o += sprintf (o, "\\u%04lx", cp);
+    else {
+      memcpy (o, p, len);
+      o += len;
+    }
+    p += len;
+  }
+  *o = '\0';
+  return r;
+}

@@ -89,16 +89,22 @@ int cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
  * cow_disk_snapshot freezes the active layer under the name and stacks a
  * new one on top.  Guest I/O pauses only for the switch; the old layer's
  * flush and the manifest update follow, and FLUSH/FUA requests wait for
- * them.  Errors: EINVAL bad or duplicate name, ENOTSUP no state
+ * them.  Names: see manifest.h (1-128 of [A-Za-z0-9._+-:@]; active,
+ * base, layer-* and the disk's layer file names reserved); descriptions:
+ * printable UTF-8, one line.
+ * Errors: EINVAL bad or reserved name or bad description, EEXIST
+ * duplicate name, ENOTSUP no state
  * directory, ENOSPC/EIO creating the new layer (nothing changed).
  * cow_disk_snapshot_group does it for several disks at one cut. */
 int cow_disk_snapshot (struct cow_disk *d, const char *name,
                        const char *description);
 int cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
                              const char *name, const char *description);
-/* Return the disk to a snapshot: the layers above it are dropped (their
- * files deleted) and a new empty layer is stacked on it.  ENOENT unknown
- * name; EBUSY other snapshots would be dropped and !force. */
+/* Return the disk to a snapshot (by name, or by its layer file name):
+ * the layers above it are dropped (their files deleted) and a new empty
+ * layer is stacked on it.  ENOENT unknown name; EBUSY other snapshots
+ * would be dropped and !force.  Connected NBD clients are the caller's
+ * concern (the plugin refuses a revert under them unless forced). */
 int cow_disk_revert (struct cow_disk *d, const char *name, bool force);
 
 struct cow_layer_info {
@@ -129,8 +135,10 @@ uint64_t cow_disk_last_pause_ns (const struct cow_disk *d);
  * manifest), so a job that is cancelled, fails or is killed leaves the
  * chain as it was and can be started again.
  *
- * Layers are named by snapshot name, by layer file name
- * ("layer-000003.qcow2"), or by the words "active" and "base".
+ * Layers are named by the words "active" and "base", by layer file name
+ * ("layer-000003.qcow2"), or by snapshot name, in that order: a snapshot
+ * name never shadows the others (new names cannot take their forms; one
+ * an older version recorded is reached by its layer file name).
  *
  * commit: the disk as seen at 'top' is written into 'base' (default: the
  *   layer right under top); the layers above base up to top leave the

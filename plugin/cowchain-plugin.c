@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +33,9 @@ struct disk_entry {
   int compat;
   unsigned max_depth;           /* 0 = no automatic merges */
   struct cow_disk *disk;
+  /* NBD connections open on this disk (.open/.close, any thread): a
+   * revert refuses to change the disk under them unless forced. */
+  atomic_uint clients;
 };
 
 static struct disk_entry disks[MAX_DISKS];
@@ -564,9 +568,13 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
       base = word_encode (cow_disk_base (disks[i].disk));
       ewhy = word_encode (health ? (why ? why : "unknown") : "");
       if (name && path && base && ewhy) {
-        if (cmd[0] == 's')
+        if (cmd[0] == 's') {
+          /* Before its disk line: older tools skip it. */
+          control_reply_line (r, "clients %s %u", name,
+                              atomic_load (&disks[i].clients));
           control_reply_line (r, "disk %s %s %s %zu %s %s", name, path, base,
                               k, health ? "degraded" : "ok", ewhy);
+        }
         else
           control_reply_line (r, "disk %s %s", name, path);
       }
@@ -605,11 +613,29 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
     return 0;
   }
   if (strcmp (cmd, "revert") == 0) {
+    bool force;
+    unsigned clients;
     NEED (4);
     DISK (w[1]);
     if (strcmp (w[3], "force") != 0 && w[3][0] != '\0')
       goto usage;
-    return cow_disk_revert (e->disk, w[2], w[3][0] != '\0');
+    force = w[3][0] != '\0';
+    /* A client's page cache would go on holding the old disk: refused
+     * unless forced.  The count is read once, not held: a client that
+     * connects while the revert runs (a few milliseconds) is not
+     * counted, and may read some of the old disk before the switch. */
+    clients = atomic_load (&e->clients);
+    if (clients > 0 && !force) {
+      cow_error_set (EBUSY, "%u NBD client%s %s connected to disk %s; "
+                     "reverting changes the disk under %s; stop %s or use "
+                     "--force", clients, clients == 1 ? "" : "s",
+                     clients == 1 ? "is" : "are",
+                     e->name[0] ? e->name : "(default)",
+                     clients == 1 ? "it" : "them",
+                     clients == 1 ? "it" : "them");
+      return -1;
+    }
+    return cow_disk_revert (e->disk, w[2], force);
   }
   if (strcmp (cmd, "commit") == 0) {
     NEED (6);
@@ -733,8 +759,20 @@ cowchain_open (int readonly)
     nbdkit_error ("no disk (export) named '%s'", name);
     return NULL;
   }
-  return e->disk;
+  atomic_fetch_add (&e->clients, 1);
+  return e;
 }
+
+static void
+cowchain_close (void *h)
+{
+  struct disk_entry *e = h;
+
+  atomic_fetch_sub (&e->clients, 1);
+}
+
+/* The handle of a connection is its disk entry. */
+#define DISK_OF(h) (((struct disk_entry *) (h))->disk)
 
 static void
 report (void)
@@ -746,7 +784,7 @@ report (void)
 static int64_t
 cowchain_get_size (void *h)
 {
-  return (int64_t) cow_disk_size (h);
+  return (int64_t) cow_disk_size (DISK_OF (h));
 }
 
 static int
@@ -754,7 +792,7 @@ cowchain_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
                      uint32_t *maximum)
 {
   *minimum = 1;
-  *preferred = cow_disk_cluster_size (h);  /* 512 B .. 2 MiB: valid */
+  *preferred = cow_disk_cluster_size (DISK_OF (h));  /* 512 B .. 2 MiB: valid */
   *maximum = 0xffffffff;
   return 0;
 }
@@ -795,7 +833,7 @@ static int
 cowchain_pread (void *h, void *buf, uint32_t count, uint64_t offset,
                 uint32_t flags)
 {
-  if (cow_disk_pread (h, buf, count, offset) == -1) {
+  if (cow_disk_pread (DISK_OF (h), buf, count, offset) == -1) {
     report ();
     return -1;
   }
@@ -806,7 +844,8 @@ static int
 cowchain_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
                  uint32_t flags)
 {
-  if (cow_disk_pwrite (h, buf, count, offset, to_cow_flags (flags)) == -1) {
+  if (cow_disk_pwrite (DISK_OF (h), buf, count, offset,
+                       to_cow_flags (flags)) == -1) {
     report ();
     return -1;
   }
@@ -816,7 +855,7 @@ cowchain_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
 static int
 cowchain_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  if (cow_disk_zero (h, count, offset, to_cow_flags (flags)) == -1) {
+  if (cow_disk_zero (DISK_OF (h), count, offset, to_cow_flags (flags)) == -1) {
     /* A refused fast zero is not worth a log line. */
     if (cow_last_errno () != ENOTSUP || !(flags & NBDKIT_FLAG_FAST_ZERO))
       nbdkit_error ("%s", cow_last_error ());
@@ -829,7 +868,7 @@ cowchain_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 static int
 cowchain_trim (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  if (cow_disk_trim (h, count, offset, to_cow_flags (flags)) == -1) {
+  if (cow_disk_trim (DISK_OF (h), count, offset, to_cow_flags (flags)) == -1) {
     report ();
     return -1;
   }
@@ -839,7 +878,7 @@ cowchain_trim (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 static int
 cowchain_flush (void *h, uint32_t flags)
 {
-  if (cow_disk_flush (h) == -1) {
+  if (cow_disk_flush (DISK_OF (h)) == -1) {
     report ();
     return -1;
   }
@@ -863,7 +902,8 @@ static int
 cowchain_extents (void *h, uint32_t count, uint64_t offset, uint32_t flags,
                   struct nbdkit_extents *extents)
 {
-  if (cow_disk_extents (h, count, offset, add_extent, extents) == -1) {
+  if (cow_disk_extents (DISK_OF (h), count, offset, add_extent,
+                        extents) == -1) {
     report ();
     return -1;
   }
@@ -884,6 +924,7 @@ static struct nbdkit_plugin plugin = {
   .list_exports = cowchain_list_exports,
   .default_export = cowchain_default_export,
   .open = cowchain_open,
+  .close = cowchain_close,
   .get_size = cowchain_get_size,
   .block_size = cowchain_block_size,
   .can_write = cowchain_can_true,

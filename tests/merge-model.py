@@ -666,12 +666,20 @@ class Tester:
         k = self.rng.choice(named)
         name = self.chain[k][1]
         later = chain_names(self.chain[k + 1:])
-        force = bool(later)
-        if force and self.rng.random() < 0.3:
+        # The model's own NBD connection is open: the disk would change
+        # under it, which takes --force too.
+        connected = self.h is not None
+        force = bool(later) or connected
+        if later and self.rng.random() < 0.3:
             self.say("revert %s without --force (must be refused: %s "
                      "would go)" % (name, later))
             self.expect_unchanged(lambda: self.cow_refused(
                 "--force", "revert", name))
+        if connected and self.rng.random() < 0.3:
+            self.say("revert %s without --force (must be refused: an NBD "
+                     "client is connected)" % name)
+            self.expect_unchanged(lambda: self.cow_refused(
+                "1 NBD client is connected", "revert", name))
         self.say("revert %s%s" % ("--force " if force else "", name))
         self.cow_ok("revert", *(["--force"] if force else []), name)
         for n in later:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bad input: nbdkit must refuse to start, with an error that names the
-# problem, and nothing on disk may change (no overlay created, the base
-# and any existing overlay byte for byte the same, no stray files).
+# problem (for a damaged refcount table: which fault it is), and nothing
+# on disk may change (no overlay created, the base and any existing
+# overlay byte for byte the same, no stray files).
 # Then requests beyond the end of the disk: an error, and the server
 # lives on.
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
@@ -105,6 +106,17 @@ for damage in "20 00000028" "36 7fffffff" "4 00000004" "72 8000000000000000" \
     qemu-img create -q -f qcow2 -b "$base" -F raw "$ov"
     patch_bytes "$ov" $damage
     refuse overlay.qcow2 base="$base" overlay="$ov"
+    rm -f "$ov"
+done
+# The refcount table (offset at byte 48, clusters at 56): each fault is
+# named for what it is.
+for damage in "48 0000000000100000:runs past the end of the file" \
+              "56 00000010:runs past the end of the file" \
+              "48 0000000000010200:not aligned to the cluster size" \
+              "56 00000000:refcount table is empty"; do
+    qemu-img create -q -f qcow2 -b "$base" -F raw "$ov"
+    patch_bytes "$ov" ${damage%%:*}
+    refuse "overlay.qcow2: .*${damage#*:}" base="$base" overlay="$ov"
     rm -f "$ov"
 done
 qemu-img create -q -f qcow2 -b "$base" -F raw "$ov"

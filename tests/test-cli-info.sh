@@ -5,7 +5,9 @@
 # across directories), the JSON fields both tools have must agree, alone
 # and with --backing-chain.  A backing loop is a clear error, not a hang;
 # json: and URL backing names are shown but never opened; chains deeper
-# than 64 levels are refused; the command line itself behaves.
+# than 64 levels are refused; a backing name of control characters and
+# invalid UTF-8 is shown escaped (text) and as valid JSON; the command
+# line itself behaves.
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
 
 requires qemu-img qemu-io timeout
@@ -251,5 +253,24 @@ printf 'QFI\373\0\0\0\3' | dd of=bad.qcow2 conv=notrunc status=none
 expect_rc 1 "^cowchain: bad\.qcow2: " info bad.qcow2
 printf 'QFI\373' > short.qcow2
 expect_rc 1 "^cowchain: short\.qcow2: " info short.qcow2
+
+note "a backing name of control characters and invalid UTF-8"
+qemu-img create -q -f qcow2 -u -b $'bad\x1b[31m\xff\xc2\x85name' -F raw ctl.qcow2 1M
+expect_rc 0 "" info --output=json ctl.qcow2
+"$PYTHON" - out <<'EOF'
+import json, sys
+raw = open(sys.argv[1], "rb").read()
+v = json.loads(raw.decode("utf-8"))          # strict: valid UTF-8 JSON
+assert v["backing-filename"] == "bad\x1b[31m\ufffd\x85name", v
+for b in (b"\x1b", b"\xff", b"\xc2\x85"):
+    assert b not in raw, "raw %r in the JSON output" % b
+EOF
+expect_rc 0 "" info ctl.qcow2
+grep -q -F 'backing file: bad\u001b[31m\xff\u0085name' out ||
+    { cat out; fail "info does not show the backing name escaped"; }
+if LC_ALL=C grep -q -P '[\x00-\x09\x0b-\x1f\x7f-\xff]' out; then
+    cat -A out >&2
+    fail "info printed a raw control or non-ASCII byte"
+fi
 
 note "ok"
