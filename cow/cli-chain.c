@@ -31,8 +31,41 @@ cli_target_option (struct cli_target *t, int c, const char *arg)
   case 'c': t->control = arg; return 1;
   case 's': t->state = arg; return 1;
   case 'd': t->disk = arg; return 1;
+  case CLI_OPT_TIMEOUT: t->timeout = arg; return 1;
   }
   return 0;
+}
+
+int cli_timeout_ms = -1;
+
+int
+cli_timeout_set (const char *cmd, const char *arg)
+{
+  const char *what = "--timeout";
+  unsigned long v = 0;
+
+  if (arg == NULL && cli_timeout_ms >= 0)
+    return EXIT_OK;
+  if (arg == NULL) {
+    arg = getenv ("COWCHAIN_TIMEOUT");
+    what = "COWCHAIN_TIMEOUT";
+  }
+  if (arg == NULL || arg[0] == '\0') {
+    cli_timeout_ms = CLI_DEFAULT_TIMEOUT * 1000;
+    return EXIT_OK;
+  }
+  for (const char *c = arg; *c; c++) {
+    if (*c < '0' || *c > '9' || v > 1000000)
+      return cli_usage_error (cmd, "%s: '%s' is not a whole number of "
+                              "seconds up to 1000000 (0 = no limit)", what,
+                              arg);
+    v = v * 10 + (unsigned long) (*c - '0');
+  }
+  if (v > 1000000)
+    return cli_usage_error (cmd, "%s: '%s' is not a whole number of "
+                            "seconds up to 1000000 (0 = no limit)", what, arg);
+  cli_timeout_ms = (int) v * 1000;
+  return EXIT_OK;
 }
 
 int
@@ -51,6 +84,8 @@ cli_target_done (const char *cmd, struct cli_target *t)
                             "offline, --state names the disk");
   if (!t->disk)
     t->disk = "";
+  if (t->control)
+    return cli_timeout_set (cmd, t->timeout);
   return EXIT_OK;
 }
 
@@ -90,7 +125,9 @@ cli_ask (const struct cli_target *t, char ***out, int argc, ...)
   for (int i = 0; i < argc; i++)
     argv[i] = va_arg (ap, const char *);
   va_end (ap);
-  if (control_request (t->control, argv, argc, out) == -1) {
+  if (cli_timeout_set ("cowchain", NULL) != EXIT_OK)
+    return EXIT_ERROR;
+  if (control_request (t->control, argv, argc, cli_timeout_ms, out) == -1) {
     cli_error ("%s", cow_last_error ());
     return EXIT_ERROR;
   }
@@ -454,6 +491,8 @@ const char blklist_help[] =
   "\n"
   "  -c, --control=SOCKET  the server's control socket (default:\n"
   "                        $COWCHAIN_CONTROL)\n"
+  "      --timeout=SECONDS  give up on the server after this long (default:\n"
+  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n"
   "      --details         also the type and device columns\n";
 
 const char status_help[] =
@@ -464,13 +503,16 @@ const char status_help[] =
   "succeeds.  Exits 1 if any disk is degraded.\n"
   "\n"
   "  -c, --control=SOCKET  the server's control socket (default:\n"
-  "                        $COWCHAIN_CONTROL)\n";
+  "                        $COWCHAIN_CONTROL)\n"
+  "      --timeout=SECONDS  give up on the server after this long (default:\n"
+  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n";
 
 static int
 disks_command (const char *cmd, int argc, char **argv, const char *help)
 {
   static const struct option opts[] = {
     { "control", required_argument, NULL, 'c' },
+    { "timeout", required_argument, NULL, CLI_OPT_TIMEOUT },
     { "details", no_argument, NULL, 'D' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
@@ -484,6 +526,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   while ((c = cli_next_option (cmd, argc, argv, "c:h", opts)) != -1) {
     switch (c) {
     case 'c': t.control = optarg; break;
+    case CLI_OPT_TIMEOUT: t.timeout = optarg; break;
     case 'D':
       if (status)
         return cli_usage_error (cmd, "unrecognized option '--details'");
@@ -500,6 +543,8 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   if (!t.control)
     return cli_usage_error (cmd, "give --control=SOCKET (or set "
                             "COWCHAIN_CONTROL)");
+  if ((r = cli_timeout_set (cmd, t.timeout)) != EXIT_OK)
+    return r;
   r = cli_ask (&t, &lines, 1, status ? "status" : "blklist");
   if (r != EXIT_OK)
     return r;
