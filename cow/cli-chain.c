@@ -38,6 +38,24 @@ cli_target_option (struct cli_target *t, int c, const char *arg)
 
 int cli_timeout_ms = -1;
 
+/* A bad timeout value, reported for cmd (NULL: before the command). */
+static int
+bad_timeout (const char *cmd, const char *what, const char *arg)
+{
+  char msg[256];
+
+  if (arg[0] == '\0')
+    snprintf (msg, sizeof msg, "%s: the number of seconds is missing "
+              "(0 = no limit)", what);
+  else
+    snprintf (msg, sizeof msg, "%s: '%.32s' is not a whole number of "
+              "seconds up to 1000000 (0 = no limit)", what, arg);
+  if (cmd)
+    return cli_usage_error (cmd, "%s", msg);
+  cli_error ("%s; try 'cowchain --help'", msg);
+  return EXIT_ERROR;
+}
+
 int
 cli_timeout_set (const char *cmd, const char *arg)
 {
@@ -47,23 +65,23 @@ cli_timeout_set (const char *cmd, const char *arg)
   if (arg == NULL && cli_timeout_ms >= 0)
     return EXIT_OK;
   if (arg == NULL) {
+    /* Unset or empty: the default. */
     arg = getenv ("COWCHAIN_TIMEOUT");
     what = "COWCHAIN_TIMEOUT";
+    if (arg == NULL || arg[0] == '\0') {
+      cli_timeout_ms = CLI_DEFAULT_TIMEOUT * 1000;
+      return EXIT_OK;
+    }
   }
-  if (arg == NULL || arg[0] == '\0') {
-    cli_timeout_ms = CLI_DEFAULT_TIMEOUT * 1000;
-    return EXIT_OK;
-  }
+  if (arg[0] == '\0')
+    return bad_timeout (cmd, what, arg);
   for (const char *c = arg; *c; c++) {
     if (*c < '0' || *c > '9' || v > 1000000)
-      return cli_usage_error (cmd, "%s: '%s' is not a whole number of "
-                              "seconds up to 1000000 (0 = no limit)", what,
-                              arg);
+      return bad_timeout (cmd, what, arg);
     v = v * 10 + (unsigned long) (*c - '0');
   }
   if (v > 1000000)
-    return cli_usage_error (cmd, "%s: '%s' is not a whole number of "
-                            "seconds up to 1000000 (0 = no limit)", what, arg);
+    return bad_timeout (cmd, what, arg);
   cli_timeout_ms = (int) v * 1000;
   return EXIT_OK;
 }
@@ -125,7 +143,7 @@ cli_ask (const struct cli_target *t, char ***out, int argc, ...)
   for (int i = 0; i < argc; i++)
     argv[i] = va_arg (ap, const char *);
   va_end (ap);
-  if (cli_timeout_set ("cowchain", NULL) != EXIT_OK)
+  if (cli_timeout_set (NULL, NULL) != EXIT_OK)
     return EXIT_ERROR;
   if (control_request (t->control, argv, argc, cli_timeout_ms, out) == -1) {
     cli_error ("%s", cow_last_error ());

@@ -57,9 +57,10 @@ struct cli_target {
 /* The time limit of each request to a server, in ms (0 = none); set by
  * cli_timeout_set, else at the first request. */
 extern int cli_timeout_ms;
-/* Set it from arg (--timeout of cmd), or if arg is NULL and it is not
- * set yet, from $COWCHAIN_TIMEOUT or the default.  A usage error if
- * the value is not a whole number of seconds. */
+/* Set it from arg (--timeout of cmd; NULL cmd: given before the
+ * command), or if arg is NULL and it is not set yet, from
+ * $COWCHAIN_TIMEOUT or the default.  A usage error if the value is not
+ * a whole number of seconds. */
 int cli_timeout_set (const char *cmd, const char *arg);
 
 /* 1 if c was one of TARGET_OPTIONS (recorded in t), else 0. */

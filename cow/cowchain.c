@@ -938,7 +938,7 @@ main (int argc, char **argv)
       cli_error ("option '--timeout' requires an argument");
       return EXIT_ERROR;
     }
-    if (cli_timeout_set ("cowchain", v) != EXIT_OK)
+    if (cli_timeout_set (NULL, v) != EXIT_OK)
       return EXIT_ERROR;
     argc -= shift;
     argv += shift;
