@@ -7,6 +7,13 @@
  *   reply:    "ok" or "error ERRNO MESSAGE-WORD", then zero or more
  *             payload lines of encoded words, then a line ".".
  *
+ * One request per connection.  Before any command runs the server may
+ * reply "error EACCES" (the peer's uid is not allowed), "error EBUSY"
+ * (CONTROL_MAX_CONNECTIONS requests in progress) or "error ETIMEDOUT"
+ * (the request line did not arrive within CONTROL_REQUEST_TIMEOUT_MS of
+ * the connection), and it may close without reading the rest of the
+ * request: a client reads the reply even when its send fails.
+ *
  * Commands (DISK "" = the default disk):
  *   status                       -> "disk NAME ACTIVE-PATH BASE DEPTH
  *                                   HEALTH REASON" per disk (BASE "" if
