@@ -819,14 +819,15 @@ others_allowed (const uid_t *allow, size_t n)
   return false;
 }
 
-/* Remove the socket an earlier server left behind, but never another
- * kind of file, nor a socket some server still listens on. */
+/* 0 if path is free or a socket no server listens on (*stale then
+ * true), else -1 with the reason. */
 static int
-remove_stale_socket (const char *path, const struct sockaddr_un *sa)
+check_path (const char *path, const struct sockaddr_un *sa, bool *stale)
 {
   struct stat st;
   int fd, r;
 
+  *stale = false;
   if (lstat (path, &st) == -1) {
     if (errno == ENOENT)
       return 0;
@@ -850,7 +851,45 @@ remove_stale_socket (const char *path, const struct sockaddr_un *sa)
                    "listening on it", path);
     return -1;
   }
-  if (unlink (path) == -1 && errno != ENOENT) {
+  *stale = true;
+  return 0;
+}
+
+static int
+socket_address (const char *path, struct sockaddr_un *sa)
+{
+  memset (sa, 0, sizeof *sa);
+  sa->sun_family = AF_UNIX;
+  if (strlen (path) >= sizeof sa->sun_path) {
+    cow_error_set (ENAMETOOLONG, "%s: control socket path too long (at "
+                   "most %zu bytes)", path, sizeof sa->sun_path - 1);
+    return -1;
+  }
+  strcpy (sa->sun_path, path);
+  return 0;
+}
+
+int
+control_check_path (const char *path)
+{
+  struct sockaddr_un sa;
+  bool stale;
+
+  if (socket_address (path, &sa) == -1)
+    return -1;
+  return check_path (path, &sa, &stale);
+}
+
+/* Remove the socket an earlier server left behind, but never another
+ * kind of file, nor a socket some server still listens on. */
+static int
+remove_stale_socket (const char *path, const struct sockaddr_un *sa)
+{
+  bool stale;
+
+  if (check_path (path, sa, &stale) == -1)
+    return -1;
+  if (stale && unlink (path) == -1 && errno != ENOENT) {
     cow_error_errno ("%s: removing the stale control socket", path);
     return -1;
   }
@@ -861,16 +900,14 @@ struct control_server *
 control_start (const char *path, const uid_t *allow, size_t n_allow,
                control_handler fn, control_log log, void *opaque)
 {
-  struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  struct sockaddr_un sa;
   pthread_condattr_t ca;
   struct control_server *s;
   bool bound = false, sync_init = false;
   int e;
 
-  if (strlen (path) >= sizeof sa.sun_path) {
-    cow_error_set (ENAMETOOLONG, "%s: control socket path too long", path);
+  if (socket_address (path, &sa) == -1)
     return NULL;
-  }
   s = calloc (1, sizeof *s);
   if (s == NULL) {
     cow_error_errno ("calloc");
@@ -898,7 +935,6 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
   pthread_cond_init (&s->slot_freed, &ca);
   pthread_condattr_destroy (&ca);
   sync_init = true;
-  strcpy (sa.sun_path, path);
   if (remove_stale_socket (path, &sa) == -1)
     goto err;
   s->listen_fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);

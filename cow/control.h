@@ -99,6 +99,10 @@ struct control_server;
 struct control_server *control_start (const char *path, const uid_t *allow_uids,
                                       size_t n_allow, control_handler fn,
                                       control_log log, void *opaque);
+/* Whether control_start could listen on path (no other kind of file
+ * there, no server listening on it): 0, or -1 with the reason.  For
+ * refusing before nbdkit forks; control_start checks again. */
+int control_check_path (const char *path);
 /* Stop listening, end every connection's waits, and return when the
  * commands still running have ended and every thread is joined. */
 void control_stop (struct control_server *s);

@@ -381,6 +381,12 @@ cowchain_config_complete (void)
 static int
 cowchain_get_ready (void)
 {
+  /* The control socket starts after the fork; refuse a bad path now,
+   * while nbdkit can still exit with an error. */
+  if (control_path && control_check_path (control_path) == -1) {
+    nbdkit_error ("%s", cow_last_error ());
+    return -1;
+  }
   for (size_t i = 0; i < n_disks; i++) {
     struct disk_entry *e = &disks[i];
     struct cow_disk_config cfg = {
