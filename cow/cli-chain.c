@@ -32,8 +32,59 @@ cli_target_option (struct cli_target *t, int c, const char *arg)
   case 'c': t->control = arg; return 1;
   case 's': t->state = arg; return 1;
   case 'd': t->disk = arg; return 1;
+  case CLI_OPT_TIMEOUT: t->timeout = arg; return 1;
   }
   return 0;
+}
+
+int cli_timeout_ms = -1;
+
+/* A bad timeout value, reported for cmd (NULL: before the command). */
+static int
+bad_timeout (const char *cmd, const char *what, const char *arg)
+{
+  char msg[256];
+
+  if (arg[0] == '\0')
+    snprintf (msg, sizeof msg, "%s: the number of seconds is missing "
+              "(0 = no limit)", what);
+  else
+    snprintf (msg, sizeof msg, "%s: '%.32s' is not a whole number of "
+              "seconds up to 1000000 (0 = no limit)", what, arg);
+  if (cmd)
+    return cli_usage_error (cmd, "%s", msg);
+  cli_error ("%s; try 'cowchain --help'", msg);
+  return EXIT_ERROR;
+}
+
+int
+cli_timeout_set (const char *cmd, const char *arg)
+{
+  const char *what = "--timeout";
+  unsigned long v = 0;
+
+  if (arg == NULL && cli_timeout_ms >= 0)
+    return EXIT_OK;
+  if (arg == NULL) {
+    /* Unset or empty: the default. */
+    arg = getenv ("COWCHAIN_TIMEOUT");
+    what = "COWCHAIN_TIMEOUT";
+    if (arg == NULL || arg[0] == '\0') {
+      cli_timeout_ms = CLI_DEFAULT_TIMEOUT * 1000;
+      return EXIT_OK;
+    }
+  }
+  if (arg[0] == '\0')
+    return bad_timeout (cmd, what, arg);
+  for (const char *c = arg; *c; c++) {
+    if (*c < '0' || *c > '9' || v > 1000000)
+      return bad_timeout (cmd, what, arg);
+    v = v * 10 + (unsigned long) (*c - '0');
+  }
+  if (v > 1000000)
+    return bad_timeout (cmd, what, arg);
+  cli_timeout_ms = (int) v * 1000;
+  return EXIT_OK;
 }
 
 int
@@ -52,6 +103,8 @@ cli_target_done (const char *cmd, struct cli_target *t)
                             "offline, --state names the disk");
   if (!t->disk)
     t->disk = "";
+  if (t->control)
+    return cli_timeout_set (cmd, t->timeout);
   return EXIT_OK;
 }
 
@@ -91,7 +144,9 @@ cli_ask (const struct cli_target *t, char ***out, int argc, ...)
   for (int i = 0; i < argc; i++)
     argv[i] = va_arg (ap, const char *);
   va_end (ap);
-  if (control_request (t->control, argv, argc, out) == -1) {
+  if (cli_timeout_set (NULL, NULL) != EXIT_OK)
+    return EXIT_ERROR;
+  if (control_request (t->control, argv, argc, cli_timeout_ms, out) == -1) {
     cli_error ("%s", cow_last_error ());
     return EXIT_ERROR;
   }
@@ -478,6 +533,8 @@ const char blklist_help[] =
   "\n"
   "  -c, --control=SOCKET  the server's control socket (default:\n"
   "                        $COWCHAIN_CONTROL)\n"
+  "      --timeout=SECONDS  give up on the server after this long (default:\n"
+  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n"
   "      --details         also the type and device columns\n";
 
 const char status_help[] =
@@ -489,13 +546,16 @@ const char status_help[] =
   "succeeds.  Exits 1 if any disk is degraded.\n"
   "\n"
   "  -c, --control=SOCKET  the server's control socket (default:\n"
-  "                        $COWCHAIN_CONTROL)\n";
+  "                        $COWCHAIN_CONTROL)\n"
+  "      --timeout=SECONDS  give up on the server after this long (default:\n"
+  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n";
 
 static int
 disks_command (const char *cmd, int argc, char **argv, const char *help)
 {
   static const struct option opts[] = {
     { "control", required_argument, NULL, 'c' },
+    { "timeout", required_argument, NULL, CLI_OPT_TIMEOUT },
     { "details", no_argument, NULL, 'D' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
@@ -509,6 +569,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   while ((c = cli_next_option (cmd, argc, argv, "c:h", opts)) != -1) {
     switch (c) {
     case 'c': t.control = optarg; break;
+    case CLI_OPT_TIMEOUT: t.timeout = optarg; break;
     case 'D':
       if (status)
         return cli_usage_error (cmd, "unrecognized option '--details'");
@@ -525,6 +586,8 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   if (!t.control)
     return cli_usage_error (cmd, "give --control=SOCKET (or set "
                             "COWCHAIN_CONTROL)");
+  if ((r = cli_timeout_set (cmd, t.timeout)) != EXIT_OK)
+    return r;
   r = cli_ask (&t, &lines, 1, status ? "status" : "blklist");
   if (r != EXIT_OK)
     return r;

@@ -38,19 +38,38 @@ struct cli_target {
   const char *control;        /* online */
   const char *state;          /* offline */
   const char *disk;           /* online: export name; "" = default */
+  const char *timeout;        /* online: --timeout as given, or NULL */
 };
+
+/* The value of --timeout, a long option only. */
+#define CLI_OPT_TIMEOUT 0x100
+/* Seconds each request to the server may take unless --timeout or
+ * $COWCHAIN_TIMEOUT say otherwise. */
+#define CLI_DEFAULT_TIMEOUT 60
 
 #define TARGET_OPTIONS \
   { "control", required_argument, NULL, 'c' }, \
   { "state", required_argument, NULL, 's' }, \
-  { "disk", required_argument, NULL, 'd' }
+  { "disk", required_argument, NULL, 'd' }, \
+  { "timeout", required_argument, NULL, CLI_OPT_TIMEOUT }
 
 #define TARGET_HELP \
   "  -c, --control=SOCKET  a running server's control socket (default:\n" \
   "                        $COWCHAIN_CONTROL)\n" \
   "  -s, --state=DIR       a stopped disk's state directory (offline)\n" \
   "  -d, --disk=NAME       which disk of the server (default: the default\n" \
-  "                        export)\n"
+  "                        export)\n" \
+  "      --timeout=SECONDS  give up on the server after this long (default:\n" \
+  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n"
+
+/* The time limit of each request to a server, in ms (0 = none); set by
+ * cli_timeout_set, else at the first request. */
+extern int cli_timeout_ms;
+/* Set it from arg (--timeout of cmd; NULL cmd: given before the
+ * command), or if arg is NULL and it is not set yet, from
+ * $COWCHAIN_TIMEOUT or the default.  A usage error if the value is not
+ * a whole number of seconds. */
+int cli_timeout_set (const char *cmd, const char *arg);
 
 /* 1 if c was one of TARGET_OPTIONS (recorded in t), else 0. */
 int cli_target_option (struct cli_target *t, int c, const char *arg);

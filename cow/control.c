@@ -1,13 +1,25 @@
-/* The control protocol (see control.h): encoding, the client, and a
- * server thread that serves one request per connection. */
+/* The control protocol (see control.h): encoding, the client, and the
+ * server: a listening thread that starts one thread per connection, up
+ * to CONTROL_MAX_CONNECTIONS at once.
+ *
+ * No client can hold the server: each connection has a deadline for its
+ * whole request line (not one that restarts at every byte) and another
+ * for taking its reply, every wait also ends at control_stop, and a
+ * connection over the bound is told "busy" at once.  Only the command's
+ * own run (the handler) is not bounded here; the engine bounds its
+ * waits.  Rejected: one thread serving connections in turn (a client
+ * sending a byte every few seconds held everyone), and an event loop
+ * (handlers block, e.g. a snapshot's flush, so they need threads
+ * anyway). */
 #include <config.h>
 
-#include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +27,6 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include "cowchain.h"
@@ -23,7 +34,16 @@
 #include "error.h"
 #include "words.h"
 
-#define IO_TIMEOUT_MS 5000
+/* A connection over the bound waits this long for a slot, then is told
+ * the server is busy. */
+#define BUSY_WAIT_MS 1000
+/* After an error reply, how long the server goes on reading what the
+ * client still sends, so that the client reads the reply rather than
+ * failing on a closed socket. */
+#define DRAIN_MS 1000
+/* What the log shows of each word, and of an error message. */
+#define LOG_WORD_MAX 64
+#define LOG_MESSAGE_MAX 512
 
 int
 control_split (char *line, char **words, int max)
@@ -50,29 +70,124 @@ control_free_lines (char **lines)
 }
 
 /*----------------------------------------------------------------------
- * Client.
+ * Deadlines, shared by both ends.  A deadline is a CLOCK_MONOTONIC time
+ * in milliseconds, or -1 for none.
  */
 
-static int
-write_all (int fd, const char *p, size_t n)
+static int64_t
+now_ms (void)
 {
-  while (n > 0) {
-    ssize_t r = write (fd, p, n);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
+  struct timespec t;
+
+  clock_gettime (CLOCK_MONOTONIC, &t);
+  return (int64_t) t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static int64_t
+deadline_in (int ms)
+{
+  return ms > 0 ? now_ms () + ms : -1;
+}
+
+/* Wait until fd has one of events.  Returns 0, or -1 with errno
+ * ETIMEDOUT at the deadline, ECANCELED when stop_fd (-1: none) becomes
+ * readable, or poll's error. */
+static int
+wait_fd (int fd, short events, int64_t deadline, int stop_fd)
+{
+  for (;;) {
+    struct pollfd p[2] = {
+      { .fd = fd, .events = events },
+      { .fd = stop_fd, .events = POLLIN },
+    };
+    int64_t left = deadline < 0 ? -1 : deadline - now_ms ();
+    int r;
+
+    if (deadline >= 0 && left <= 0) {
+      errno = ETIMEDOUT;
       return -1;
     }
+    r = poll (p, stop_fd >= 0 ? 2 : 1, left > INT32_MAX ? INT32_MAX : (int) left);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1)
+      return -1;
+    if (stop_fd >= 0 && p[1].revents) {
+      errno = ECANCELED;
+      return -1;
+    }
+    if (p[0].revents)
+      return 0;
+  }
+}
+
+/* Send all of p on a non-blocking socket before the deadline. */
+static int
+send_all (int fd, const char *p, size_t n, int64_t deadline, int stop_fd)
+{
+  while (n > 0) {
+    ssize_t r = send (fd, p, n, MSG_NOSIGNAL);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (wait_fd (fd, POLLOUT, deadline, stop_fd) == -1)
+        return -1;
+      continue;
+    }
+    if (r == -1)
+      return -1;
     p += r;
     n -= (size_t) r;
   }
   return 0;
 }
 
+/* Read what is there (waiting until the deadline if nothing is): bytes
+ * read, 0 at the end, or -1. */
+static ssize_t
+recv_some (int fd, char *buf, size_t n, int64_t deadline, int stop_fd)
+{
+  for (;;) {
+    ssize_t r = recv (fd, buf, n, 0);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (wait_fd (fd, POLLIN, deadline, stop_fd) == -1)
+        return -1;
+      continue;
+    }
+    return r;
+  }
+}
+
 static int
-connect_to (const char *path)
+set_nonblocking (int fd)
+{
+  int fl = fcntl (fd, F_GETFL);
+
+  return fl == -1 ? -1 : fcntl (fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+/*----------------------------------------------------------------------
+ * Client.
+ */
+
+/* "after 5 s" for the messages of an expired wait. */
+static const char *
+after (int timeout_ms, char *buf, size_t len)
+{
+  snprintf (buf, len, "after %g s", timeout_ms / 1000.0);
+  return buf;
+}
+
+/* Connect before the deadline: a blocking connect waits for room in a
+ * full listen queue for at most SO_SNDTIMEO (Linux), then fails with
+ * EAGAIN. */
+static int
+connect_to (const char *path, int timeout_ms, int64_t deadline)
 {
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  char t[32];
   int fd;
 
   if (strlen (path) >= sizeof sa.sun_path) {
@@ -85,30 +200,50 @@ connect_to (const char *path)
     cow_error_errno ("socket");
     return -1;
   }
-  if (connect (fd, (struct sockaddr *) &sa, sizeof sa) == -1) {
-    cow_error_errno ("%s: cannot connect to the control socket (is the "
-                     "server running?)", path);
+  if (deadline >= 0) {
+    int64_t left = deadline - now_ms ();
+    struct timeval tv = {
+      .tv_sec = left / 1000, .tv_usec = (left % 1000) * 1000
+    };
+    if (left <= 0)
+      tv.tv_usec = 1000;
+    setsockopt (fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  }
+  while (connect (fd, (struct sockaddr *) &sa, sizeof sa) == -1) {
+    if (errno == EINTR)
+      continue;
+    if (errno == EAGAIN && deadline >= 0)
+      cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the server to "
+                     "accept the connection", path,
+                     after (timeout_ms, t, sizeof t));
+    else if (errno == EACCES)
+      cow_error_errno ("%s: cannot connect to the control socket (only the "
+                       "server's uid, root and its control-allow-uid= "
+                       "uids may)", path);
+    else
+      cow_error_errno ("%s: cannot connect to the control socket (is the "
+                       "server running?)", path);
+    close (fd);
+    return -1;
+  }
+  if (set_nonblocking (fd) == -1) {
+    cow_error_errno ("%s: fcntl", path);
     close (fd);
     return -1;
   }
   return fd;
 }
 
-int
-control_request (const char *socket_path, const char *const *argv, int argc,
-                 char ***payload)
+/* The request line of argv, encoded. */
+static char *
+encode_request (const char *const *argv, int argc, size_t *len)
 {
-  char *req = NULL, *buf = NULL, *line, *save;
-  size_t len = 0, cap = 0, n_lines = 0;
-  char **lines = NULL;
-  FILE *f;
-  int fd, ret = -1;
+  char *req = NULL;
+  FILE *f = open_memstream (&req, len);
 
-  *payload = NULL;
-  f = open_memstream (&req, &len);
   if (f == NULL) {
     cow_error_errno ("open_memstream");
-    return -1;
+    return NULL;
   }
   for (int i = 0; i < argc; i++) {
     char *w = word_encode (argv[i]);
@@ -116,57 +251,120 @@ control_request (const char *socket_path, const char *const *argv, int argc,
       fclose (f);
       free (req);
       cow_error_errno ("encode");
-      return -1;
+      return NULL;
     }
     fprintf (f, "%s%s", i ? " " : "", w);
     free (w);
   }
   fputc ('\n', f);
-  fclose (f);
-  fd = connect_to (socket_path);
-  if (fd == -1) {
+  if (fclose (f) == EOF) {
     free (req);
-    return -1;
+    cow_error_errno ("encode");
+    return NULL;
   }
-  if (write_all (fd, req, len) == -1) {
-    cow_error_errno ("%s: sending the request", socket_path);
-    goto out;
-  }
-  shutdown (fd, SHUT_WR);
-  len = 0;
+  return req;
+}
+
+/* Read the whole reply into a NUL-terminated buffer.  A reset after a
+ * complete reply (it ends with the "." line) is not an error: a server
+ * that refused the request may close before reading all of it. */
+static char *
+read_reply (int fd, const char *path, const char *cmd, int timeout_ms,
+            int64_t deadline, size_t *lenp)
+{
+  char *buf = NULL, t[32];
+  size_t len = 0, cap = 0;
+
   for (;;) {
     ssize_t r;
     if (len + 4096 + 1 > cap) {
       char *nb;
       cap = cap ? cap * 2 : 65536;
       if (cap > (64u << 20)) {
-        cow_error_set (EPROTO, "%s: reply too large", socket_path);
-        goto out;
+        cow_error_set (EPROTO, "%s: reply too large", path);
+        goto err;
       }
       nb = realloc (buf, cap);
       if (nb == NULL) {
         cow_error_errno ("realloc");
-        goto out;
+        goto err;
       }
       buf = nb;
     }
-    r = read (fd, buf + len, cap - len - 1);
-    if (r == -1 && errno == EINTR)
-      continue;
+    r = recv_some (fd, buf + len, cap - len - 1, deadline, -1);
+    if (r == -1 && errno == ECONNRESET && len >= 2
+        && memcmp (buf + len - 2, ".\n", 2) == 0)
+      break;
+    if (r == -1 && errno == ETIMEDOUT) {
+      cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the reply to "
+                     "'%.32s' (the server may still carry it out; see "
+                     "--timeout)", path, after (timeout_ms, t, sizeof t), cmd);
+      goto err;
+    }
     if (r == -1) {
-      cow_error_errno ("%s: reading the reply", socket_path);
-      goto out;
+      cow_error_errno ("%s: reading the reply", path);
+      goto err;
     }
     if (r == 0)
       break;
     len += (size_t) r;
   }
-  if (buf == NULL || len == 0) {
-    cow_error_set (EPROTO, "%s: the server closed the connection without "
-                   "a reply", socket_path);
+  buf[len] = '\0';
+  *lenp = len;
+  return buf;
+ err:
+  free (buf);
+  return NULL;
+}
+
+int
+control_request (const char *socket_path, const char *const *argv, int argc,
+                 int timeout_ms, char ***payload)
+{
+  int64_t deadline = deadline_in (timeout_ms);
+  char *req, *buf = NULL, *line, *save, t[32];
+  size_t len = 0, n_lines = 0;
+  char **lines = NULL;
+  int fd, ret = -1, send_errno = 0;
+
+  *payload = NULL;
+  req = encode_request (argv, argc, &len);
+  if (req == NULL)
+    return -1;
+  fd = connect_to (socket_path, timeout_ms, deadline);
+  if (fd == -1) {
+    free (req);
+    return -1;
+  }
+  /* A server that refuses the request may close before reading all of
+   * it: then its reply says why. */
+  if (send_all (fd, req, len, deadline, -1) == -1) {
+    send_errno = errno;
+    if (errno == ETIMEDOUT) {
+      cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the server to "
+                     "take the request", socket_path,
+                     after (timeout_ms, t, sizeof t));
+      goto out;
+    }
+    if (errno != EPIPE && errno != ECONNRESET) {
+      cow_error_errno ("%s: sending the request", socket_path);
+      goto out;
+    }
+  }
+  shutdown (fd, SHUT_WR);
+  buf = read_reply (fd, socket_path, argc ? argv[0] : "", timeout_ms,
+                    deadline, &len);
+  if (buf == NULL)
+    goto out;
+  if (len == 0) {
+    if (send_errno)
+      cow_error_set (send_errno, "%s: sending the request: %s", socket_path,
+                     strerror (send_errno));
+    else
+      cow_error_set (EPROTO, "%s: the server closed the connection without "
+                     "a reply", socket_path);
     goto out;
   }
-  buf[len] = '\0';
   line = strtok_r (buf, "\n", &save);
   if (line && strncmp (line, "error ", 6) == 0) {
     char *w[3];
@@ -232,112 +430,177 @@ control_reply_line (struct control_reply *r, const char *fmt, ...)
   return n < 0 ? -1 : 0;
 }
 
+/* One accepted connection and the thread serving it.  The list of them
+ * and finished belong to the server's lock. */
+struct control_conn {
+  struct control_server *s;
+  int fd;
+  uid_t uid;
+  int64_t accepted;
+  pthread_t thread;
+  bool finished;                /* the thread is about to return */
+  struct control_conn *next;
+};
+
 struct control_server {
   char *path;
   int listen_fd;
+  /* Written once by control_stop and never read: readable from then on,
+   * it ends every wait of every thread. */
   int stop_pipe[2];
   pthread_t thread;
   uid_t *allow;
   size_t n_allow;
   control_handler fn;
+  control_log log;
   void *opaque;
+
+  pthread_mutex_t lock;
+  pthread_cond_t slot_freed;    /* a connection thread finished */
+  struct control_conn *conns;   /* not yet joined */
+  size_t n_running;             /* of them, not finished */
 };
 
+/* Append s to the log line at *p (of end - *p bytes left), every byte
+ * outside printable ASCII as '?', at most max bytes of it and "..." if
+ * cut. */
+static void
+log_append (char **p, char *end, const char *s, size_t max)
+{
+  size_t i;
+
+  for (i = 0; s[i] && i < max && *p + 1 < end; i++)
+    *(*p)++ = (s[i] >= 0x20 && s[i] < 0x7f) ? s[i] : '?';
+  if (s[i] && *p + 4 < end) {
+    memcpy (*p, "...", 3);
+    *p += 3;
+  }
+  **p = '\0';
+}
+
+/* Log "uid U: WORDS: outcome" (WORDS encoded, each cut at LOG_WORD_MAX)
+ * or "uid U: outcome" without words. */
+static void
+log_request (struct control_server *s, uid_t uid, char **words, int n,
+             const char *fmt, ...)
+{
+  char line[CONTROL_MAX_WORDS * (LOG_WORD_MAX + 4) + LOG_MESSAGE_MAX + 64];
+  char msg[LOG_MESSAGE_MAX + 1], *p = line, *end = line + sizeof line;
+  va_list ap;
+
+  if (s->log == NULL)
+    return;
+  p += snprintf (line, sizeof line, "uid %u: ", (unsigned) uid);
+  for (int i = 0; i < n; i++) {
+    char *w = word_encode (words[i]);
+    if (i)
+      log_append (&p, end, " ", 1);
+    log_append (&p, end, w ? w : "?", LOG_WORD_MAX);
+    free (w);
+  }
+  if (n)
+    log_append (&p, end, ": ", 2);
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  log_append (&p, end, msg, LOG_MESSAGE_MAX);
+  s->log (s->opaque, line);
+}
+
+/* Root may always connect: it could take over the server anyway. */
 static bool
-peer_allowed (struct control_server *s, int fd, uid_t *uid)
+uid_allowed (struct control_server *s, uid_t uid)
+{
+  if (uid == 0 || uid == geteuid ())
+    return true;
+  for (size_t i = 0; i < s->n_allow; i++)
+    if (s->allow[i] == uid)
+      return true;
+  return false;
+}
+
+static uid_t
+peer_uid (int fd)
 {
   struct ucred cred;
   socklen_t len = sizeof cred;
 
   if (getsockopt (fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == -1)
-    return false;
-  *uid = cred.uid;
-  if (cred.uid == geteuid ())
-    return true;
-  for (size_t i = 0; i < s->n_allow; i++)
-    if (s->allow[i] == cred.uid)
-      return true;
-  return false;
+    return (uid_t) -1;
+  return cred.uid;
 }
 
-/* After an early reply: let the client finish sending (up to a bound)
- * before closing, so that it reads the reply instead of a reset. */
+/* Reply an error, then let the client finish sending (bounded in bytes
+ * and time) before the caller closes. */
 static void
-drain (int fd)
+send_error (struct control_server *s, int fd, int errnum, const char *msg,
+            int64_t deadline)
 {
-  char buf[4096];
+  char head[32], *m = word_encode (msg), *out = NULL;
+  int64_t drain_end = deadline_in (DRAIN_MS);
   size_t total = 0;
+  char buf[4096];
 
-  struct timespec t0, t;
-
-  /* Bounded in bytes and in time: a client may not hold the thread. */
-  clock_gettime (CLOCK_MONOTONIC, &t0);
+  snprintf (head, sizeof head, "error %d ", errnum ? errnum : EIO);
+  if (m && asprintf (&out, "%s%s\n.\n", head, m) != -1)
+    send_all (fd, out, strlen (out), deadline, s->stop_pipe[0]);
+  free (m);
+  free (out);
   shutdown (fd, SHUT_WR);
+  if (deadline >= 0 && deadline < drain_end)
+    drain_end = deadline;
   while (total < (16u << 20)) {
-    struct pollfd p = { .fd = fd, .events = POLLIN };
-    ssize_t r;
-    clock_gettime (CLOCK_MONOTONIC, &t);
-    if (t.tv_sec - t0.tv_sec >= 2 || poll (&p, 1, 500) <= 0)
-      break;
-    r = read (fd, buf, sizeof buf);
+    ssize_t r = recv_some (fd, buf, sizeof buf, drain_end, s->stop_pipe[0]);
     if (r <= 0)
       break;
     total += (size_t) r;
   }
 }
 
-static void
-send_error (int fd, int errnum, const char *msg)
-{
-  char head[32], *m = word_encode (msg), *out = NULL;
-
-  snprintf (head, sizeof head, "error %d ", errnum ? errnum : EIO);
-  if (m && asprintf (&out, "%s%s\n.\n", head, m) != -1)
-    write_all (fd, out, strlen (out));
-  free (m);
-  free (out);
-  drain (fd);
-}
-
-/* Read one request line within the limits. */
+/* Read one request line before the deadline.  NULL with *why set if
+ * there is none. */
 static char *
-read_request (int fd, int *err)
+read_request (struct control_server *s, int fd, int64_t deadline, int *err,
+              const char **why)
 {
   char *buf = malloc (CONTROL_MAX_REQUEST + 1);
   size_t len = 0;
 
-  *err = 0;
   if (buf == NULL) {
     *err = ENOMEM;
+    *why = "out of memory";
     return NULL;
   }
   for (;;) {
-    struct pollfd p = { .fd = fd, .events = POLLIN };
-    ssize_t r;
+    ssize_t r = recv_some (fd, buf + len, CONTROL_MAX_REQUEST + 1 - len,
+                           deadline, s->stop_pipe[0]);
     char *nl;
-    if (poll (&p, 1, IO_TIMEOUT_MS) <= 0) {
-      *err = ETIMEDOUT;
+    if (r == -1) {
+      *err = errno;
+      *why = errno == ETIMEDOUT ? "the request line did not arrive in time"
+        : errno == ECANCELED ? "the server is stopping"
+        : "cannot read the request";
       break;
     }
-    r = read (fd, buf + len, CONTROL_MAX_REQUEST + 1 - len);
-    if (r == -1 && errno == EINTR)
-      continue;
-    if (r <= 0) {
-      *err = r == 0 ? EPROTO : errno;
+    if (r == 0) {
+      *err = EPROTO;
+      *why = "the connection ended before a whole request line";
       break;
     }
+    nl = memchr (buf + len, '\n', (size_t) r);
     len += (size_t) r;
-    nl = memchr (buf, '\n', len);
     if (nl) {
       *nl = '\0';
       if (memchr (buf, '\0', (size_t) (nl - buf))) {
         *err = EPROTO;
+        *why = "malformed request (a NUL byte)";
         break;
       }
       return buf;
     }
     if (len > CONTROL_MAX_REQUEST) {
       *err = EMSGSIZE;
+      *why = "request too large";
       break;
     }
   }
@@ -345,47 +608,45 @@ read_request (int fd, int *err)
   return NULL;
 }
 
+/* Serve the one request of a connection. */
 static void
-serve_one (struct control_server *s, int fd)
+serve (struct control_conn *c)
 {
-  struct timeval tv = { .tv_sec = IO_TIMEOUT_MS / 1000 };
+  struct control_server *s = c->s;
+  int64_t deadline = c->accepted + CONTROL_REQUEST_TIMEOUT_MS;
   char *line, *words[CONTROL_MAX_WORDS], *text = NULL;
-  size_t len = 0;
+  const char *why;
   struct control_reply r;
-  uid_t uid = (uid_t) -1;
+  size_t len = 0;
   int err, n;
 
-  setsockopt (fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  if (!peer_allowed (s, fd, &uid)) {
-    char msg[128];
-    snprintf (msg, sizeof msg, "connections from uid %u are not allowed",
-              (unsigned) uid);
-    send_error (fd, EACCES, msg);
-    return;
-  }
-  line = read_request (fd, &err);
+  line = read_request (s, c->fd, deadline, &err, &why);
   if (line == NULL) {
-    send_error (fd, err, err == EMSGSIZE ? "request too large"
-                : err == ETIMEDOUT ? "request timed out"
-                : "malformed request");
+    log_request (s, c->uid, NULL, 0, "no request: %s", why);
+    if (err != ECANCELED)
+      send_error (s, c->fd, err, why, deadline);
     return;
   }
-  for (char *c = line; *c; c++)
-    if ((unsigned char) *c < 0x20 || (unsigned char) *c >= 0x7f) {
-      send_error (fd, EPROTO, "request holds bytes outside printable ASCII");
+  for (char *p = line; *p; p++)
+    if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f) {
+      why = "request holds bytes outside printable ASCII";
+      log_request (s, c->uid, NULL, 0, "no request: %s", why);
+      send_error (s, c->fd, EPROTO, why, deadline);
       free (line);
       return;
     }
   n = control_split (line, words, CONTROL_MAX_WORDS);
   if (n <= 0) {
-    send_error (fd, EINVAL, "malformed request (bad encoding or too many "
-                "words)");
+    why = "malformed request (bad encoding or too many words)";
+    log_request (s, c->uid, NULL, 0, "no request: %s", why);
+    send_error (s, c->fd, EINVAL, why, deadline);
     free (line);
     return;
   }
   r.f = open_memstream (&text, &len);
   if (r.f == NULL) {
-    send_error (fd, ENOMEM, "out of memory");
+    log_request (s, c->uid, words, n, "error: out of memory");
+    send_error (s, c->fd, ENOMEM, "out of memory", deadline);
     free (line);
     return;
   }
@@ -393,57 +654,260 @@ serve_one (struct control_server *s, int fd)
   if (s->fn (s->opaque, words, n, &r) == -1) {
     fclose (r.f);
     free (text);
-    send_error (fd, cow_last_errno (), cow_last_error ());
+    log_request (s, c->uid, words, n, "error: %s", cow_last_error ());
+    send_error (s, c->fd, cow_last_errno (), cow_last_error (),
+                deadline_in (CONTROL_REPLY_TIMEOUT_MS));
   }
   else {
     fputs (".\n", r.f);
     fclose (r.f);
-    write_all (fd, text, len);
+    log_request (s, c->uid, words, n, "ok");
+    if (send_all (c->fd, text, len, deadline_in (CONTROL_REPLY_TIMEOUT_MS),
+                  s->stop_pipe[0]) == -1)
+      log_request (s, c->uid, words, n, "the reply was not taken: %s",
+                   errno == ETIMEDOUT ? "timed out" : strerror (errno));
     free (text);
   }
   free (line);
 }
 
 static void *
-server_thread (void *arg)
+conn_thread (void *arg)
+{
+  struct control_conn *c = arg;
+  struct control_server *s = c->s;
+
+  serve (c);
+  close (c->fd);
+  c->fd = -1;
+  cow_error_clear ();
+  pthread_mutex_lock (&s->lock);
+  c->finished = true;
+  s->n_running--;
+  pthread_cond_signal (&s->slot_freed);
+  pthread_mutex_unlock (&s->lock);
+  return NULL;
+}
+
+/* Join the finished connection threads (caller holds the lock; they no
+ * longer need it). */
+static void
+reap (struct control_server *s)
+{
+  struct control_conn **pp = &s->conns;
+
+  while (*pp) {
+    struct control_conn *c = *pp;
+    if (c->finished) {
+      pthread_join (c->thread, NULL);
+      *pp = c->next;
+      free (c);
+    }
+    else
+      pp = &c->next;
+  }
+}
+
+/* Tell a client that is not served why, without waiting for it. */
+static void
+refuse (struct control_server *s, int fd, uid_t uid, int errnum,
+        const char *msg)
+{
+  log_request (s, uid, NULL, 0, "refused: %s", msg);
+  send_error (s, fd, errnum, msg, now_ms ());
+  close (fd);
+}
+
+/* Check the peer's uid; wait (bounded) for a free slot, then start a
+ * thread for fd; or refuse.  Refusals never take a slot, so that uids
+ * not allowed cannot crowd out those allowed. */
+static void
+admit (struct control_server *s, int fd)
+{
+  struct timespec until;
+  struct control_conn *c;
+  uid_t uid = peer_uid (fd);
+  char msg[160];
+  bool full;
+  int e = 0;
+
+  if (!uid_allowed (s, uid)) {
+    snprintf (msg, sizeof msg, "uid %u is not allowed on this control "
+              "socket (see control-allow-uid)", (unsigned) uid);
+    refuse (s, fd, uid, EACCES, msg);
+    return;
+  }
+  clock_gettime (CLOCK_MONOTONIC, &until);
+  until.tv_sec += BUSY_WAIT_MS / 1000;
+  until.tv_nsec += (BUSY_WAIT_MS % 1000) * 1000000L;
+  if (until.tv_nsec >= 1000000000L) {
+    until.tv_sec++;
+    until.tv_nsec -= 1000000000L;
+  }
+  pthread_mutex_lock (&s->lock);
+  reap (s);
+  while (s->n_running >= CONTROL_MAX_CONNECTIONS && e != ETIMEDOUT) {
+    e = pthread_cond_timedwait (&s->slot_freed, &s->lock, &until);
+    reap (s);
+  }
+  full = s->n_running >= CONTROL_MAX_CONNECTIONS;
+  e = 0;
+  c = full ? NULL : calloc (1, sizeof *c);
+  if (c) {
+    c->s = s;
+    c->fd = fd;
+    c->uid = uid;
+    c->accepted = now_ms ();
+    e = pthread_create (&c->thread, NULL, conn_thread, c);
+    if (e == 0) {
+      c->next = s->conns;
+      s->conns = c;
+      s->n_running++;
+    }
+    else {
+      free (c);
+      c = NULL;
+    }
+  }
+  pthread_mutex_unlock (&s->lock);
+  if (c)
+    return;
+  if (full)
+    snprintf (msg, sizeof msg, "the control socket is busy (%d requests "
+              "in progress); try again", CONTROL_MAX_CONNECTIONS);
+  else
+    snprintf (msg, sizeof msg, "cannot start a control thread: %s",
+              strerror (e ? e : ENOMEM));
+  refuse (s, fd, uid, full ? EBUSY : EAGAIN, msg);
+}
+
+static void *
+listen_thread (void *arg)
 {
   struct control_server *s = arg;
 
   for (;;) {
-    struct pollfd p[2] = {
-      { .fd = s->listen_fd, .events = POLLIN },
-      { .fd = s->stop_pipe[0], .events = POLLIN },
-    };
     int fd;
-    if (poll (p, 2, -1) == -1) {
-      if (errno == EINTR)
-        continue;
-      break;
-    }
-    if (p[1].revents)
-      break;
-    fd = accept4 (s->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd == -1)
+    if (wait_fd (s->listen_fd, POLLIN, -1, s->stop_pipe[0]) == -1) {
+      if (errno == ECANCELED)
+        break;
       continue;
-    serve_one (s, fd);
-    close (fd);
+    }
+    fd = accept4 (s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd == -1) {
+      /* Out of descriptors: do not spin; the backlog waits. */
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS
+          || errno == ENOMEM) {
+        struct pollfd p = { .fd = s->stop_pipe[0], .events = POLLIN };
+        poll (&p, 1, 100);
+      }
+      continue;
+    }
+    admit (s, fd);
   }
   cow_error_clear ();
   return NULL;
 }
 
+/* Whether another uid than ours and root's may connect. */
+static bool
+others_allowed (const uid_t *allow, size_t n)
+{
+  for (size_t i = 0; i < n; i++)
+    if (allow[i] != 0 && allow[i] != geteuid ())
+      return true;
+  return false;
+}
+
+/* 0 if path is free or a socket no server listens on (*stale then
+ * true), else -1 with the reason. */
+static int
+check_path (const char *path, const struct sockaddr_un *sa, bool *stale)
+{
+  struct stat st;
+  int fd, r;
+
+  *stale = false;
+  if (lstat (path, &st) == -1) {
+    if (errno == ENOENT)
+      return 0;
+    cow_error_errno ("%s: control socket", path);
+    return -1;
+  }
+  if (!S_ISSOCK (st.st_mode)) {
+    cow_error_set (EEXIST, "%s: control socket: the path exists and is not "
+                   "a socket", path);
+    return -1;
+  }
+  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd == -1) {
+    cow_error_errno ("socket");
+    return -1;
+  }
+  r = connect (fd, (const struct sockaddr *) sa, sizeof *sa);
+  close (fd);
+  if (r == 0 || errno == EAGAIN) {
+    cow_error_set (EADDRINUSE, "%s: control socket: another server is "
+                   "listening on it", path);
+    return -1;
+  }
+  *stale = true;
+  return 0;
+}
+
+static int
+socket_address (const char *path, struct sockaddr_un *sa)
+{
+  memset (sa, 0, sizeof *sa);
+  sa->sun_family = AF_UNIX;
+  if (strlen (path) >= sizeof sa->sun_path) {
+    cow_error_set (ENAMETOOLONG, "%s: control socket path too long (at "
+                   "most %zu bytes)", path, sizeof sa->sun_path - 1);
+    return -1;
+  }
+  strcpy (sa->sun_path, path);
+  return 0;
+}
+
+int
+control_check_path (const char *path)
+{
+  struct sockaddr_un sa;
+  bool stale;
+
+  if (socket_address (path, &sa) == -1)
+    return -1;
+  return check_path (path, &sa, &stale);
+}
+
+/* Remove the socket an earlier server left behind, but never another
+ * kind of file, nor a socket some server still listens on. */
+static int
+remove_stale_socket (const char *path, const struct sockaddr_un *sa)
+{
+  bool stale;
+
+  if (check_path (path, sa, &stale) == -1)
+    return -1;
+  if (stale && unlink (path) == -1 && errno != ENOENT) {
+    cow_error_errno ("%s: removing the stale control socket", path);
+    return -1;
+  }
+  return 0;
+}
+
 struct control_server *
 control_start (const char *path, const uid_t *allow, size_t n_allow,
-               control_handler fn, void *opaque)
+               control_handler fn, control_log log, void *opaque)
 {
-  struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  struct sockaddr_un sa;
+  pthread_condattr_t ca;
   struct control_server *s;
+  bool bound = false, sync_init = false;
   int e;
 
-  if (strlen (path) >= sizeof sa.sun_path) {
-    cow_error_set (ENAMETOOLONG, "%s: control socket path too long", path);
+  if (socket_address (path, &sa) == -1)
     return NULL;
-  }
   s = calloc (1, sizeof *s);
   if (s == NULL) {
     cow_error_errno ("calloc");
@@ -452,6 +916,7 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
   s->listen_fd = -1;
   s->stop_pipe[0] = s->stop_pipe[1] = -1;
   s->fn = fn;
+  s->log = log;
   s->opaque = opaque;
   s->path = strdup (path);
   if (n_allow) {
@@ -464,18 +929,28 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
     cow_error_errno ("calloc");
     goto err;
   }
-  strcpy (sa.sun_path, path);
+  pthread_mutex_init (&s->lock, NULL);
+  pthread_condattr_init (&ca);
+  pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+  pthread_cond_init (&s->slot_freed, &ca);
+  pthread_condattr_destroy (&ca);
+  sync_init = true;
+  if (remove_stale_socket (path, &sa) == -1)
+    goto err;
   s->listen_fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (s->listen_fd == -1) {
     cow_error_errno ("socket");
     goto err;
   }
-  unlink (path);                /* a stale socket of an earlier run */
   if (bind (s->listen_fd, (struct sockaddr *) &sa, sizeof sa) == -1) {
     cow_error_errno ("%s: cannot bind the control socket", path);
     goto err;
   }
-  if (chmod (path, 0600) == -1 || listen (s->listen_fd, CONTROL_MAX_CONNECTIONS) == -1) {
+  bound = true;
+  /* Other uids need write permission to connect; who may then talk is
+   * decided per connection (uid_allowed). */
+  if (chmod (path, others_allowed (allow, n_allow) ? 0666 : 0600) == -1
+      || listen (s->listen_fd, CONTROL_MAX_CONNECTIONS) == -1) {
     cow_error_errno ("%s: control socket", path);
     goto err;
   }
@@ -483,7 +958,7 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
     cow_error_errno ("pipe");
     goto err;
   }
-  e = pthread_create (&s->thread, NULL, server_thread, s);
+  e = pthread_create (&s->thread, NULL, listen_thread, s);
   if (e) {
     cow_error_set (e, "cannot start the control thread");
     goto err;
@@ -493,9 +968,15 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
  err:
   if (s->listen_fd != -1)
     close (s->listen_fd);
+  if (bound)
+    unlink (path);
   if (s->stop_pipe[0] != -1) {
     close (s->stop_pipe[0]);
     close (s->stop_pipe[1]);
+  }
+  if (sync_init) {
+    pthread_cond_destroy (&s->slot_freed);
+    pthread_mutex_destroy (&s->lock);
   }
   free (s->allow);
   free (s->path);
@@ -503,17 +984,28 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
   return NULL;
 }
 
+/* Every thread's waits end at the stop pipe, so this waits only for
+ * commands already running in the engine. */
 void
 control_stop (struct control_server *s)
 {
   if (s == NULL)
     return;
-  write_all (s->stop_pipe[1], "x", 1);
+  while (write (s->stop_pipe[1], "x", 1) == -1 && errno == EINTR)
+    ;
   pthread_join (s->thread, NULL);
   close (s->listen_fd);
+  unlink (s->path);
+  while (s->conns) {
+    struct control_conn *c = s->conns;
+    pthread_join (c->thread, NULL);
+    s->conns = c->next;
+    free (c);
+  }
   close (s->stop_pipe[0]);
   close (s->stop_pipe[1]);
-  unlink (s->path);
+  pthread_cond_destroy (&s->slot_freed);
+  pthread_mutex_destroy (&s->lock);
   free (s->allow);
   free (s->path);
   free (s);

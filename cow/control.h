@@ -7,6 +7,13 @@
  *   reply:    "ok" or "error ERRNO MESSAGE-WORD", then zero or more
  *             payload lines of encoded words, then a line ".".
  *
+ * One request per connection.  Before any command runs the server may
+ * reply "error EACCES" (the peer's uid is not allowed), "error EBUSY"
+ * (CONTROL_MAX_CONNECTIONS requests in progress) or "error ETIMEDOUT"
+ * (the request line did not arrive within CONTROL_REQUEST_TIMEOUT_MS of
+ * the connection), and it may close without reading the rest of the
+ * request: a client reads the reply even when its send fails.
+ *
  * Commands (DISK "" = the default disk):
  *   status                       -> per disk "clients NAME N" (the NBD
  *                                   connections open on it), then "disk
@@ -53,19 +60,26 @@
 
 #define CONTROL_MAX_REQUEST 65536
 #define CONTROL_MAX_WORDS 16
-#define CONTROL_MAX_CONNECTIONS 8
+/* Requests served at once; a connection over this waits up to a second
+ * for one of them to end, then gets "error EBUSY". */
+#define CONTROL_MAX_CONNECTIONS 64
+/* A client has this long from its connection to send its whole request
+ * line, and, once the command has run, this long to take the reply. */
+#define CONTROL_REQUEST_TIMEOUT_MS 5000
+#define CONTROL_REPLY_TIMEOUT_MS 5000
 
 #include "words.h"               /* word_encode, word_decode */
 
 /* Split a line into at most max words (in place, decoded). */
 int control_split (char *line, char **words, int max);
 
-/* Client: send argv as a request, read the reply.  Returns 0 with the
- * payload lines (a NULL-terminated array, each line still encoded, free
- * with control_free_lines) or -1 with the server's or the local error as
- * the last error. */
+/* Client: send argv as a request, read the reply, all within timeout_ms
+ * (0 = no limit).  Returns 0 with the payload lines (a NULL-terminated
+ * array, each line still encoded, free with control_free_lines) or -1
+ * with the server's or the local error as the last error (ETIMEDOUT,
+ * saying what it waited for, when the time ran out). */
 int control_request (const char *socket_path, const char *const *argv,
-                     int argc, char ***payload);
+                     int argc, int timeout_ms, char ***payload);
 void control_free_lines (char **lines);
 
 /* Server side. */
@@ -76,12 +90,28 @@ int control_reply_line (struct control_reply *r, const char *fmt, ...)
  * error). */
 typedef int (*control_handler) (void *opaque, char **words, int n,
                                 struct control_reply *r);
+/* Told each request and its outcome, as one printable line without a
+ * newline: "uid U: WORDS: ok", "uid U: WORDS: error: MESSAGE", "uid U:
+ * refused: WHY", "uid U: no request: WHY" (WORDS encoded and cut at 64
+ * bytes each).  Called from the server's threads, possibly at once. */
+typedef void (*control_log) (void *opaque, const char *line);
 struct control_server;
-/* Listen on path (mode 0600, refusing other uids than ours and those in
- * allow_uids), serve requests on a thread until control_stop. */
+/* Listen on path and serve each connection on its own thread until
+ * control_stop; fn (and log, if not NULL) run on those threads, several
+ * at once.  Only our euid, root and allow_uids may talk; the socket is
+ * mode 0600, or 0666 when allow_uids names another uid (then the uid
+ * check of each connection is the only gate).  A socket left at path by
+ * an earlier run is replaced; any other file, or a socket a server
+ * still listens on, is an error. */
 struct control_server *control_start (const char *path, const uid_t *allow_uids,
                                       size_t n_allow, control_handler fn,
-                                      void *opaque);
+                                      control_log log, void *opaque);
+/* Whether control_start could listen on path (no other kind of file
+ * there, no server listening on it): 0, or -1 with the reason.  For
+ * refusing before nbdkit forks; control_start checks again. */
+int control_check_path (const char *path);
+/* Stop listening, end every connection's waits, and return when the
+ * commands still running have ended and every thread is joined. */
 void control_stop (struct control_server *s);
 
 #endif /* COW_CONTROL_H */

@@ -299,6 +299,8 @@ static const char info_help[] =
   "                         $COWCHAIN_CONTROL)\n"
   "  -U, --force-share      read an image that a running server or QEMU\n"
   "                         holds (like qemu-img -U; implied by --disk)\n"
+  "  --timeout=SECONDS      give up on the server after this long (default:\n"
+  "                         $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n"
   "  -h, --help             show this help\n"
   "\n"
   "Relative backing names are relative to the directory of the image that\n"
@@ -599,12 +601,13 @@ cmd_info (int argc, char **argv)
     { "disk", required_argument, NULL, 'd' },
     { "control", required_argument, NULL, 'c' },
     { "force-share", no_argument, NULL, 'U' },
+    { "timeout", required_argument, NULL, CLI_OPT_TIMEOUT },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
   enum output_format output = OUTPUT_HUMAN;
   bool follow = false;
-  const char *image, *disk = NULL, *control = NULL;
+  const char *image, *disk = NULL, *control = NULL, *timeout = NULL;
   char *active = NULL;
   struct image_info *chain;
   size_t n = 0;
@@ -620,6 +623,7 @@ cmd_info (int argc, char **argv)
       break;
     case 'd': disk = optarg; break;
     case 'c': control = optarg; break;
+    case CLI_OPT_TIMEOUT: timeout = optarg; break;
     case 'h': fputs (info_help, stdout); return cli_finish_output (EXIT_OK);
     default: return EXIT_ERROR;
     }
@@ -633,6 +637,8 @@ cmd_info (int argc, char **argv)
     if (control == NULL)
       return cli_usage_error ("info", "--disk needs --control=SOCKET (or "
                               "COWCHAIN_CONTROL)");
+    if ((r = cli_timeout_set ("info", timeout)) != EXIT_OK)
+      return r;
     active = cli_active_layer (control, disk ? disk : "");
     if (active == NULL)
       return EXIT_ERROR;
@@ -929,7 +935,7 @@ static void
 main_help (FILE *f)
 {
   fprintf (f,
-           "Usage: cowchain COMMAND [OPTION]... [ARG]...\n"
+           "Usage: cowchain [--timeout=SECONDS] COMMAND [OPTION]... [ARG]...\n"
            "       cowchain COMMAND --help\n"
            "       cowchain --help | --version\n"
            "Work with the qcow2 layers of cowchain disks.\n"
@@ -947,7 +953,12 @@ main_help (FILE *f)
            "  2  check: the image has errors (data may be corrupted)\n"
            "  3  check: the image leaks clusters, and has no errors\n"
            "\n"
-           "Errors are reported on stderr, prefixed with 'cowchain: '.\n");
+           "Errors are reported on stderr, prefixed with 'cowchain: '.\n"
+           "\n"
+           "--timeout=SECONDS (before or after COMMAND; default\n"
+           "$COWCHAIN_TIMEOUT, else %d; 0 = no limit) bounds each request\n"
+           "to a running server: connecting, sending, and the whole reply.\n",
+           CLI_DEFAULT_TIMEOUT);
 }
 
 static const struct command *
@@ -965,6 +976,20 @@ main (int argc, char **argv)
   const struct command *cmd;
   const char *name;
 
+  /* Global options, before the command. */
+  while (argc > 1 && strncmp (argv[1], "--timeout", 9) == 0
+         && (argv[1][9] == '\0' || argv[1][9] == '=')) {
+    const char *v = argv[1][9] == '=' ? argv[1] + 10 : argv[2];
+    int shift = argv[1][9] == '=' ? 1 : 2;
+    if (v == NULL) {
+      cli_error ("option '--timeout' requires an argument");
+      return EXIT_ERROR;
+    }
+    if (cli_timeout_set (NULL, v) != EXIT_OK)
+      return EXIT_ERROR;
+    argc -= shift;
+    argv += shift;
+  }
   if (argc < 2) {
     main_help (stderr);
     return EXIT_ERROR;

@@ -284,8 +284,13 @@ cowchain_config (const char *key, const char *value)
     uint32_t uid;
     if (nbdkit_parse_uint32_t ("control-allow-uid", value, &uid) == -1)
       return -1;
+    if ((uid_t) uid == (uid_t) -1) {
+      nbdkit_error ("control-allow-uid: %s is not a uid", value);
+      return -1;
+    }
     if (n_allow_uids == sizeof allow_uids / sizeof allow_uids[0]) {
-      nbdkit_error ("control-allow-uid: too many");
+      nbdkit_error ("control-allow-uid: too many (at most %zu)",
+                    sizeof allow_uids / sizeof allow_uids[0]);
       return -1;
     }
     allow_uids[n_allow_uids++] = (uid_t) uid;
@@ -310,6 +315,10 @@ cowchain_config_complete (void)
   if (n_disks == 0) {
     nbdkit_error ("no disk configured: give base=IMAGE and overlay=LAYER or "
                   "state=DIR");
+    return -1;
+  }
+  if (n_allow_uids && control_path == NULL) {
+    nbdkit_error ("control-allow-uid needs control=SOCKET");
     return -1;
   }
   for (size_t i = 0; i < n_disks; i++) {
@@ -370,11 +379,18 @@ cowchain_config_complete (void)
   "sync=flush|always|MS     durability policy (default flush)\n" \
   "cache-size=SIZE          metadata cache size per layer (default 32M)\n" \
   "control=SOCKET           control socket for the cowchain tool\n" \
-  "control-allow-uid=UID    another uid allowed on the control socket"
+  "control-allow-uid=UID    another uid allowed on the control socket\n" \
+  "                         (repeatable; makes the socket mode 0666)"
 
 static int
 cowchain_get_ready (void)
 {
+  /* The control socket starts after the fork; refuse a bad path now,
+   * while nbdkit can still exit with an error. */
+  if (control_path && control_check_path (control_path) == -1) {
+    nbdkit_error ("%s", cow_last_error ());
+    return -1;
+  }
   for (size_t i = 0; i < n_disks; i++) {
     struct disk_entry *e = &disks[i];
     struct cow_disk_config cfg = {
@@ -706,6 +722,14 @@ control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
 #undef DISK
 }
 
+/* Each control request and its outcome.  nbdkit_error is nbdkit's only
+ * channel that is always shown (the log or stderr). */
+static void
+control_log_fn (void *opaque, const char *line)
+{
+  nbdkit_error ("control: %s", line);
+}
+
 /* Threads started before nbdkit forks into the background would not
  * exist in the server, so the sync thread and max-depth (whose merges run
  * on a job thread) wait until after the fork. */
@@ -722,7 +746,7 @@ cowchain_after_fork (void)
   }
   if (control_path) {
     control = control_start (control_path, allow_uids, n_allow_uids,
-                             control_handler_fn, NULL);
+                             control_handler_fn, control_log_fn, NULL);
     if (control == NULL) {
       nbdkit_error ("%s", cow_last_error ());
       return -1;
