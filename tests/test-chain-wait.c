@@ -9,7 +9,10 @@
  *   - a snapshot whose read ends within the bound succeeds;
  *   - a revert fails the same way, changing nothing;
  *   - snapshot-atomic of two disks, one of them held, fails on both and
- *     does not freeze the other disk; once released, it succeeds on both.
+ *     does not freeze the other disk; once released, it succeeds on both;
+ *   - a job's final switch after its manifest was saved fails the job and
+ *     degrades the disk, which the next FLUSH repairs (old chain, same
+ *     data, also after a reopen).
  */
 #undef NDEBUG
 #include <config.h>
@@ -434,6 +437,75 @@ test_group_all_or_nothing (void **state)
   fx_fini (&b);
 }
 
+/* A job's final switch after its manifest was saved: it cannot undo the
+ * save, so a switch that does not drain fails the job and leaves the disk
+ * degraded, still serving the old chain; the next FLUSH writes the old
+ * manifest back, and a reopen finds the same disk. */
+static void
+test_job_switch_bounded (void **state)
+{
+  struct fx f;
+  struct held_read h;
+  struct cow_job_opts o = { .force = true };
+  struct cow_job_info ji;
+  struct cow_disk_config cfg = { .drain_timeout_ms = DRAIN_MS };
+  uint8_t w[65536], *all;
+  char *why = NULL;
+  double t0;
+
+  (void) state;
+  fx_init (&f, "chain-wait-job", 6);
+  assert_int_equal (cow_disk_snapshot (f.d, "s1", NULL), 0);
+  memset (w, 0x3c, sizeof w);
+  assert_int_equal (cow_disk_pwrite (f.d, w, sizeof w, 2 * MIB, 0), 0);
+  memcpy (f.data + 2 * MIB, w, sizeof w);
+  setenv ("COWCHAIN_JOB_STOP_AT", "before-switch", 1);
+  assert_int_equal (cow_disk_delete (f.d, "s1", &o), 0);
+  for (t0 = now_s (); ; usleep (10000)) {
+    assert_int_equal (cow_disk_job_info (f.d, &ji), 0);
+    if (ji.state == COW_JOB_PAUSED)
+      break;
+    if (ji.state != COW_JOB_RUNNING || now_s () - t0 > 30)
+      fail_msg ("the job did not stop before its switch (state %d)",
+                (int) ji.state);
+    cow_job_info_clear (&ji);
+  }
+  cow_job_info_clear (&ji);
+  hold_start (&h, &f);
+  t0 = now_s ();
+  assert_int_equal (cow_disk_job_resume (f.d), 0);
+  assert_int_equal (cow_disk_job_wait (f.d), -1);
+  t0 = now_s () - t0;
+  unsetenv ("COWCHAIN_JOB_STOP_AT");
+  assert_int_equal (cow_last_errno (), ETIMEDOUT);
+  if (strstr (cow_last_error (), "did not drain") == NULL)
+    fail_msg ("job error: %s", cow_last_error ());
+  if (t0 < DRAIN_MS / 1000.0 * 0.9 || t0 > DRAIN_MS / 1000.0 + 2)
+    fail_msg ("the job failed after %.2f s", t0);
+  assert_int_not_equal (cow_disk_health (f.d, &why), 0);
+  free (why);
+  hold_release (&h);
+  assert_int_equal (cow_disk_flush (f.d), 0);
+  assert_int_equal (cow_disk_health (f.d, &why), 0);
+  assert_int_equal (n_layers (&f), 2);
+  assert_int_equal (n_layer_files (&f), 2);
+
+  all = malloc (SIZE);
+  assert_non_null (all);
+  assert_int_equal (cow_disk_pread (f.d, all, SIZE, 0), 0);
+  assert_memory_equal (all, f.data, SIZE);
+  assert_int_equal (cow_disk_close (f.d), 0);
+  cfg.state_dir = f.st;
+  f.d = cow_disk_open (&cfg);
+  if (f.d == NULL)
+    fail_msg ("reopen: %s", cow_last_error ());
+  assert_int_equal (n_layers (&f), 2);
+  assert_int_equal (cow_disk_pread (f.d, all, SIZE, 0), 0);
+  assert_memory_equal (all, f.data, SIZE);
+  free (all);
+  fx_fini (&f);
+}
+
 int
 main (void)
 {
@@ -442,6 +514,7 @@ main (void)
     cmocka_unit_test (test_snapshot_waits_for_short_read),
     cmocka_unit_test (test_revert_bounded),
     cmocka_unit_test (test_group_all_or_nothing),
+    cmocka_unit_test (test_job_switch_bounded),
   };
 
   return cmocka_run_group_tests (tests, group_setup, group_teardown);
