@@ -104,7 +104,8 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
     if (disks[i]->drain_ns < bound)
       bound = disks[i]->drain_ns;
   for (;;) {
-    uint64_t t = now_ns (), until = t + window;
+    uint64_t t = now_ns (), until = t + window, t_chain = t;
+    size_t n_dur = (which & CHAIN_HOLD_DURABILITY) ? n : 0;
     struct timespec ts;
     size_t k;
     int e = 0;
@@ -113,6 +114,8 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
       until = start + bound > t ? start + bound : t;
     mono_ts (&ts, until);
     for (k = 0; k < total; k++) {
+      if (k == n_dur && k > 0)
+        t_chain = now_ns ();
       e = pthread_rwlock_clockwrlock (lock_at (disks, n, which, k),
                                       CLOCK_MONOTONIC, &ts);
       if (e)
@@ -120,7 +123,7 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
     }
     if (k == total) {
       if (t0)
-        *t0 = t;
+        *t0 = t_chain;
       return 0;
     }
     stuck = k % n;
