@@ -245,7 +245,8 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
                     "0.001 to 86400 (or 0 = never)", value);
       return -1;
     }
-    e->base_timeout_ms = t == 0 ? COW_TIMEOUT_NONE : (uint32_t) (t * 1000 + 0.5);
+    e->base_timeout_ms = t == 0 ? COW_TIMEOUT_NONE
+      : (uint32_t) (t * 1000 + 0.5);
     return 0;
   }
   if (strcmp (key, "allow-backing") == 0) {
@@ -374,8 +375,9 @@ cowchain_config_complete (void)
   "max-depth=N              merge unnamed frozen layers in the background\n" \
   "                         while the chain has more than N layers (state=\n" \
   "                         disks; 0..1000, default 0 = never)\n" \
-  "base-timeout=SECONDS     a remote NBD base's request fails (EIO) after\n" \
-  "                         this long without an answer (default 30, 0 = never)\n" \
+  "base-timeout=SECONDS     a request to a remote NBD base fails (EIO)\n" \
+  "                         after this long without an answer (default\n" \
+  "                         30, 0 = never)\n" \
   "allow-backing=PATH       a file a qcow2 base's chain may name outside\n" \
   "                         the base's directory (repeatable)\n" \
   "disk=NAME                start another disk (NBD export NAME); the keys\n" \
