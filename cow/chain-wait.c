@@ -143,7 +143,7 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
       window *= 2;
   }
   cow_error_set (ETIMEDOUT, "%s: %s failed: guest I/O did not drain within "
-                 "%.3g s (is a request to the base stuck? see "
+                 "%.6g s (is a request to the base stuck? see "
                  "base-timeout); nothing was changed", disk_name (disks[stuck]),
                  what, bound / 1e9);
   return -1;

@@ -66,13 +66,13 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <time.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <libnbd.h>
@@ -401,7 +401,7 @@ run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
 
   if (c == NULL) {
     cow_error_set (EIO, "%s: %s failed: no connection to the base came free "
-                   "within the base timeout of %.3g s (the requests on them "
+                   "within the base timeout of %.6g s (the requests on them "
                    "are stuck)", n->layer.path, what, n->timeout_ms / 1000.0);
     return -1;
   }
@@ -436,7 +436,7 @@ run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
     goto out;
  timed_out:
   cow_error_set (EIO, "%s: %s got no answer within the base timeout of "
-                 "%.3g s (base-timeout=); the connection was dropped and the "
+                 "%.6g s (base-timeout=); the connection was dropped and the "
                  "next request reconnects", n->layer.path, what,
                  n->timeout_ms / 1000.0);
  out:
