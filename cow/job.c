@@ -196,16 +196,18 @@ drop_names (struct cow_disk *d, long from, long to)
     free (p->next.layers[i].description);
     p->next.layers[i].snapshot = p->next.layers[i].description = NULL;
   }
-  /* The lock before the save: a save that could not be installed would
-   * leave the manifest file ahead of the chain served. */
-  if (chain_plan_build (d, p) == 0
-      && chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN,
-                               "dropping snapshot names", NULL) == 0) {
-    if (chain_plan_save (d, p) == 0) {
+  /* Saved, then installed; if guest I/O does not drain for the install,
+   * the disk is degraded until the manifest in memory (the names still
+   * there) is written back, as after a job's switch (commit_plan). */
+  if (chain_plan_build (d, p) == 0 && chain_plan_save (d, p) == 0) {
+    if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN,
+                              "dropping snapshot names", NULL) == -1)
+      chain_set_degraded (d, "dropping snapshot names");
+    else {
       chain_plan_install (d, p);
+      chain_release (&d, 1, CHAIN_HOLD_CHAIN);
       r = 0;
     }
-    chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   }
   chain_plan_free (d, p);
   return r;

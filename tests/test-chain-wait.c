@@ -10,6 +10,8 @@
  *   - a revert fails the same way, changing nothing;
  *   - snapshot-atomic of two disks, one of them held, fails on both and
  *     does not freeze the other disk; once released, it succeeds on both;
+ *   - a delete whose name drop cannot drain fails to start, and the disk
+ *     is degraded until FLUSH writes the name back;
  *   - a job's final switch after its manifest was saved fails the job and
  *     degrades the disk, which the next FLUSH repairs (old chain, same
  *     data, also after a reopen).
@@ -226,7 +228,7 @@ hold_release (struct held_read *h)
   assert_memory_equal (h->buf, h->f->data + HOLD_OFFSET, sizeof h->buf);
 }
 
-enum change_kind { SNAPSHOT, REVERT };
+enum change_kind { SNAPSHOT, REVERT, DELETE };
 
 struct change {
   enum change_kind kind;
@@ -248,7 +250,8 @@ change_run (void *arg)
 
   c->r = c->kind == SNAPSHOT
     ? cow_disk_snapshot_group (c->disks, c->n, c->name, NULL)
-    : cow_disk_revert (c->disks[0], c->name, true);
+    : c->kind == REVERT ? cow_disk_revert (c->disks[0], c->name, true)
+    : cow_disk_delete (c->disks[0], c->name, NULL);
   c->secs = now_s () - t0;
   if (c->r == -1) {
     c->err = cow_last_errno ();
@@ -437,6 +440,43 @@ test_group_all_or_nothing (void **state)
   fx_fini (&b);
 }
 
+/* A delete drops the snapshot's name (saved, then installed) before its
+ * job starts: if the install cannot drain, the start fails, the disk is
+ * degraded until FLUSH writes the name back, and the name stays. */
+static void
+test_delete_start_bounded (void **state)
+{
+  struct fx f;
+  struct held_read h;
+  struct change c = { .kind = DELETE, .n = 1, .name = "s1" };
+  struct cow_layer_info *v;
+  char *why = NULL;
+  unsigned rounds;
+  double worst;
+  size_t n;
+
+  (void) state;
+  fx_init (&f, "chain-wait-delete", 7);
+  c.disks[0] = f.d;
+  assert_int_equal (cow_disk_snapshot (f.d, "s1", NULL), 0);
+  hold_start (&h, &f);
+  change_start (&c);
+  /* (Whether the disk is degraded now depends on whether a FLUSH of
+   * the loop came after the failure: test_job_switch_bounded checks it.) */
+  worst = io_until_done (&f, &c, &rounds);
+  hold_release (&h);
+  expect_drain_failure (&c, f.st);
+  expect_live (worst, rounds);
+  assert_int_equal (cow_disk_flush (f.d), 0);
+  assert_int_equal (cow_disk_health (f.d, &why), 0);
+  assert_int_equal (cow_disk_layers (f.d, &v, &n), 0);
+  assert_int_equal (n, 2);
+  assert_non_null (v[0].snapshot);
+  assert_string_equal (v[0].snapshot, "s1");
+  cow_layer_info_free (v, n);
+  fx_fini (&f);
+}
+
 /* A job's final switch after its manifest was saved: it cannot undo the
  * save, so a switch that does not drain fails the job and leaves the disk
  * degraded, still serving the old chain; the next FLUSH writes the old
@@ -514,6 +554,7 @@ main (void)
     cmocka_unit_test (test_snapshot_waits_for_short_read),
     cmocka_unit_test (test_revert_bounded),
     cmocka_unit_test (test_group_all_or_nothing),
+    cmocka_unit_test (test_delete_start_bounded),
     cmocka_unit_test (test_job_switch_bounded),
   };
 
