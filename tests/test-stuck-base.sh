@@ -12,7 +12,9 @@
 # Then the base comes back without the delay on the same socket: a base
 # read works again (the dropped connection reconnects), the whole disk
 # reads as the model, and every layer passes qemu-img check.  Bad
-# base-timeout values stop nbdkit from starting with a message.
+# base-timeout values stop nbdkit from starting with a message, and so
+# does a base that accepts the connection but never does the handshake
+# (within the timeout, not forever).
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
 
 requires nbdkit qemu-img
@@ -36,6 +38,27 @@ for v in abc -1 1e9 0.0001 ''; do
         "$(server_log bad)" || fail "base-timeout=$v: no clear message"
 done
 [ ! -e "$tmpdir/bad/manifest" ] || fail "a refused start created a manifest"
+
+#----------------------------------------------------------------------
+note "a base that accepts but never does the handshake: start fails in time"
+mute_sock=$tmpdir/mute-base.sock  # not mute.sock: the server NAME's socket
+"$PYTHON" -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+time.sleep(120)' "$mute_sock" &
+mute_pid=$!
+on_exit "kill -KILL $mute_pid 2>/dev/null"
+for (( i = 0; i < 600; i++ )); do [ -S "$mute_sock" ] && break; sleep 0.05; done
+[ -S "$mute_sock" ] || fail "the mute listener did not start"
+t0=$SECONDS
+expect_start_failure mute base="nbd+unix:///?socket=$mute_sock" \
+    state="$tmpdir/mute" base-timeout=1.5
+grep -q "the handshake did not finish within the base timeout" \
+    "$(server_log mute)" || fail "no clear message for a mute base"
+(( SECONDS - t0 < 20 )) || fail "a mute base held the start for $(( SECONDS - t0 )) s"
+kill -KILL "$mute_pid" 2>/dev/null || :
 
 #----------------------------------------------------------------------
 # The base server (a plain nbdkit, never the sanitizer build).
