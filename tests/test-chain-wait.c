@@ -40,9 +40,9 @@
 #define MIB (1u << 20)
 #define SIZE (16 * MIB)
 #define HOLD_OFFSET (12 * MIB)  /* a base read here is held */
-#define DRAIN_MS 2000u
+#define DRAIN_MS 3000u
 /* Far below DRAIN_MS: a frozen disk would wait about that long. */
-#define MAX_LATENCY 0.8
+#define MAX_LATENCY 1.5
 
 static int
 nosync (int fd)
