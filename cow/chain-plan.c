@@ -152,8 +152,12 @@ chain_try_settle (struct cow_disk *d, bool wait)
 {
   if (!chain_degraded (d))
     return;
-  if (wait)
-    pthread_mutex_lock (&d->admin_lock);
+  /* A FLUSH waits no longer than a chain change may (which holds
+   * admin_lock); if it does not come free, the FLUSH fails as degraded. */
+  if (wait) {
+    if (!chain_admin_lock_bounded (d))
+      return;
+  }
   else if (pthread_mutex_trylock (&d->admin_lock) != 0)
     return;
   chain_settle (d, "settle");

@@ -295,7 +295,7 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
       return -1;
     }
     /* Under the frozen layers of a state directory, if any. */
-    d->lower[d->n_lower].l = nbd_layer_open (cfg->base);
+    d->lower[d->n_lower].l = nbd_layer_open (cfg->base, d->base_timeout_ms);
     if (d->lower[d->n_lower].l == NULL)
       return -1;
     d->n_lower++;
@@ -866,6 +866,10 @@ cow_disk_open (const struct cow_disk_config *cfg)
   d->sync_mode = cfg->sync_mode;
   d->sync_interval_ms = cfg->sync_interval_ms;
   d->cache_size = cfg->cache_size;
+  d->base_timeout_ms = cfg->base_timeout_ms == COW_TIMEOUT_NONE ? 0
+    : cfg->base_timeout_ms ? cfg->base_timeout_ms : COW_DEFAULT_BASE_TIMEOUT_MS;
+  d->drain_ns = (uint64_t) (cfg->drain_timeout_ms ? cfg->drain_timeout_ms
+                            : COW_DEFAULT_DRAIN_TIMEOUT_MS) * 1000000u;
 
   r = cfg->state_dir ? open_state (d, cfg) : open_overlay (d, cfg);
   if (r == -1)
@@ -1353,16 +1357,19 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
     ret = -1;
     goto out;
   }
-  for (size_t i = 0; i < n; i++)
-    pthread_rwlock_wrlock (&disks[i]->durability_lock);
-  /* The cut: every disk drained, then all switched. */
-  t0 = now_ns ();
-  for (size_t i = 0; i < n; i++)
-    pthread_rwlock_wrlock (&disks[i]->chain_lock);
+  /* The cut: every disk drained (in bounded windows, all or none), then
+   * all switched. */
+  if (chain_wait_exclusive (disks, n, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN,
+                            n > 1 ? "snapshot-atomic" : "snapshot", &t0)
+      == -1) {
+    for (size_t i = 0; i < n; i++)
+      chain_plan_free (disks[i], p[i]);
+    ret = -1;
+    goto out;
+  }
   for (size_t i = 0; i < n; i++)
     chain_plan_install (disks[i], p[i]);
-  for (size_t i = 0; i < n; i++)
-    pthread_rwlock_unlock (&disks[i]->chain_lock);
+  chain_release (disks, n, CHAIN_HOLD_CHAIN);
   pause = now_ns () - t0;
   for (size_t i = 0; i < n; i++) {
     disks[i]->last_pause_ns = pause;
@@ -1437,14 +1444,14 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
       || chain_plan_build (d, p) == -1)
     goto out;
   /* The manifest first: a failed save leaves the old chain served. */
-  pthread_rwlock_wrlock (&d->durability_lock);
-  pthread_rwlock_wrlock (&d->chain_lock);
+  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN,
+                            "revert", NULL) == -1)
+    goto out;
   if (chain_plan_save (d, p) == 0) {
     chain_plan_install (d, p);
     ret = 0;
   }
-  pthread_rwlock_unlock (&d->chain_lock);
-  pthread_rwlock_unlock (&d->durability_lock);
+  chain_release (&d, 1, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN);
  out:
   chain_plan_free (d, p);
   pthread_mutex_unlock (&d->admin_lock);

@@ -63,9 +63,14 @@ struct cow_disk {
   uint64_t last_pause_ns;
   uint64_t size;
 
-  /* chain_lock: I/O holds it shared, changes of the chain (none yet
-   * besides close) hold it exclusive. */
+  /* chain_lock: I/O holds it shared; changes of the chain hold it
+   * exclusive, taken with chain_wait_exclusive (never a plain wrlock:
+   * a writer waiting on this writer-preferring lock stops new readers). */
   pthread_rwlock_t chain_lock;
+  /* Bounds of the waits (fixed after open): a remote base's requests
+   * (0 = none), and a chain change's wait for guest I/O to drain. */
+  uint32_t base_timeout_ms;
+  uint64_t drain_ns;
 
   enum cow_sync_mode sync_mode;
   uint32_t sync_interval_ms;
@@ -152,6 +157,23 @@ int chain_settle (struct cow_disk *d, const char *what);
 void chain_try_settle (struct cow_disk *d, bool wait);
 int chain_check_durable (struct cow_disk *d);
 int chain_refuse_degraded (struct cow_disk *d, int err, const char *what);
+
+/* chain-wait.c: exclusive holds for a chain change, taken in short
+ * windows so that guest I/O runs between them, for at most the disk's
+ * drain_ns (the smallest of the disks').  which: CHAIN_HOLD_DURABILITY
+ * and/or CHAIN_HOLD_CHAIN, taken in that order, on every disk.  Returns
+ * 0 with all held (*t0, if given: when the last window began to take
+ * the chain locks, so that from *t0 to their release is guest I/O's
+ * pause), or -1 with none held and ETIMEDOUT set, naming 'what' and the
+ * disk that did not drain.  chain_release drops what chain_wait_exclusive took.
+ * chain_admin_lock_bounded takes admin_lock within the drain bound
+ * (false: it did not come free). */
+#define CHAIN_HOLD_DURABILITY 1u
+#define CHAIN_HOLD_CHAIN 2u
+int chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
+                          unsigned which, const char *what, uint64_t *t0);
+void chain_release (struct cow_disk *const *disks, size_t n, unsigned which);
+bool chain_admin_lock_bounded (struct cow_disk *d);
 
 /* chain.c helpers. */
 int chain_check_names (struct cow_disk *d, bool readonly);

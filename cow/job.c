@@ -211,11 +211,18 @@ drop_names (struct cow_disk *d, long from, long to)
     free (p->next.layers[i].description);
     p->next.layers[i].snapshot = p->next.layers[i].description = NULL;
   }
+  /* Saved, then installed; if guest I/O does not drain for the install,
+   * the disk is degraded until the manifest in memory (the names still
+   * there) is written back, as after a job's switch (commit_plan). */
   if (chain_plan_build (d, p) == 0 && chain_plan_save (d, p) == 0) {
-    pthread_rwlock_wrlock (&d->chain_lock);
-    chain_plan_install (d, p);
-    pthread_rwlock_unlock (&d->chain_lock);
-    r = 0;
+    if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN,
+                              "dropping snapshot names", NULL) == -1)
+      chain_set_degraded (d, "dropping snapshot names");
+    else {
+      chain_plan_install (d, p);
+      chain_release (&d, 1, CHAIN_HOLD_CHAIN);
+      r = 0;
+    }
   }
   chain_plan_free (d, p);
   return r;
@@ -594,12 +601,21 @@ copy_dirty (struct cow_job *j, bool locked)
   return 0;
 }
 
+/* Writers test track_dirty and then mark the map, under chain_lock
+ * shared: once the exclusive lock was held after the store, none can
+ * still be marking it, and it can go.  If guest I/O does not drain in
+ * time, the map stays (a later active commit clears and reuses it, the
+ * disk's close frees it): a late mark only costs an extra copy. */
 static void
 stop_tracking (struct cow_disk *d)
 {
-  pthread_rwlock_wrlock (&d->chain_lock);
   __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
-  pthread_rwlock_unlock (&d->chain_lock);
+  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, "ending an active commit",
+                            NULL) == -1) {
+    cow_error_clear ();
+    return;
+  }
+  chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   free (d->dirty_map);
   d->dirty_map = NULL;
 }
@@ -609,7 +625,10 @@ stop_tracking (struct cow_disk *d)
  */
 
 /* Save the plan's manifest (the commit point of a job) and install it;
- * on failure nothing changed in memory. */
+ * on failure nothing changed in memory.  If guest I/O does not drain for
+ * the install, the job fails and the disk is degraded: the old chain is
+ * still whole on disk (nothing was deleted or rewritten yet), and the
+ * next FLUSH or chain change writes its manifest back. */
 static int
 commit_plan (struct cow_job *j, struct chain_plan *p)
 {
@@ -618,9 +637,13 @@ commit_plan (struct cow_job *j, struct chain_plan *p)
   if (chain_plan_save (d, p) == -1)
     return -1;
   stop_at (j, "after-manifest");
-  pthread_rwlock_wrlock (&d->chain_lock);
+  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, "the job's final switch",
+                            NULL) == -1) {
+    chain_set_degraded (d, "the job's final switch");
+    return -1;
+  }
   chain_plan_install (d, p);
-  pthread_rwlock_unlock (&d->chain_lock);
+  chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   return 0;
 }
 
@@ -667,8 +690,9 @@ switch_active_commit (struct cow_job *j, struct chain_plan *p)
   if ((b == IDX_BASE && chain_plan_add_layer (d, p, NULL) == -1)
       || chain_plan_build (d, p) == -1)
     return -1;
-  pthread_rwlock_wrlock (&d->chain_lock);
-  t0 = now_ns ();
+  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN,
+                            "the active commit's final switch", &t0) == -1)
+    return -1;
   r = copy_dirty (j, true);
   if (r == 0)
     r = j->target->ops->flush (j->target);
@@ -679,7 +703,7 @@ switch_active_commit (struct cow_job *j, struct chain_plan *p)
     chain_plan_install (d, p);
     d->last_pause_ns = now_ns () - t0;
   }
-  pthread_rwlock_unlock (&d->chain_lock);
+  chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   if (r == 0) {
     free (d->dirty_map);
     d->dirty_map = NULL;
@@ -899,9 +923,11 @@ open_target (struct cow_disk *d, struct cow_job *j)
     return -1;
   }
   j->target_was_frozen = j->target != d->top;
-  pthread_rwlock_wrlock (&d->chain_lock);
+  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, "starting the job",
+                            NULL) == -1)
+    return -1;
   r = j->target->ops->reopen_rw (j->target);
-  pthread_rwlock_unlock (&d->chain_lock);
+  chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   return r;
 }
 
@@ -913,7 +939,12 @@ launch (struct cow_disk *d, struct cow_job *j, bool from_thread)
   int e;
 
   if (j->active) {
-    d->dirty_map = calloc (dirty_words (d), sizeof (uint64_t));
+    /* One left by stop_tracking may still see a late mark: harmless. */
+    if (d->dirty_map)
+      for (size_t i = 0; i < dirty_words (d); i++)
+        __atomic_store_n (&d->dirty_map[i], 0, __ATOMIC_RELEASE);
+    else
+      d->dirty_map = calloc (dirty_words (d), sizeof (uint64_t));
     if (d->dirty_map == NULL) {
       cow_error_errno ("dirty bitmap");
       free_job (j);

@@ -33,8 +33,22 @@
  * an export of a different size is refused (EIO): the base must not
  * change under the overlay.  An error the server reports on a live
  * connection (it answered EIO, say) is not retried; it fails with EIO at
- * once.  There is no timeout: a server that stops answering without
- * closing the connection blocks the requests that wait for it.
+ * once.
+ *
+ * Timeout (base-timeout).  Every request gets one deadline when it
+ * starts: the wait for a free connection, the command itself, and a
+ * reconnect with its retry all fit in it.  Commands are sent with
+ * libnbd's asynchronous calls and waited for with nbd_poll up to the
+ * deadline (the synchronous calls wait the same way inside libnbd, so
+ * this costs nothing on a healthy base).  A command without an answer
+ * by then fails with EIO and a message naming the base and the timeout,
+ * and its connection is closed at once (nbd_close frees the commands in
+ * flight; none of them touches our buffers afterwards), because a late
+ * answer could otherwise be taken for the next request's.  It is not
+ * retried: the next request that lands on the slot reconnects.  This
+ * bounds how long a guest request, and so a hold of the chain lock
+ * shared, can sit on a stuck base: chain changes wait for those holds.
+ * A timeout of 0 means wait forever (the behaviour before the key).
  *
  * What a failed base read does above this layer: a guest read of an area
  * the overlay does not hold fails with EIO, and so does a guest write that
@@ -58,6 +72,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <libnbd.h>
@@ -88,6 +103,7 @@ struct nbd_conn {
 struct nbd_layer {
   struct layer layer;
   char *connect_uri;            /* what is passed to nbd_connect_uri */
+  uint32_t timeout_ms;          /* per request; 0 = none (fixed) */
   unsigned n_conns;             /* fixed after open */
   unsigned next;                /* atomic: round-robin start */
   struct nbd_conn conns[NBD_POOL_MAX];
@@ -109,19 +125,89 @@ nbd_msg (void)
   return m ? m : "unknown libnbd error";
 }
 
-/* Create a handle, connect it to uri and fill in c's limits.  On failure
- * returns NULL with *err set to a malloc'd copy of libnbd's message. */
+/* Deadlines are CLOCK_MONOTONIC nanoseconds; 0 is none. */
+static uint64_t
+mono_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
+}
+
+static uint64_t
+deadline_of (const struct nbd_layer *n)
+{
+  return n->timeout_ms ? mono_ns () + (uint64_t) n->timeout_ms * 1000000u : 0;
+}
+
+/* Wait on h until done() or the deadline: done()'s non-zero answer, 0
+ * timed out, -1 libnbd failed (its message left in the thread). */
+static int
+poll_until (struct nbd_handle *h, uint64_t deadline,
+            int (*done) (struct nbd_handle *h, int64_t cookie),
+            int64_t cookie)
+{
+  for (;;) {
+    int r = done (h, cookie);
+    int ms = -1;
+
+    if (r != 0)
+      return r;
+    if (deadline) {
+      uint64_t now = mono_ns ();
+      if (now >= deadline)
+        return 0;
+      ms = (deadline - now + 999999) / 1000000 > INT_MAX ? INT_MAX
+        : (int) ((deadline - now + 999999) / 1000000);
+    }
+    if (nbd_poll (h, ms) == -1)
+      return -1;
+  }
+}
+
+/* done() of a command: 1 answered, -1 failed (libnbd's error set), 0 not
+ * yet. */
+static int
+command_done (struct nbd_handle *h, int64_t cookie)
+{
+  return nbd_aio_command_completed (h, cookie);
+}
+
+/* done() of the handshake: 1 ready, -2 the connection ended, 0 not yet. */
+static int
+connect_done (struct nbd_handle *h, int64_t unused)
+{
+  if (nbd_aio_is_connecting (h) == 1)
+    return 0;
+  return nbd_aio_is_ready (h) == 1 ? 1 : -2;
+}
+
+/* Create a handle, connect it to uri by the deadline and fill in c's
+ * limits.  On failure returns NULL with *err set to a malloc'd reason. */
 static struct nbd_handle *
-conn_connect (const char *uri, struct nbd_conn *c, char **err)
+conn_connect (const char *uri, struct nbd_conn *c, uint64_t deadline,
+              char **err)
 {
   struct nbd_handle *h = nbd_create ();
   int64_t v;
+  int r;
 
   *err = NULL;
   if (h == NULL)
     goto fail;
   if (nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1
-      || nbd_connect_uri (h, uri) == -1)
+      || nbd_aio_connect_uri (h, uri) == -1)
+    goto fail;
+  r = poll_until (h, deadline, connect_done, 0);
+  if (r == 0 || r == -2) {
+    nbd_close (h);
+    *err = strdup (r == 0 ? "the handshake did not finish within the base "
+                   "timeout" : "the server ended the connection during the "
+                   "handshake");
+    return NULL;
+  }
+  if (r == -1)
     goto fail;
   v = nbd_get_block_size (h, LIBNBD_SIZE_MINIMUM);
   c->min_block = v > 0 && v <= 65536 ? (uint32_t) v : 1;
@@ -149,6 +235,8 @@ conn_alive (struct nbd_conn *c)
   return c->h && nbd_aio_is_ready (c->h) == 1;
 }
 
+/* Close c's connection, with any command still in flight on it (libnbd
+ * retires those without touching their buffers again). */
 static void
 conn_drop (struct nbd_conn *c)
 {
@@ -161,13 +249,14 @@ conn_drop (struct nbd_conn *c)
 /* Replace a broken connection (caller holds c->lock).  On failure
  * returns -1 with *why set to a malloc'd reason (or NULL). */
 static int
-conn_reconnect (struct nbd_layer *n, struct nbd_conn *c, char **why)
+conn_reconnect (struct nbd_layer *n, struct nbd_conn *c, uint64_t deadline,
+                char **why)
 {
   int64_t size;
 
   *why = NULL;
   conn_drop (c);
-  c->h = conn_connect (n->connect_uri, c, why);
+  c->h = conn_connect (n->connect_uri, c, deadline, why);
   if (c->h == NULL)
     return -1;
   size = nbd_get_size (c->h);
@@ -183,19 +272,29 @@ conn_reconnect (struct nbd_layer *n, struct nbd_conn *c, char **why)
 }
 
 /* Take a connection: the first free one from the round-robin position,
- * else wait for that one. */
+ * else wait for that one until the deadline (NULL when it passed). */
 static struct nbd_conn *
-conn_get (struct nbd_layer *n)
+conn_get (struct nbd_layer *n, uint64_t deadline)
 {
   unsigned start = __atomic_fetch_add (&n->next, 1, __ATOMIC_RELAXED);
+  struct nbd_conn *c;
+  struct timespec ts;
 
   for (unsigned i = 0; i < n->n_conns; i++) {
-    struct nbd_conn *c = &n->conns[(start + i) % n->n_conns];
+    c = &n->conns[(start + i) % n->n_conns];
     if (pthread_mutex_trylock (&c->lock) == 0)
       return c;
   }
-  pthread_mutex_lock (&n->conns[start % n->n_conns].lock);
-  return &n->conns[start % n->n_conns];
+  c = &n->conns[start % n->n_conns];
+  if (deadline == 0) {
+    pthread_mutex_lock (&c->lock);
+    return c;
+  }
+  ts.tv_sec = (time_t) (deadline / 1000000000u);
+  ts.tv_nsec = (long) (deadline % 1000000000u);
+  if (pthread_mutex_clocklock (&c->lock, CLOCK_MONOTONIC, &ts) != 0)
+    return NULL;
+  return c;
 }
 
 static void
@@ -204,11 +303,29 @@ conn_put (struct nbd_conn *c)
   pthread_mutex_unlock (&c->lock);
 }
 
-/* An operation on one connection (caller holds c->lock): 0 on success,
- * -1 when libnbd failed (its message left in the thread), -2 on a local
- * failure (recorded with cow_error_set).  A disconnected slot (h NULL)
- * fails with -1. */
-typedef int (*conn_op) (struct nbd_layer *n, struct nbd_conn *c, void *arg);
+/* An operation on one connection (caller holds c->lock), answered by
+ * the deadline: 0 on success, -1 when libnbd failed (its message left in
+ * the thread), -2 on a local failure (recorded with cow_error_set), -3
+ * when the deadline passed (the connection is then dropped).  A
+ * disconnected slot (h NULL) fails with -1. */
+typedef int (*conn_op) (struct nbd_layer *n, struct nbd_conn *c, void *arg,
+                        uint64_t deadline);
+
+/* Wait for the command cookie (-1: sending it failed) on c. */
+static int
+conn_wait (struct nbd_conn *c, int64_t cookie, uint64_t deadline)
+{
+  int r;
+
+  if (cookie == -1)
+    return -1;
+  r = poll_until (c->h, deadline, command_done, cookie);
+  if (r == 0) {
+    conn_drop (c);
+    return -3;
+  }
+  return r == 1 ? 0 : -1;
+}
 
 struct read_args {
   char *buf;
@@ -219,7 +336,8 @@ struct read_args {
  * split at max_read, with the ends widened to the minimum block size
  * through a bounce buffer when the server asks for alignment. */
 static int
-conn_pread (struct nbd_layer *n, struct nbd_conn *c, void *arg)
+conn_pread (struct nbd_layer *n, struct nbd_conn *c, void *arg,
+            uint64_t deadline)
 {
   struct read_args *ra = arg;
   char *buf = ra->buf;
@@ -241,21 +359,27 @@ conn_pread (struct nbd_layer *n, struct nbd_conn *c, void *arg)
     if (len > count)
       len = count;
     if (astart == offset && alen == len) {
-      if (nbd_pread (c->h, buf, len, offset, 0) == -1)
-        return -1;
+      int r = conn_wait (c, nbd_aio_pread (c->h, buf, len, offset,
+                                           NBD_NULL_COMPLETION, 0), deadline);
+      if (r != 0)
+        return r;
     }
     else {
       char *bounce = malloc (alen);
+      int r;
+
       if (bounce == NULL) {
         cow_error_errno ("%s: bounce buffer", n->layer.path);
         return -2;
       }
-      if (nbd_pread (c->h, bounce, alen, astart, 0) == -1) {
-        free (bounce);
-        return -1;
-      }
-      memcpy (buf, bounce + (offset - astart), len);
+      /* On a timeout the connection is gone before bounce is freed. */
+      r = conn_wait (c, nbd_aio_pread (c->h, bounce, alen, astart,
+                                       NBD_NULL_COMPLETION, 0), deadline);
+      if (r == 0)
+        memcpy (buf, bounce + (offset - astart), len);
       free (bounce);
+      if (r != 0)
+        return r;
     }
     buf += len;
     offset += len;
@@ -270,12 +394,22 @@ conn_pread (struct nbd_layer *n, struct nbd_conn *c, void *arg)
 static int
 run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
 {
-  struct nbd_conn *c = conn_get (n);
+  uint64_t deadline = deadline_of (n);
+  struct nbd_conn *c = conn_get (n, deadline);
   char *first = NULL, *why = NULL;
-  int r = op (n, c, arg);
+  int r;
 
+  if (c == NULL) {
+    cow_error_set (EIO, "%s: %s failed: no connection to the base came free "
+                   "within the base timeout of %.6g s (the requests on them "
+                   "are stuck)", n->layer.path, what, n->timeout_ms / 1000.0);
+    return -1;
+  }
+  r = op (n, c, arg, deadline);
   if (r == 0 || r == -2)
     goto out;
+  if (r == -3)
+    goto timed_out;
   if (conn_alive (c)) {
     /* The server answered with an error: a new connection would not
      * change its mind. */
@@ -283,14 +417,14 @@ run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
     goto out;
   }
   first = strdup (c->h ? nbd_msg () : "not connected");
-  if (conn_reconnect (n, c, &why) == -1) {
+  if (conn_reconnect (n, c, deadline, &why) == -1) {
     cow_error_set (EIO, "%s: %s failed (%s), and reconnecting failed: %s",
                    n->layer.path, what, first ? first : "?",
                    why ? why : "out of memory");
     r = -1;
     goto out;
   }
-  r = op (n, c, arg);
+  r = op (n, c, arg, deadline);
   if (r == -1) {
     cow_error_set (EIO, "%s: %s failed (%s), and failed again after "
                    "reconnecting: %s", n->layer.path, what,
@@ -298,6 +432,13 @@ run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
     if (!conn_alive (c))
       conn_drop (c);
   }
+  if (r != -3)
+    goto out;
+ timed_out:
+  cow_error_set (EIO, "%s: %s got no answer within the base timeout of "
+                 "%.6g s (base-timeout=); the connection was dropped and the "
+                 "next request reconnects", n->layer.path, what,
+                 n->timeout_ms / 1000.0);
  out:
   conn_put (c);
   free (first);
@@ -407,7 +548,8 @@ struct map_args {
 };
 
 static int
-conn_map (struct nbd_layer *n, struct nbd_conn *c, void *arg)
+conn_map (struct nbd_layer *n, struct nbd_conn *c, void *arg,
+          uint64_t deadline)
 {
   struct map_args *ma = arg;
   struct map_acc *a = &ma->acc;
@@ -428,7 +570,11 @@ conn_map (struct nbd_layer *n, struct nbd_conn *c, void *arg)
     a->len = ma->count;
     return 0;
   }
-  return nbd_block_status (c->h, alen, astart, cb, 0);
+  /* a lives in the caller's frame, which outlasts the handle's use of
+   * it: on a timeout the connection is closed before conn_wait returns. */
+  return conn_wait (c, nbd_aio_block_status (c->h, alen, astart, cb,
+                                             NBD_NULL_COMPLETION, 0),
+                    deadline);
 }
 
 static int
@@ -485,8 +631,10 @@ nbd_layer_close (struct layer *l)
     struct nbd_conn *c = &n->conns[i];
     pthread_mutex_lock (&c->lock);
     if (c->h) {
+      /* A polite NBD_CMD_DISC, without waiting for a server that may
+       * not answer (nbd_shutdown would). */
       if (nbd_aio_is_ready (c->h) == 1)
-        nbd_shutdown (c->h, 0);         /* polite NBD_CMD_DISC */
+        nbd_aio_disconnect (c->h, 0);
       nbd_close (c->h);
       c->h = NULL;
     }
@@ -559,11 +707,12 @@ absolute_socket_uri (const char *uri)
 }
 
 struct layer *
-nbd_layer_open (const char *uri)
+nbd_layer_open (const char *uri, uint32_t timeout_ms)
 {
   struct nbd_layer *n;
   struct nbd_conn *c;
   char *err = NULL;
+  uint64_t deadline;
   int64_t size;
   int mc;
 
@@ -576,6 +725,7 @@ nbd_layer_open (const char *uri)
     pthread_mutex_init (&n->conns[i].lock, NULL);
   n->layer.ops = &nbd_ops;
   n->layer.readonly = true;
+  n->timeout_ms = timeout_ms;
   n->layer.path = strdup (uri);
   n->connect_uri = absolute_socket_uri (uri);
   if (n->layer.path == NULL || n->connect_uri == NULL) {
@@ -584,7 +734,8 @@ nbd_layer_open (const char *uri)
   }
 
   c = &n->conns[0];
-  c->h = conn_connect (n->connect_uri, c, &err);
+  deadline = deadline_of (n);
+  c->h = conn_connect (n->connect_uri, c, deadline, &err);
   if (c->h == NULL) {
     cow_error_set (EIO, "%s: cannot connect to the NBD server: %s", uri,
                    err ? err : "out of memory");
@@ -606,7 +757,7 @@ nbd_layer_open (const char *uri)
   if (mc == 1) {
     for (unsigned i = 1; i < NBD_POOL_MAX; i++) {
       struct nbd_conn *ci = &n->conns[n->n_conns];
-      ci->h = conn_connect (n->connect_uri, ci, &err);
+      ci->h = conn_connect (n->connect_uri, ci, deadline, &err);
       free (err);
       if (ci->h == NULL)
         break;

@@ -41,7 +41,18 @@ struct cow_disk_config {
    * only if listed here (NULL-terminated); relative ones only if they stay
    * in the base's directory. */
   const char *const *allow_backing;
+  /* A remote NBD base: a request to it (or the connection at open) with
+   * no answer after this long fails with EIO, and its connection is
+   * dropped; 0 = COW_DEFAULT_BASE_TIMEOUT_MS, COW_TIMEOUT_NONE = never. */
+  uint32_t base_timeout_ms;
+  /* How long a chain change (snapshot, revert, a job's final switch)
+   * waits for guest I/O in flight to drain before it fails with
+   * ETIMEDOUT, changing nothing; 0 = COW_DEFAULT_DRAIN_TIMEOUT_MS. */
+  uint32_t drain_timeout_ms;
 };
+#define COW_TIMEOUT_NONE UINT32_MAX
+#define COW_DEFAULT_BASE_TIMEOUT_MS 30000u
+#define COW_DEFAULT_DRAIN_TIMEOUT_MS 10000u
 
 /* Flags of the I/O calls (same meaning as nbdkit's). */
 #define COW_FLAG_MAY_TRIM  (1u << 0)

@@ -32,6 +32,7 @@ struct disk_entry {
   uint32_t cluster_size;
   int compat;
   unsigned max_depth;           /* 0 = no automatic merges */
+  uint32_t base_timeout_ms;     /* 0 = the default */
   struct cow_disk *disk;
   /* NBD connections open on this disk (.open/.close, any thread): a
    * revert refuses to change the disk under them unless forced. */
@@ -236,6 +237,22 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
     e->max_depth = n;
     return 0;
   }
+  if (strcmp (key, "base-timeout") == 0) {
+    char *end;
+    double t;
+
+    errno = 0;
+    t = strtod (value, &end);
+    if (errno || end == value || *end || !(t >= 0 && t <= 86400)
+        || (t > 0 && t < 0.001)) {
+      nbdkit_error ("base-timeout: '%s' is not a number of seconds from "
+                    "0.001 to 86400 (or 0 = never)", value);
+      return -1;
+    }
+    e->base_timeout_ms = t == 0 ? COW_TIMEOUT_NONE
+      : (uint32_t) (t * 1000 + 0.5);
+    return 0;
+  }
   if (strcmp (key, "allow-backing") == 0) {
     char **v = realloc (e->allow_backing,
                         (e->n_allow_backing + 2) * sizeof *v);
@@ -371,6 +388,9 @@ cowchain_config_complete (void)
   "max-depth=N              merge unnamed frozen layers in the background\n" \
   "                         while the chain has more than N layers (state=\n" \
   "                         disks; 0..1000, default 0 = never)\n" \
+  "base-timeout=SECONDS     a request to a remote NBD base fails (EIO)\n" \
+  "                         after this long without an answer (default\n" \
+  "                         30, 0 = never)\n" \
   "allow-backing=PATH       a file a qcow2 base's chain may name outside\n" \
   "                         the base's directory (repeatable)\n" \
   "disk=NAME                start another disk (NBD export NAME); the keys\n" \
@@ -404,6 +424,7 @@ cowchain_get_ready (void)
       .sync_interval_ms = sync_interval_ms,
       .cache_size = cache_size,
       .allow_backing = (const char *const *) e->allow_backing,
+      .base_timeout_ms = e->base_timeout_ms,
     };
     e->disk = cow_disk_open (&cfg);
     if (e->disk == NULL) {
