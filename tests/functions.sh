@@ -141,6 +141,34 @@ on_exit ()
     exit_hooks+=("$*")
 }
 
+# A plain nbdkit (never the sanitizer build) serving a remote base,
+# read-only, on a UNIX socket: start_base_server SOCKET LOG NBDKIT-ARGS...
+# (plugin, filters, parameters).  Sets base_pid; kill_base stops it, and
+# runs at exit.
+base_pid=
+start_base_server ()
+{
+    local sock=$1 log=$2 i
+    shift 2
+    rm -f "$sock" "$sock.pid"
+    nbdkit -f -r -U "$sock" -P "$sock.pid" "$@" </dev/null >>"$log" 2>&1 &
+    base_pid=$!
+    for (( i = 0; i < 600; i++ )); do
+        kill -0 "$base_pid" 2>/dev/null || fail "the base nbdkit exited"
+        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
+        sleep 0.05
+    done
+    fail "the base nbdkit did not start"
+}
+
+kill_base ()
+{
+    [ -n "$base_pid" ] || return 0
+    kill -KILL "$base_pid" 2>/dev/null || :
+    wait "$base_pid" 2>/dev/null || :
+    base_pid=
+}
+
 cleanup ()
 {
     local rc=$? name pid i

@@ -44,13 +44,6 @@
 /* Far below DRAIN_MS: a frozen disk would wait about that long. */
 #define MAX_LATENCY 1.5
 
-static int
-nosync (int fd)
-{
-  (void) fd;
-  return 0;
-}
-
 /* The hold: while armed, a pread covering HOLD_OFFSET waits for
  * release. */
 static pthread_mutex_t hold_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -82,7 +75,7 @@ group_setup (void **state)
 {
   (void) state;
   ops = io_real_ops;
-  ops.fsync = nosync;
+  ops.fsync = tu_nosync;
   ops.pread = holding_pread;
   io_set_ops (&ops);
   return 0;
@@ -94,15 +87,6 @@ group_teardown (void **state)
   (void) state;
   io_set_ops (NULL);
   return 0;
-}
-
-static double
-now_s (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
 }
 
 /*----------------------------------------------------------------------
@@ -246,13 +230,13 @@ static void *
 change_run (void *arg)
 {
   struct change *c = arg;
-  double t0 = now_s ();
+  double t0 = tu_now_s ();
 
   c->r = c->kind == SNAPSHOT
     ? cow_disk_snapshot_group (c->disks, c->n, c->name, NULL)
     : c->kind == REVERT ? cow_disk_revert (c->disks[0], c->name, true)
     : cow_disk_delete (c->disks[0], c->name, NULL);
-  c->secs = now_s () - t0;
+  c->secs = tu_now_s () - t0;
   if (c->r == -1) {
     c->err = cow_last_errno ();
     c->msg = strdup (cow_last_error ());
@@ -278,7 +262,7 @@ io_until_done (struct fx *f, struct change *c, unsigned *rounds)
 
   *rounds = 0;
   while (!__atomic_load_n (&c->done, __ATOMIC_ACQUIRE)) {
-    double t = now_s ();
+    double t = tu_now_s ();
     memset (buf, (int) (*rounds & 255), 4096);
     assert_int_equal (cow_disk_pwrite (f->d, buf, 4096, 8192, 0), 0);
     memcpy (f->data + 8192, buf, 4096);
@@ -286,7 +270,7 @@ io_until_done (struct fx *f, struct change *c, unsigned *rounds)
     assert_memory_equal (buf, f->data, sizeof buf);
     if (*rounds % 8 == 0)
       assert_int_equal (cow_disk_flush (f->d), 0);
-    t = now_s () - t;
+    t = tu_now_s () - t;
     if (t > worst)
       worst = t;
     ++*rounds;
@@ -501,21 +485,21 @@ test_job_switch_bounded (void **state)
   memcpy (f.data + 2 * MIB, w, sizeof w);
   setenv ("COWCHAIN_JOB_STOP_AT", "before-switch", 1);
   assert_int_equal (cow_disk_delete (f.d, "s1", &o), 0);
-  for (t0 = now_s (); ; usleep (10000)) {
+  for (t0 = tu_now_s (); ; usleep (10000)) {
     assert_int_equal (cow_disk_job_info (f.d, &ji), 0);
     if (ji.state == COW_JOB_PAUSED)
       break;
-    if (ji.state != COW_JOB_RUNNING || now_s () - t0 > 30)
+    if (ji.state != COW_JOB_RUNNING || tu_now_s () - t0 > 30)
       fail_msg ("the job did not stop before its switch (state %d)",
                 (int) ji.state);
     cow_job_info_clear (&ji);
   }
   cow_job_info_clear (&ji);
   hold_start (&h, &f);
-  t0 = now_s ();
+  t0 = tu_now_s ();
   assert_int_equal (cow_disk_job_resume (f.d), 0);
   assert_int_equal (cow_disk_job_wait (f.d), -1);
-  t0 = now_s () - t0;
+  t0 = tu_now_s () - t0;
   unsetenv ("COWCHAIN_JOB_STOP_AT");
   assert_int_equal (cow_last_errno (), ETIMEDOUT);
   if (strstr (cow_last_error (), "did not drain") == NULL)

@@ -27,13 +27,6 @@ static char *dir;
 /* Copy-on-write is under test here, not durability (test-powerloss.c):
  * fsync is a no-op through the seam, except in the concurrent tests,
  * where slow real flushes widen the windows for races. */
-static int
-nosync (int fd)
-{
-  (void) fd;
-  return 0;
-}
-
 static struct io_ops fast_ops;
 
 static int
@@ -42,7 +35,7 @@ group_setup (void **state)
   (void) state;
   dir = tu_mkdtemp ("test-cow");
   fast_ops = io_real_ops;
-  fast_ops.fsync = nosync;
+  fast_ops.fsync = tu_nosync;
   io_set_ops (&fast_ops);
   return 0;
 }

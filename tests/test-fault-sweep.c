@@ -92,15 +92,6 @@
 #define MAX_SNAPS 8
 #define MAX_FAILS_SHOWN 12
 
-static double
-now_s (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
-}
-
 /*----------------------------------------------------------------------
  * The fault.  While armed, each write-side operation is a step; step N
  * (counting from 0 at arming) and every later one fail with f_errno (or,
@@ -980,7 +971,7 @@ op_revert (struct fx *f)
 static int
 job_wait_bounded (struct cow_disk *d)
 {
-  double t0 = now_s ();
+  double t0 = tu_now_s ();
 
   for (;;) {
     struct cow_job_info i;
@@ -992,7 +983,7 @@ job_wait_bounded (struct cow_disk *d)
     cow_job_info_clear (&i);
     if (!running)
       break;
-    if (now_s () - t0 > JOB_TIMEOUT)
+    if (tu_now_s () - t0 > JOB_TIMEOUT)
       case_fail ("the job still runs after %.0f s", JOB_TIMEOUT);
     nanosleep (&(struct timespec) { .tv_nsec = 200000 }, NULL);
   }
@@ -1481,7 +1472,7 @@ sweep (const struct opdef *op)
   struct fx f;
   long steps, ns, sample[MAX_STEPS + 1];
   struct opstat *st = &stats[op->index];
-  double t0 = now_s ();
+  double t0 = tu_now_s ();
 
   io_set_ops (&seam);
   disarm ();
@@ -1505,7 +1496,7 @@ sweep (const struct opdef *op)
         st->cases++;
         st->by_variant[v]++;
       }
-  st->secs = now_s () - t0;
+  st->secs = tu_now_s () - t0;
   st->qemu = qemu_runs;
   st->op_failed = c_op_failed;
   st->degraded = c_degraded;

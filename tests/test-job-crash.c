@@ -45,15 +45,6 @@
 #define MAX_KILLS 90
 #define END_WINDOW 40
 
-static double
-now_s (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
-}
-
 /*----------------------------------------------------------------------
  * The kill (only one thread does I/O while it is armed: the job's). */
 
@@ -110,13 +101,6 @@ k_unlink (const char *p)
 static struct io_ops killing;
 
 /* Real I/O but for fsync, for everything that is not killed. */
-static int
-nosync (int fd)
-{
-  (void) fd;
-  return 0;
-}
-
 static struct io_ops quick;
 
 /*----------------------------------------------------------------------
@@ -662,7 +646,7 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
   struct fx f;
   bool completed = false;
   long n, kills = 0, steps, reruns = 0;
-  double t0 = now_s ();
+  double t0 = tu_now_s ();
 
   cs = sc->cs ? sc->cs : 65536;
   fx_init (&f, sc->tag, seed);
@@ -730,7 +714,7 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
   print_message ("%s: %ld write steps, %ld kills, the old chain left (and "
                  "the job started again) %ld times, %lu qemu-img runs, "
                  "%.1f s\n", sc->tag, steps, kills, reruns, qemu_runs,
-                 now_s () - t0);
+                 tu_now_s () - t0);
   fx_fini (&f);
 }
 
@@ -791,7 +775,7 @@ test_delete_top_killed (void **state)
 static void
 guest_io_during (struct cow_disk *d, struct fx *f, const char *what)
 {
-  double t0 = now_s ();
+  double t0 = tu_now_s ();
   int rounds = 0, r;
 
   for (;;) {
@@ -818,7 +802,7 @@ guest_io_during (struct cow_disk *d, struct fx *f, const char *what)
     cow_job_info_clear (&i);
     if (!active && rounds >= 8)
       break;
-    if (now_s () - t0 > 30) {
+    if (tu_now_s () - t0 > 30) {
       print_error ("%s: the job still runs after 30 s\n", what);
       fail ();
     }
@@ -1052,7 +1036,7 @@ test_job_info_while_jobs_fail (void **state)
   __atomic_store_n (&poll_stop, 0, __ATOMIC_SEQ_CST);
   poll_calls = poll_errors = 0;
   assert_int_equal (pthread_create (&t, NULL, job_info_poller, NULL), 0);
-  for (t0 = now_s (); jobs < 400 && now_s () - t0 < 20; jobs++) {
+  for (t0 = tu_now_s (); jobs < 400 && tu_now_s () - t0 < 20; jobs++) {
     int r = start_job (poll_disk, sc, alt);
     if (r == -1)
       print_error ("start %d: %s\n", jobs, cow_last_error ());
@@ -1150,7 +1134,7 @@ main (int argc, char **argv)
   killing.rename_noreplace = k_rename_noreplace;
   killing.unlink = k_unlink;
   quick = io_real_ops;
-  quick.fsync = nosync;
+  quick.fsync = tu_nosync;
   failing = quick;
   failing.pwrite = f_pwrite;
   failing.ftruncate = f_ftruncate;

@@ -57,13 +57,6 @@ static bool cue, grown, stop;
 static bool cue_given;          /* the cue came (read by the main thread) */
 static bool grown_in_time;      /* the table moved before the cue gave up */
 
-static int
-nosync (int fd)
-{
-  (void) fd;
-  return 0;
-}
-
 static bool
 is_active_file (int fd)
 {
@@ -359,7 +352,7 @@ main (int argc, char **argv)
   };
 
   fast_ops = io_real_ops;
-  fast_ops.fsync = nosync;
+  fast_ops.fsync = tu_nosync;
   cue_ops = fast_ops;
   cue_ops.pread = cue_pread;
   if (argc > 1)

@@ -32,13 +32,6 @@
 
 /* Merging is under test here, not durability (test-job-crash.c): fsync
  * is a no-op through the seam. */
-static int
-nosync (int fd)
-{
-  (void) fd;
-  return 0;
-}
-
 static struct io_ops fast_ops;
 
 static int
@@ -46,7 +39,7 @@ group_setup (void **state)
 {
   (void) state;
   fast_ops = io_real_ops;
-  fast_ops.fsync = nosync;
+  fast_ops.fsync = tu_nosync;
   io_set_ops (&fast_ops);
   return 0;
 }
@@ -57,15 +50,6 @@ group_teardown (void **state)
   (void) state;
   io_set_ops (NULL);
   return 0;
-}
-
-static double
-now_s (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
 }
 
 static void
@@ -606,11 +590,11 @@ job_active (enum cow_job_state s)
 static void
 wait_state (struct fx *f, enum cow_job_state s, double timeout)
 {
-  double t0 = now_s ();
+  double t0 = tu_now_s ();
   enum cow_job_state cur;
 
   while ((cur = job_state (f)) != s) {
-    if (now_s () - t0 > timeout) {
+    if (tu_now_s () - t0 > timeout) {
       print_error ("job still %s after %.1f s, waiting for %s\n",
                    cow_job_state_name (cur), timeout, cow_job_state_name (s));
       fail ();
@@ -742,7 +726,7 @@ run_alongside (struct fx *f, unsigned min_ms, uint64_t speed_after,
                enum cow_job_kind kind, const char *what)
 {
   uint64_t seed = f->seed ^ 0x1234;
-  double t0 = now_s ();
+  double t0 = tu_now_s ();
   bool sped = speed_after == UINT64_MAX;
   unsigned long reads = 0;
 
@@ -750,7 +734,7 @@ run_alongside (struct fx *f, unsigned min_ms, uint64_t speed_after,
     if (!fx_checked_read (f, &seed))
       fail ();
     reads++;
-    if (!sped && now_s () - t0 >= min_ms / 1000.0) {
+    if (!sped && tu_now_s () - t0 >= min_ms / 1000.0) {
       struct cow_job_info i;
       assert_int_equal (cow_disk_job_info (f->d, &i), 0);
       if (job_active (i.state)) {
@@ -760,7 +744,7 @@ run_alongside (struct fx *f, unsigned min_ms, uint64_t speed_after,
       cow_job_info_clear (&i);
       sped = true;
     }
-    if (now_s () - t0 > 60) {
+    if (tu_now_s () - t0 > 60) {
       print_error ("%s: the job has not ended after 60 s\n", what);
       cow_disk_job_cancel (f->d);
       fail ();
@@ -1442,12 +1426,12 @@ test_controls (void **state)
   cow_job_info_clear (&i);
 
   /* Cancel: prompt even in the middle of a rate-limit sleep. */
-  t0 = now_s ();
+  t0 = tu_now_s ();
   assert_int_equal (cow_disk_job_cancel (f.d), 0);
   expect_refused (cow_disk_job_wait (f.d), ECANCELED, "wait after cancel");
-  if (now_s () - t0 > 5)
-    print_error ("the cancel took %.1f s\n", now_s () - t0);
-  assert_true (now_s () - t0 <= 5);
+  if (tu_now_s () - t0 > 5)
+    print_error ("the cancel took %.1f s\n", tu_now_s () - t0);
+  assert_true (tu_now_s () - t0 <= 5);
   assert_int_equal (cow_disk_job_info (f.d, &i), 0);
   assert_int_equal (i.state, COW_JOB_CANCELLED);
   assert_int_equal (i.kind, COW_JOB_PULL);
@@ -1538,11 +1522,11 @@ test_close_during_job (void **state)
   expect_started (start_delete (&f, "s2", 64 * 1024), "slow delete");
   fx_forget (&f, "s2");
   sleep_ms (100);
-  t0 = now_s ();
+  t0 = tu_now_s ();
   fx_close (&f);
-  if (now_s () - t0 > 5)
-    print_error ("close took %.1f s with a job running\n", now_s () - t0);
-  assert_true (now_s () - t0 <= 5);
+  if (tu_now_s () - t0 > 5)
+    print_error ("close took %.1f s with a job running\n", tu_now_s () - t0);
+  assert_true (tu_now_s () - t0 <= 5);
   fx_open (&f);
   tu_chain_get (f.d, &c1);
   tu_chain_print (&c1, "reopened");
@@ -1596,7 +1580,7 @@ test_max_depth (void **state)
   fx_verify (&f, "with an unnamed layer");
 
   cow_disk_set_max_depth (f.d, 3);
-  t0 = now_s ();
+  t0 = tu_now_s ();
   for (;;) {
     bool gone;
     tu_chain_get (f.d, &c1);
@@ -1604,14 +1588,14 @@ test_max_depth (void **state)
     tu_chain_free (&c1);
     if (gone && !job_active (job_state (&f)))
       break;
-    if (!snapped && now_s () - t0 > 2) {
+    if (!snapped && tu_now_s () - t0 > 2) {
       /* Perhaps the depth is only checked when the chain grows. */
       print_message ("max-depth: no merge 2 s after set_max_depth; taking "
                      "a snapshot\n");
       fx_snapshot (&f, "s4");
       snapped = true;
     }
-    if (now_s () - t0 > 20) {
+    if (tu_now_s () - t0 > 20) {
       print_error ("the unnamed layer %s is still there 20 s later\n",
                    c0.file[1]);
       fail ();

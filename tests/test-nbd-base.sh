@@ -37,34 +37,14 @@ base_sum=$(sha256 "$base")
 # size so that cowchain has to split and align its reads, and an error
 # filter that answers every read with EIO while $inject exists.
 
-base_pid=
-
 start_base ()
 {
-    local i
-    rm -f "$tmpdir/base.sock" "$tmpdir/base.pid"
-    nbdkit -f -r -U "$tmpdir/base.sock" -P "$tmpdir/base.pid" \
+    start_base_server "$tmpdir/base.sock" "$tmpdir/base.log" \
         --filter=blocksize-policy --filter=error \
         file "$base" \
         blocksize-minimum=512 blocksize-maximum=256K \
         blocksize-error-policy=error \
-        error-pread=EIO error-pread-rate=100% error-pread-file="$inject" \
-        </dev/null >>"$tmpdir/base.log" 2>&1 &
-    base_pid=$!
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$base_pid" 2>/dev/null || fail "the base nbdkit exited"
-        [ -s "$tmpdir/base.pid" ] && [ -S "$tmpdir/base.sock" ] && return 0
-        sleep 0.05
-    done
-    fail "the base nbdkit did not start"
-}
-
-kill_base ()
-{
-    [ -n "$base_pid" ] || return 0
-    kill -KILL "$base_pid" 2>/dev/null || :
-    wait "$base_pid" 2>/dev/null || :
-    base_pid=
+        error-pread=EIO error-pread-rate=100% error-pread-file="$inject"
 }
 on_exit kill_base
 

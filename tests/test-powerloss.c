@@ -64,12 +64,6 @@ static char *base_path;
 
 /* Outside the simulation: the real calls, without the cost of fdatasync
  * (durability is what the simulation checks). */
-static int
-nosync (int fd)
-{
-  (void) fd;
-  return 0;
-}
 static struct io_ops fast_ops;
 static uint8_t *base_data;
 static const uint64_t base_size = 3u << 20;
@@ -975,7 +969,7 @@ group_setup (void **state)
   (void) state;
   dir = tu_mkdtemp ("test-powerloss");
   fast_ops = io_real_ops;
-  fast_ops.fsync = nosync;
+  fast_ops.fsync = tu_nosync;
   io_set_ops (&fast_ops);
   base_path = tu_path (dir, "base.raw");
   base_data = malloc (base_size);

@@ -34,13 +34,6 @@ static char *dir;
 /* These tests check formats and mappings, not durability: fsync is a
  * no-op (through the seam) so that they run fast on real disks.  The
  * durability tests are in test-powerloss.c. */
-static int
-nosync (int fd)
-{
-  (void) fd;
-  return 0;
-}
-
 static struct io_ops fast_ops;
 
 static int
@@ -49,7 +42,7 @@ group_setup (void **state)
   (void) state;
   dir = tu_mkdtemp ("test-qcow2");
   fast_ops = io_real_ops;
-  fast_ops.fsync = nosync;
+  fast_ops.fsync = tu_nosync;
   io_set_ops (&fast_ops);
   return 0;
 }

@@ -63,33 +63,15 @@ kill -KILL "$mute_pid" 2>/dev/null || :
 #----------------------------------------------------------------------
 # The base server (a plain nbdkit, never the sanitizer build).
 
-base_pid=
-
 # start_base [SECONDS]: with a delay of SECONDS on every read.
 start_base ()
 {
-    local i
-    local -a delay=()
-    [ $# = 0 ] || delay=(--filter=delay file "$base" delay-read="$1")
-    [ $# != 0 ] || delay=(file "$base")
-    rm -f "$base_sock" "$tmpdir/base.pid"
-    nbdkit -f -r -U "$base_sock" -P "$tmpdir/base.pid" "${delay[@]}" \
-        </dev/null >>"$tmpdir/base.log" 2>&1 &
-    base_pid=$!
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$base_pid" 2>/dev/null || fail "the base nbdkit exited"
-        [ -s "$tmpdir/base.pid" ] && [ -S "$base_sock" ] && return 0
-        sleep 0.05
-    done
-    fail "the base nbdkit did not start"
-}
-
-kill_base ()
-{
-    [ -n "$base_pid" ] || return 0
-    kill -KILL "$base_pid" 2>/dev/null || :
-    wait "$base_pid" 2>/dev/null || :
-    base_pid=
+    if [ $# = 0 ]; then
+        start_base_server "$base_sock" "$tmpdir/base.log" file "$base"
+    else
+        start_base_server "$base_sock" "$tmpdir/base.log" --filter=delay \
+            file "$base" delay-read="$1"
+    fi
 }
 on_exit kill_base
 

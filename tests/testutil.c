@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -480,4 +481,20 @@ tu_hashset_add (struct tu_hashset *s, uint64_t h)
 {
   if (s->n < sizeof s->v / sizeof s->v[0] && !tu_hashset_has (s, h))
     s->v[s->n++] = h;
+}
+
+double
+tu_now_s (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+int
+tu_nosync (int fd)
+{
+  (void) fd;
+  return 0;
 }

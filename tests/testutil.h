@@ -21,6 +21,12 @@ uint64_t tu_rand (uint64_t *state);
 uint64_t tu_rand_below (uint64_t *state, uint64_t n);
 void tu_fill_random (void *buf, size_t n, uint64_t *state);
 
+/* Seconds on the monotonic clock. */
+double tu_now_s (void);
+/* An fsync that does nothing, for io_ops tables of tests that check
+ * something other than durability. */
+int tu_nosync (int fd);
+
 /* Whole-file helpers (abort on error). */
 void tu_write_file (const char *path, const void *buf, size_t n);
 void *tu_read_file (const char *path, size_t *n);
