@@ -2,6 +2,7 @@
  * image.h for the convention). */
 #include <config.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -252,13 +253,60 @@ image_lock_release (struct image_lock *lk)
   free (lk);
 }
 
-/* Who holds a flock on the file (dev, ino)?  Writes "pid N, COMM" into
- * buf, or leaves it empty. */
+/* The command name of process pid into comm (empty if it is gone). */
+static bool
+proc_comm (long pid, char *comm, size_t len)
+{
+  char path[64];
+  FILE *c;
+
+  comm[0] = '\0';
+  snprintf (path, sizeof path, "/proc/%ld/comm", pid);
+  c = fopen (path, "re");
+  if (c == NULL)
+    return false;
+  if (fgets (comm, (int) len, c))
+    comm[strcspn (comm, "\n")] = '\0';
+  fclose (c);
+  return true;
+}
+
+/* Does process pid have (dev, ino) open? */
+static bool
+proc_has_open (long pid, dev_t dev, ino_t ino)
+{
+  char path[64];
+  DIR *fds;
+  struct dirent *e;
+  bool found = false;
+
+  snprintf (path, sizeof path, "/proc/%ld/fd", pid);
+  fds = opendir (path);
+  if (fds == NULL)
+    return false;
+  while (!found && (e = readdir (fds)) != NULL) {
+    char link[300];
+    struct stat st;
+    if (e->d_name[0] == '.')
+      continue;
+    snprintf (link, sizeof link, "/proc/%ld/fd/%s", pid, e->d_name);
+    found = stat (link, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
+  }
+  closedir (fds);
+  return found;
+}
+
+/* Who holds a flock on the file (dev, ino)?  Writes " (pid N, COMM)"
+ * into buf, or leaves it empty.  /proc/locks names the process that took
+ * the lock; a server that took it and then went into the background
+ * (nbdkit forks) is gone, so then the processes that have the file open
+ * are searched (those of other users only when run as root). */
 static void
 flock_holder (dev_t dev, ino_t ino, char *buf, size_t len)
 {
   FILE *f = fopen ("/proc/locks", "re");
-  char line[256], want[64];
+  char line[256], want[64], comm[64];
+  long pid = 0;
 
   buf[0] = '\0';
   if (f == NULL)
@@ -266,25 +314,35 @@ flock_holder (dev_t dev, ino_t ino, char *buf, size_t len)
   snprintf (want, sizeof want, "%02x:%02x:%" PRIuMAX " ", major (dev),
             minor (dev), (uintmax_t) ino);
   while (fgets (line, sizeof line, f)) {
-    long pid;
-    char comm[64] = "", path[64];
-    FILE *c;
     if (strstr (line, " FLOCK ") == NULL || strstr (line, "->")
         || strstr (line, want) == NULL)
       continue;
     if (sscanf (line, "%*d: FLOCK %*s %*s %ld", &pid) != 1 || pid <= 0)
-      continue;
-    snprintf (path, sizeof path, "/proc/%ld/comm", pid);
-    c = fopen (path, "re");
-    if (c) {
-      if (fgets (comm, sizeof comm, c))
-        comm[strcspn (comm, "\n")] = '\0';
-      fclose (c);
-    }
-    snprintf (buf, len, " (pid %ld%s%s)", pid, comm[0] ? ", " : "", comm);
+      pid = 0;
     break;
   }
   fclose (f);
+  if (pid > 0 && !proc_comm (pid, comm, sizeof comm)) {
+    DIR *proc = opendir ("/proc");
+    struct dirent *e;
+    long self = (long) getpid ();
+
+    pid = 0;
+    while (proc && (e = readdir (proc)) != NULL) {
+      char *end;
+      long p = strtol (e->d_name, &end, 10);
+      if (*end || p <= 0 || p == self || !proc_has_open (p, dev, ino))
+        continue;
+      if (proc_comm (p, comm, sizeof comm)) {
+        pid = p;
+        break;
+      }
+    }
+    if (proc)
+      closedir (proc);
+  }
+  if (pid > 0)
+    snprintf (buf, len, " (pid %ld%s%s)", pid, comm[0] ? ", " : "", comm);
 }
 
 int

@@ -69,6 +69,18 @@ grep -q "in use by another process" "$(server_log c)" ||
 [ ! -e "$st/lock" ] || fail "a lock file was created"
 stop_server a
 
+note "a server gone into the background (nbdkit forks after taking the lock)"
+env ${server_env[@]+"${server_env[@]}"} ASAN_OPTIONS=detect_leaks=0 \
+    nbdkit -U "$tmpdir/bg.sock" -P "$tmpdir/bg.pid" "$COWCHAIN_PLUGIN" \
+    base="$base" state="$st" </dev/null >"$tmpdir/bg.log" 2>&1 ||
+    { cat "$tmpdir/bg.log" >&2; fail "the background server did not start"; }
+bg=$(cat "$tmpdir/bg.pid")
+on_exit "kill -KILL $bg 2>/dev/null"
+expect_fail "in use by another process (pid $bg, nbdkit)" "$cow" list --state "$st"
+kill "$bg"
+for (( i = 0; i < 200; i++ )); do kill -0 "$bg" 2>/dev/null || break; sleep 0.05; done
+kill -0 "$bg" 2>/dev/null && fail "the background server did not stop"
+
 note "after the server stops"
 qemu-img info "$st/${L[1]}" > /dev/null || fail "qemu-img info after stop failed"
 "$cow" check -r leaks "$st/${L[1]}" > /dev/null || fail "check -r after stop failed"
