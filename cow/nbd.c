@@ -410,7 +410,11 @@ run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
     goto out;
   if (r == -3)
     goto timed_out;
-  if (conn_alive (c)) {
+  /* A server that is shutting down answers ESHUTDOWN on a connection
+   * that stays open (nbdkit does until its clients leave): that
+   * connection is as good as broken, and a new one reaches the server
+   * that took its place. */
+  if (conn_alive (c) && nbd_get_errno () != ESHUTDOWN) {
     /* The server answered with an error: a new connection would not
      * change its mind. */
     cow_error_set (EIO, "%s: %s failed: %s", n->layer.path, what, nbd_msg ());
@@ -429,7 +433,7 @@ run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
     cow_error_set (EIO, "%s: %s failed (%s), and failed again after "
                    "reconnecting: %s", n->layer.path, what,
                    first ? first : "?", nbd_msg ());
-    if (!conn_alive (c))
+    if (!conn_alive (c) || nbd_get_errno () == ESHUTDOWN)
       conn_drop (c);
   }
   if (r != -3)

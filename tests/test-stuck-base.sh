@@ -201,6 +201,31 @@ check_equal(h.pread(65536, 8 << 20), expected[8 << 20:(8 << 20) + 65536],
 assert time.monotonic() - t < 5, "the base read took %.1f s" % (time.monotonic() - t)
 check_equal(read_all(h), bytes(expected), 0, "the whole disk")
 EOF
+
+#----------------------------------------------------------------------
+note "the base server stops gracefully and another takes its socket"
+# nbdkit on SIGTERM keeps its clients' connections open and answers
+# ESHUTDOWN until they leave: cowchain must leave for the new server.
+old_base=$base_pid
+on_exit "kill -KILL $old_base 2>/dev/null"
+kill -TERM "$old_base"
+sleep 0.5
+base_pid=
+start_base
+"$PYTHON" - "$uri" "$base" <<'EOF'
+import os, sys, time
+sys.path.insert(0, os.environ["testsdir"])
+from cowtest import connect, check_equal
+
+uri, base = sys.argv[1], sys.argv[2]
+want = open(base, "rb").read()[12 << 20:(12 << 20) + 65536]
+h = connect(uri)
+t = time.monotonic()
+check_equal(h.pread(65536, 12 << 20), want, 12 << 20,
+            "base read after the base server was replaced")
+assert time.monotonic() - t < 5, "the base read took %.1f s" % (time.monotonic() - t)
+EOF
+kill -KILL "$old_base" 2>/dev/null || :
 stop_server cow
 
 for f in "$state"/*.qcow2; do
