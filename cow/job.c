@@ -34,6 +34,7 @@
 #include "cowchain.h"
 #include "disk.h"
 #include "error.h"
+#include "image.h"
 #include "layer.h"
 #include "manifest.h"
 
@@ -834,6 +835,12 @@ finish_locked (struct cow_job *j, int r)
   /* Under the chain, the target takes no more writes. */
   if (layer_is_qcow2 (j->target) && j->target != d->top)
     qcow2_mark_frozen (j->target);
+  /* A base that a commit wrote into is shared again (other disks may
+   * open it): nothing writes it until another commit, whose reopen_rw
+   * takes the write permission back first. */
+  if (j->commit && j->bk == BASE_ORIG && j->target->lock
+      && image_lock_change (j->target->lock, IMAGE_READER) == -1)
+    cow_error_clear ();
   pthread_mutex_lock (&d->job_lock);
   j->state = r == 0 ? COW_JOB_COMPLETED
     : r == -2 ? COW_JOB_CANCELLED : COW_JOB_FAILED;

@@ -529,6 +529,9 @@ qcow2_layer_reopen_rw (struct layer *l)
   struct qcow2 *q = (struct qcow2 *) l;
 
   if (!l->readonly) {
+    /* A base that a finished commit gave the write permission back. */
+    if (l->lock && image_lock_change (l->lock, IMAGE_WRITER) == -1)
+      return -1;
     __atomic_store_n (&q->frozen, false, __ATOMIC_RELEASE);
     return 0;
   }

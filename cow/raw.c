@@ -161,8 +161,10 @@ raw_reopen_rw (struct layer *l)
 {
   struct raw *r = (struct raw *) l;
 
+  /* Writer first (also when the descriptor is writable already: a
+   * finished commit gave the permission back). */
   if (!l->readonly)
-    return 0;
+    return l->lock ? image_lock_change (l->lock, IMAGE_WRITER) : 0;
   /* Writer first (another disk may share this base): a conflict leaves
    * the base as it was. */
   if (image_lock_change (l->lock, IMAGE_WRITER) == -1)

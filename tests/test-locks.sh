@@ -141,3 +141,24 @@ expect_fail 'Failed to get "write" lock' qemu-io -f raw -c 'write 0 512' "$base"
 stop_server g
 qemu-io -f raw -c 'write 0 512' "$base" > /dev/null ||
     fail "qemu-io cannot write the base after every server stopped"
+
+note "a commit into the base takes the write permission only while it runs"
+base2=$tmpdir/base2.raw
+truncate -s 4M "$base2"
+start_server h control="$tmpdir/h.ctl" base="$base2" state="$tmpdir/h-st"
+export COWCHAIN_CONTROL=$tmpdir/h.ctl
+nbdsh -u "$(server_uri h)" -c 'h.pwrite(b"\x55" * 65536, 0); h.flush()'
+"$cow" commit --top active --base base --allow-base-write --force --wait > /dev/null ||
+    fail "the commit into an unshared base failed"
+cmp -n 65536 "$base2" <(head -c 65536 /dev/zero | tr '\0' '\125') ||
+    fail "the commit did not reach the base"
+qemu-img info "$base2" > /dev/null || fail "qemu-img info refused the base after the commit"
+start_server i base="$base2" state="$tmpdir/i-st"
+stop_server i
+nbdsh -u "$(server_uri h)" -c 'h.pwrite(b"\x66" * 65536, 0); h.flush()'
+"$cow" commit --top active --base base --allow-base-write --force --wait > /dev/null ||
+    fail "a second commit into the base failed"
+cmp -n 65536 "$base2" <(head -c 65536 /dev/zero | tr '\0' '\146') ||
+    fail "the second commit did not reach the base"
+expect_fail 'Failed to get "write" lock' qemu-io -f raw -c 'write 0 512' "$base2"
+stop_server h
