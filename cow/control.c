@@ -829,8 +829,35 @@ check_path (const char *path, const struct sockaddr_un *sa, bool *stale)
 
   *stale = false;
   if (lstat (path, &st) == -1) {
-    if (errno == ENOENT)
-      return 0;
+    if (errno == ENOENT) {
+      /* The socket goes into a directory that must exist and take it
+       * (checked here too, before nbdkit goes into the background, so
+       * that a bad path stops the start). */
+      char *dir = strdup (path), *slash;
+      int err = 0;
+      if (dir == NULL) {
+        cow_error_errno ("strdup");
+        return -1;
+      }
+      slash = strrchr (dir, '/');
+      if (slash == dir)
+        slash[1] = '\0';
+      else if (slash)
+        *slash = '\0';
+      else
+        strcpy (dir, ".");
+      if (stat (dir, &st) == -1)
+        err = errno;
+      else if (!S_ISDIR (st.st_mode))
+        err = ENOTDIR;
+      else if (access (dir, W_OK | X_OK) == -1)
+        err = errno;
+      if (err)
+        cow_error_set (err, "%s: control socket: cannot be created in '%s': "
+                       "%s", path, dir, strerror (err));
+      free (dir);
+      return err ? -1 : 0;
+    }
     cow_error_errno ("%s: control socket", path);
     return -1;
   }

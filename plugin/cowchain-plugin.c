@@ -295,8 +295,20 @@ cowchain_config (const char *key, const char *value)
     cache_size = (uint64_t) s;
     return 0;
   }
-  if (strcmp (key, "control") == 0)
-    return set_string (&control_path, key, value);
+  if (strcmp (key, "control") == 0) {
+    /* Made absolute now: the socket is created after nbdkit went into
+     * the background, in /. */
+    char *abs;
+    int rc;
+    if (value[0] == '\0')
+      return set_string (&control_path, key, value);
+    abs = nbdkit_absolute_path (value);
+    if (abs == NULL)
+      return -1;
+    rc = set_string (&control_path, key, abs);
+    free (abs);
+    return rc;
+  }
   if (strcmp (key, "control-allow-uid") == 0) {
     uint32_t uid;
     if (nbdkit_parse_uint32_t ("control-allow-uid", value, &uid) == -1)

@@ -256,3 +256,23 @@ expect_start_failure bad base="$tmpdir/base.img" overlay="$tmpdir/o.qcow2" \
     control-allow-uid=65534
 grep -q "control-allow-uid needs control=" "$(server_log bad)" ||
     fail "no clear error for control-allow-uid without control="
+
+note "control=: a missing directory stops a server going into the background; a relative path is the start directory's"
+bg=( env ${server_env[@]+"${server_env[@]}"} ASAN_OPTIONS=detect_leaks=0
+     nbdkit -U "$tmpdir/bg.sock" -P "$tmpdir/bg.pid" "$COWCHAIN_PLUGIN"
+     base="$tmpdir/base.img" overlay="$tmpdir/bg.qcow2" )
+if "${bg[@]}" control="$tmpdir/nodir/ctl" </dev/null >"$tmpdir/bg.log" 2>&1; then
+    [ -s "$tmpdir/bg.pid" ] && kill "$(cat "$tmpdir/bg.pid")"
+    fail "a control= socket in a missing directory did not stop the start"
+fi
+grep -q "nodir/ctl: control socket: cannot be created in" "$tmpdir/bg.log" ||
+    { cat "$tmpdir/bg.log" >&2; fail "no clear error for a missing directory"; }
+( cd "$tmpdir" && "${bg[@]}" control=rel.ctl </dev/null >"$tmpdir/bg.log" 2>&1 ) ||
+    { cat "$tmpdir/bg.log" >&2; fail "the background server did not start"; }
+bgpid=$(cat "$tmpdir/bg.pid")
+on_exit "kill -KILL $bgpid 2>/dev/null"
+for (( i = 0; i < 100; i++ )); do [ -S "$tmpdir/rel.ctl" ] && break; sleep 0.05; done
+[ -S "$tmpdir/rel.ctl" ] || fail "a relative control= was not made in the start directory"
+"$cow" status -c "$tmpdir/rel.ctl" > /dev/null || fail "status on the relative socket failed"
+kill "$bgpid"
+for (( i = 0; i < 200; i++ )); do kill -0 "$bgpid" 2>/dev/null || break; sleep 0.05; done
