@@ -44,6 +44,8 @@
 /* What the log shows of each word, and of an error message. */
 #define LOG_WORD_MAX 64
 #define LOG_MESSAGE_MAX 512
+/* Refusals logged one by one per second; the rest are counted. */
+#define REFUSALS_LOGGED 10
 
 int
 control_split (char *line, char **words, int max)
@@ -459,6 +461,12 @@ struct control_server {
   pthread_cond_t slot_freed;    /* a connection thread finished */
   struct control_conn *conns;   /* not yet joined */
   size_t n_running;             /* of them, not finished */
+
+  /* Refusals logged in the current second (the listening thread's own:
+   * a uid that is not allowed must not flood the log). */
+  int64_t refuse_second;
+  unsigned refuse_logged;
+  unsigned long refuse_unlogged;
 };
 
 /* Append s to the log line at *p (of end - *p bytes left), every byte
@@ -713,7 +721,21 @@ static void
 refuse (struct control_server *s, int fd, uid_t uid, int errnum,
         const char *msg)
 {
-  log_request (s, uid, NULL, 0, "refused: %s", msg);
+  int64_t second = now_ms () / 1000;
+
+  if (second != s->refuse_second) {
+    if (s->refuse_unlogged)
+      log_request (s, uid, NULL, 0, "and %lu more connections refused "
+                   "within that second, not logged one by one (at most %d "
+                   "a second are)", s->refuse_unlogged, REFUSALS_LOGGED);
+    s->refuse_second = second;
+    s->refuse_logged = s->refuse_unlogged = 0;
+  }
+  if (s->refuse_logged < REFUSALS_LOGGED)
+    log_request (s, uid, NULL, 0, "refused: %s", msg);
+  else
+    s->refuse_unlogged++;
+  s->refuse_logged++;
   send_error (s, fd, errnum, msg, now_ms ());
   close (fd);
 }

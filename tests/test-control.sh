@@ -226,6 +226,29 @@ no_leak_check=1 start_server srv state="$st/st" control="$ctl" \
 [ "$(stat -c %a "$ctl")" = 666 ] || fail "socket mode $(stat -c %a "$ctl")"
 expect_fail "uid 65534 is not allowed" "${nobody[@]}" "$cow" status -c "$ctl"
 wait_log "control: uid 65534: refused: uid 65534 is not allowed"
+# A flood of refused connections is logged at most 10 a second, the rest
+# counted.
+"${nobody[@]}" "$PYTHON" - "$ctl" <<'EOF'
+import socket, sys, time
+t = time.monotonic()
+n = 0
+while time.monotonic() - t < 2.5:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.recv(200)
+    s.close()
+    n += 1
+time.sleep(1.1)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.recv(200)
+s.close()
+print(n, file=sys.stderr)
+assert n > 100, "only %d connections in 2.5 s" % n
+EOF
+wait_log "more connections refused within that second, not logged one by one"
+n=$(grep -c "uid 65534: refused" "$log")
+(( n <= 60 )) || fail "$n refusals logged one by one in about 4 s"
 "$cow" status -c "$ctl" > /dev/null || fail "root was refused"
 stop_server srv
 
