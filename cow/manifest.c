@@ -297,6 +297,8 @@ manifest_check_description (const char *desc)
                      cp == '\n' ? "a newline" : cp == '\t' ? "a tab"
                      : cp == 0x1b ? "an escape (ESC)"
                      : cp == 0x7f ? "a delete (DEL)"
+                     : text_is_bidi (cp)
+                     ? "a bidirectional formatting character"
                      : cp >= 0x80 ? "a C1 control character"
                      : "a control character");
       return -1;

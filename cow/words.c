@@ -110,9 +110,17 @@ utf8_decode (const unsigned char *s, size_t *len)
 }
 
 bool
+text_is_bidi (long cp)
+{
+  return cp == 0x061c || cp == 0x200e || cp == 0x200f
+    || (cp >= 0x202a && cp <= 0x202e) || (cp >= 0x2066 && cp <= 0x2069);
+}
+
+bool
 text_is_control (long cp)
 {
-  return cp < 0x20 || cp == 0x7f || (cp >= 0x80 && cp <= 0x9f);
+  return cp < 0x20 || cp == 0x7f || (cp >= 0x80 && cp <= 0x9f)
+    || text_is_bidi (cp);
 }
 
 char *

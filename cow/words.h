@@ -21,8 +21,13 @@ int word_decode (char *s);
  * continuation byte, an overlong form, a surrogate, beyond U+10FFFF, a
  * truncated sequence).  s must not be at its terminating NUL. */
 long utf8_decode (const unsigned char *s, size_t *len);
+/* A bidirectional formatting character, which reorders what a terminal
+ * shows after it: ALM (U+061C), LRM, RLM (U+200E, U+200F), the embeddings
+ * and overrides (U+202A to U+202E) and isolates (U+2066 to U+2069). */
+bool text_is_bidi (long cp);
 /* A character a terminal acts on instead of showing it: C0 (U+0000 to
- * U+001F), DEL (U+007F) or C1 (U+0080 to U+009F). */
+ * U+001F), DEL (U+007F), C1 (U+0080 to U+009F), or a bidirectional
+ * formatting character. */
 bool text_is_control (long cp);
 /* A copy of s that shows every control character as \uNNNN (\t, \n,
  * \r for those three), every invalid byte as \xNN, and '\' as "\\";

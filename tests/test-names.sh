@@ -3,7 +3,8 @@
 #   - reserved names (active, base, layer-*, any case) refused, online and
 #     offline, saying they are reserved; the manifest unchanged;
 #   - descriptions with C1 characters (encoded or raw), invalid UTF-8, a
-#     newline, a tab, ESC or DEL refused with the byte and what it is;
+#     newline, a tab, ESC, DEL or a bidirectional override refused with
+#     the byte and what it is;
 #     printable non-ASCII UTF-8 kept intact in text and JSON;
 #   - a manifest of an older version, hand-edited to hold a snapshot
 #     named "active" and a description of bad bytes, still opens: JSON
@@ -91,6 +92,8 @@ bad_description "U+000A, a newline" $'a\nb'
 bad_description "U+0009, a tab" $'a\tb'
 bad_description "U+001B, an escape" $'a\x1b[2Jb'
 bad_description "U+007F, a delete" $'a\x7fb'
+bad_description "U+202E, a bidirectional formatting" $'a\xe2\x80\xaeb'  # RLO
+bad_description "U+2066, a bidirectional formatting" $'a\xe2\x81\xa6b'  # LRI
 manifest_same "bad descriptions"
 
 utf8="Grüße, 日本語 ✓ — ünïcödé"

@@ -71,6 +71,9 @@ test_text_printable (void **state)
   expect_printable ("a\xc2\x85" "b", "a\\u0085b");
   expect_printable ("a\x9b" "b\xff", "a\\x9bb\\xff");
   expect_printable ("back\\slash", "back\\\\slash");
+  /* Bidirectional overrides would reorder the rest of the line. */
+  expect_printable ("a\xe2\x80\xae" "b\xe2\x81\xa9", "a\\u202eb\\u2069");
+  expect_printable ("a\xe2\x80\x8d" "b", "a\xe2\x80\x8d" "b");  /* ZWJ: kept */
   /* The worst case: every byte a six-byte escape. */
   expect_printable ("\x01\x02\x03", "\\u0001\\u0002\\u0003");
 }
