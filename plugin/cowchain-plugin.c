@@ -241,6 +241,12 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
     char *end;
     double t;
 
+    /* Decimal only: strtod also takes hex, "inf" and leading blanks. */
+    if (value[strspn (value, "0123456789.")] != '\0') {
+      nbdkit_error ("base-timeout: '%s' is not a number of seconds from "
+                    "0.001 to 86400 (or 0 = never)", value);
+      return -1;
+    }
     errno = 0;
     t = strtod (value, &end);
     if (errno || end == value || *end || !(t >= 0 && t <= 86400)

@@ -31,7 +31,7 @@ make_random_file "$base" "$size" 11
 
 #----------------------------------------------------------------------
 note "bad base-timeout values are refused"
-for v in abc -1 1e9 0.0001 ''; do
+for v in abc -1 1e9 0.0001 '' 0x5 inf ' 5'; do
     expect_start_failure bad base="$base" state="$tmpdir/bad" \
         base-timeout="$v"
     grep -q "base-timeout: '$v' is not a number of seconds" \
