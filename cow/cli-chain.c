@@ -598,7 +598,10 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
     printf (" %-8s %-8s %-10s %s\n", "Type", "Device", "Target", "Source");
   else
     printf (" %-10s %s\n", "Target", "Source");
-  printf ("------------------------------------------------------------\n");
+  /* As wide as the header (the paths after it vary). */
+  printf ("%s\n", status ? "-------------------------------------------"
+          "-------------------------------------------"
+          : "------------------------------------------------------------");
   for (char **l = lines; *l; l++) {
     char *w[7];
     int k = control_split (*l, w, 7);

@@ -300,8 +300,9 @@ proc_has_open (long pid, dev_t dev, ino_t ino)
  * into buf, or leaves it empty.  /proc/locks names the process that took
  * the lock; a server that took it and then went into the background
  * (nbdkit forks) is gone, so then the processes that have the file open
- * are searched (those of other users only when run as root). */
-static void
+ * are searched (those of other users only when run as root).  Returns
+ * the pid, 0 if not known. */
+static long
 flock_holder (dev_t dev, ino_t ino, char *buf, size_t len)
 {
   FILE *f = fopen ("/proc/locks", "re");
@@ -310,7 +311,7 @@ flock_holder (dev_t dev, ino_t ino, char *buf, size_t len)
 
   buf[0] = '\0';
   if (f == NULL)
-    return;
+    return 0;
   snprintf (want, sizeof want, "%02x:%02x:%" PRIuMAX " ", major (dev),
             minor (dev), (uintmax_t) ino);
   while (fgets (line, sizeof line, f)) {
@@ -341,8 +342,9 @@ flock_holder (dev_t dev, ino_t ino, char *buf, size_t len)
     if (proc)
       closedir (proc);
   }
-  if (pid > 0)
+  if (pid > 0 && pid != (long) getpid ())
     snprintf (buf, len, " (pid %ld%s%s)", pid, comm[0] ? ", " : "", comm);
+  return pid;
 }
 
 int
@@ -363,8 +365,13 @@ image_lock_dir (const char *dir, bool exclusive)
     close (fd);
     return -1;
   }
-  if (fstat (fd, &st) == 0)
-    flock_holder (st.st_dev, st.st_ino, who, sizeof who);
+  if (fstat (fd, &st) == 0
+      && flock_holder (st.st_dev, st.st_ino, who, sizeof who) == getpid ()) {
+    cow_error_set (EBUSY, "%s: another disk of this server already uses this "
+                   "state directory", dir);
+    close (fd);
+    return -1;
+  }
   cow_error_set (EBUSY, "%s: the disk is in use by another process%s; "
                  "if that is a running server, use its control socket",
                  dir, who);

@@ -69,6 +69,11 @@ grep -q "in use by another process" "$(server_log c)" ||
 [ ! -e "$st/lock" ] || fail "a lock file was created"
 stop_server a
 
+note "two disks of one server on one state directory"
+expect_start_failure two disk=a base="$base" state="$st" disk=b base="$base" state="$st"
+grep -q "another disk of this server already uses this state directory" \
+    "$(server_log two)" || { cat "$(server_log two)" >&2; fail "no clear refusal"; }
+
 note "a server gone into the background (nbdkit forks after taking the lock)"
 env ${server_env[@]+"${server_env[@]}"} ASAN_OPTIONS=detect_leaks=0 \
     nbdkit -U "$tmpdir/bg.sock" -P "$tmpdir/bg.pid" "$COWCHAIN_PLUGIN" \
