@@ -146,6 +146,8 @@ apply_bytes (struct image_lock *lk, enum image_access a)
   return 0;
 }
 
+static void open_by (dev_t dev, ino_t ino, char *buf, size_t len);
+
 /* Is anybody else in the way of access a?  Others must share every
  * permission held, and hold none that is not shared. */
 static int
@@ -164,18 +166,21 @@ check_bytes (struct image_lock *lk, enum image_access a)
       cow_error_errno ("%s: cannot test the image's locks", lk->path);
       return -1;
     }
-    if (not_shared) {
-      cow_error_set (EBUSY, "%s: locked by another process, which does not "
-                     "share the \"%s\" permission that cowchain needs "
-                     "(QEMU's image locks); is a server, QEMU or "
-                     "qemu-img using it?", lk->path, perm_names[i]);
-      return -1;
-    }
-    if (held_by_other) {
-      cow_error_set (EBUSY, "%s: locked by another process, which holds "
-                     "the \"%s\" permission that cowchain does not share "
-                     "(QEMU's image locks); is a server, QEMU or qemu-io "
-                     "using it?", lk->path, perm_names[i]);
+    if (not_shared || held_by_other) {
+      struct stat st;
+      char who[256] = "";
+      if (fstat (lk->fd, &st) == 0)
+        open_by (st.st_dev, st.st_ino, who, sizeof who);
+      if (not_shared)
+        cow_error_set (EBUSY, "%s: locked by another process%s, which does "
+                       "not share the \"%s\" permission that cowchain needs "
+                       "(QEMU's image locks); is a server, QEMU or "
+                       "qemu-img using it?", lk->path, who, perm_names[i]);
+      else
+        cow_error_set (EBUSY, "%s: locked by another process%s, which holds "
+                       "the \"%s\" permission that cowchain does not share "
+                       "(QEMU's image locks); is a server, QEMU or qemu-io "
+                       "using it?", lk->path, who, perm_names[i]);
       return -1;
     }
   }
@@ -294,6 +299,39 @@ proc_has_open (long pid, dev_t dev, ino_t ino)
   }
   closedir (fds);
   return found;
+}
+
+/* The other processes that have (dev, ino) open, as " (open in pid N,
+ * COMM; ...)" in buf (at most three), or empty.  OFD locks carry no
+ * owner, so this is the best way to name who holds an image. */
+static void
+open_by (dev_t dev, ino_t ino, char *buf, size_t len)
+{
+  DIR *proc = opendir ("/proc");
+  struct dirent *e;
+  long self = (long) getpid ();
+  size_t off = 0;
+  int found = 0;
+
+  buf[0] = '\0';
+  while (proc && found < 3 && (e = readdir (proc)) != NULL) {
+    char *end, comm[64];
+    long p = strtol (e->d_name, &end, 10);
+    int w;
+    if (*end || p <= 0 || p == self || !proc_has_open (p, dev, ino))
+      continue;
+    proc_comm (p, comm, sizeof comm);
+    w = snprintf (buf + off, len - off, "%s pid %ld%s%s",
+                  found ? ";" : " (open in", p, comm[0] ? ", " : "", comm);
+    if (w < 0 || (size_t) w >= len - off - 1)
+      break;
+    off += (size_t) w;
+    found++;
+  }
+  if (proc)
+    closedir (proc);
+  if (found)
+    snprintf (buf + off, len - off, ")");
 }
 
 /* Who holds a flock on the file (dev, ino)?  Writes " (pid N, COMM)"

@@ -118,7 +118,7 @@ nbdsh -u "$(server_uri e)" -c 'h.pwrite(b"\x33" * 65536, 0); h.flush()'
 live_layer "$ov"
 expect_fail 'Failed to get "write" lock' qemu-io -f raw -c 'write 0 512' "$base"
 expect_start_failure f base="$base" overlay="$ov"
-grep -q "$ov: locked by another process" "$(server_log f)" ||
+grep -q "$ov: locked by another process (open in pid $(server_pid e), nbdkit)" "$(server_log f)" ||
     { cat "$(server_log f)" >&2; fail "a second server on one overlay was not refused"; }
 
 note "disks sharing one base: in one server and in two"
