@@ -142,14 +142,10 @@ is_manifest_path (const char *p)
 static bool
 is_manifest_fd (int fd)
 {
-  char link[64], path[PATH_MAX];
-  ssize_t n;
+  char path[PATH_MAX];
 
-  snprintf (link, sizeof link, "/proc/self/fd/%d", fd);
-  n = readlink (link, path, sizeof path - 1);
-  if (n <= 0)
+  if (!tu_fd_path (fd, path, sizeof path))
     return false;
-  path[n] = '\0';
   return is_manifest_path (path);
 }
 

@@ -115,23 +115,19 @@ static unsigned long failed_writes;     /* atomic */
 static bool
 should_fail (int fd)
 {
-  char link[64], path[PATH_MAX];
+  char path[PATH_MAX];
   const char *name;
   size_t dl = strlen (fail_dir);
-  ssize_t n;
   int e = __atomic_load_n (&fail_errno, __ATOMIC_SEQ_CST);
 
   if (e == 0)
     return false;
-  snprintf (link, sizeof link, "/proc/self/fd/%d", fd);
-  n = readlink (link, path, sizeof path - 1);
-  if (n <= 0)
+  if (!tu_fd_path (fd, path, sizeof path))
     return false;
-  path[n] = '\0';
   if (strncmp (path, fail_dir, dl) != 0 || path[dl] != '/')
     return false;
   name = path + dl + 1;
-  if (strcmp (path, fail_except) == 0 || strcmp (name, "lock") == 0
+  if (strcmp (path, fail_except) == 0
       || strcmp (name, "manifest") == 0 || strstr (name, "manifest.tmp"))
     return false;
   __atomic_add_fetch (&failed_writes, 1, __ATOMIC_SEQ_CST);

@@ -60,14 +60,10 @@ static bool grown_in_time;      /* the table moved before the cue gave up */
 static bool
 is_active_file (int fd)
 {
-  char link[64], path[PATH_MAX];
-  ssize_t n;
+  char path[PATH_MAX];
 
-  snprintf (link, sizeof link, "/proc/self/fd/%d", fd);
-  n = readlink (link, path, sizeof path - 1);
-  if (n <= 0)
+  if (!tu_fd_path (fd, path, sizeof path))
     return false;
-  path[n] = '\0';
   return strcmp (path, active_path) == 0;
 }
 

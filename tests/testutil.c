@@ -498,3 +498,17 @@ tu_nosync (int fd)
   (void) fd;
   return 0;
 }
+
+bool
+tu_fd_path (int fd, char *buf, size_t len)
+{
+  char link[64];
+  ssize_t n;
+
+  snprintf (link, sizeof link, "/proc/self/fd/%d", fd);
+  n = readlink (link, buf, len - 1);
+  if (n <= 0)
+    return false;
+  buf[n] = '\0';
+  return true;
+}

@@ -26,6 +26,9 @@ double tu_now_s (void);
 /* An fsync that does nothing, for io_ops tables of tests that check
  * something other than durability. */
 int tu_nosync (int fd);
+/* The path that fd has open (from /proc/self/fd) into buf of len bytes;
+ * false if it cannot be read. */
+bool tu_fd_path (int fd, char *buf, size_t len);
 
 /* Whole-file helpers (abort on error). */
 void tu_write_file (const char *path, const void *buf, size_t n);
