@@ -201,13 +201,13 @@ chain_plan_add_layer (struct cow_disk *d, struct chain_plan *p,
     cow_error_set (EINVAL, "a chain change adds at most one layer");
     return -1;
   }
-  p->added_file = new_layer_name (d, &p->next);
+  p->added_file = statedir_new_layer_name (d, &p->next);
   if (p->added_file == NULL)
     return -1;
   if (manifest_push (&p->next, p->added_file, (int64_t) time (NULL), NULL,
                      NULL) == -1)
     goto err;
-  p->added = create_layer (d, p->added_file, backing);
+  p->added = statedir_create_layer (d, p->added_file, backing);
   if (p->added == NULL) {
     p->next.n_layers--;
     free (p->next.layers[p->next.n_layers].file);
@@ -216,8 +216,8 @@ chain_plan_add_layer (struct cow_disk *d, struct chain_plan *p,
   return 0;
 
  err:
-  /* create_layer may have left a partial file. */
-  unlink_layer (d, p->added_file);
+  /* statedir_create_layer may have left a partial file. */
+  statedir_unlink_layer (d, p->added_file);
   free (p->added_file);
   p->added_file = NULL;
   return -1;
@@ -294,7 +294,7 @@ chain_plan_build (struct cow_disk *d, struct chain_plan *p)
       return -1;
     }
     /* A layer file removed under a running server cannot be recorded. */
-    path = state_path (d, f);
+    path = statedir_path (d, f);
     if (path == NULL)
       return -1;
     if (stat (path, &st) == -1) {
@@ -342,7 +342,7 @@ chain_plan_install (struct cow_disk *d, struct chain_plan *p)
   memcpy (d->lower, p->lower, p->n_lower * sizeof p->lower[0]);
   d->n_lower = p->n_lower;
   d->n_frozen = p->n_frozen;
-  link_chain (d);
+  chain_link (d);
   d->man = p->next;
   p->next = old;                /* freed with the plan */
   p->installed = true;
@@ -394,12 +394,12 @@ chain_plan_free (struct cow_disk *d, struct chain_plan *p)
     /* Only once the manifest that drops them is on disk. */
     if (!chain_degraded (d))
       for (size_t i = 0; i < p->n_gone_files; i++)
-        unlink_layer (d, p->gone_files[i]);
+        statedir_unlink_layer (d, p->gone_files[i]);
   }
   else if (p->added) {
     p->added->ops->close (p->added);
     if (!p->keep_added_file)
-      unlink_layer (d, p->added_file);
+      statedir_unlink_layer (d, p->added_file);
   }
   for (size_t i = 0; i < p->n_gone_files; i++)
     free (p->gone_files[i]);

@@ -97,14 +97,14 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
 {
   size_t total = n * (size_t) (((which & CHAIN_HOLD_DURABILITY) != 0)
                                + ((which & CHAIN_HOLD_CHAIN) != 0));
-  uint64_t start = now_ns (), bound = UINT64_MAX, window = WINDOW_MIN_NS;
+  uint64_t start = chain_now_ns (), bound = UINT64_MAX, window = WINDOW_MIN_NS;
   size_t stuck = 0;
 
   for (size_t i = 0; i < n; i++)
     if (disks[i]->drain_ns < bound)
       bound = disks[i]->drain_ns;
   for (;;) {
-    uint64_t t = now_ns (), until = t + window, t_chain = t;
+    uint64_t t = chain_now_ns (), until = t + window, t_chain = t;
     size_t n_dur = (which & CHAIN_HOLD_DURABILITY) ? n : 0;
     struct timespec ts;
     size_t k;
@@ -115,7 +115,7 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
     mono_ts (&ts, until);
     for (k = 0; k < total; k++) {
       if (k == n_dur && k > 0)
-        t_chain = now_ns ();
+        t_chain = chain_now_ns ();
       e = pthread_rwlock_clockwrlock (lock_at (disks, n, which, k),
                                       CLOCK_MONOTONIC, &ts);
       if (e)
@@ -134,7 +134,7 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
                      disk_name (disks[stuck]), what);
       return -1;
     }
-    t = now_ns ();
+    t = chain_now_ns ();
     if (t - start >= bound)
       break;
     /* Let the requests queued behind us run. */
@@ -154,6 +154,6 @@ chain_admin_lock_bounded (struct cow_disk *d)
 {
   struct timespec ts;
 
-  mono_ts (&ts, now_ns () + d->drain_ns);
+  mono_ts (&ts, chain_now_ns () + d->drain_ns);
   return pthread_mutex_clocklock (&d->admin_lock, CLOCK_MONOTONIC, &ts) == 0;
 }

@@ -26,6 +26,7 @@
 #include "layer.h"
 #include "manifest.h"
 #include "disk.h"
+#include "backing.h"
 
 /* Read from one lower layer: past its end reads as zero. */
 static int
@@ -47,7 +48,7 @@ node_read (void *opaque, void *buf, uint32_t count, uint64_t offset)
 }
 
 void
-link_chain (struct cow_disk *d)
+chain_link (struct cow_disk *d)
 {
   for (size_t i = 0; i < d->n_lower; i++) {
     d->lower[i].below.read = i + 1 < d->n_lower ? node_read : NULL;
@@ -86,177 +87,6 @@ free_disk (struct cow_disk *d)
   free (d);
 }
 
-/* The backing name to store in the overlay: relative to the overlay's
- * directory where possible. */
-char *
-backing_name_for (const char *overlay, const char *base)
-{
-  char odir[PATH_MAX], bpath[PATH_MAX];
-  char *ocopy = strdup (overlay), *slash, *out;
-  size_t common = 0, ups = 0, olen, i;
-  const char *rest;
-
-  if (ocopy == NULL)
-    return NULL;
-  slash = strrchr (ocopy, '/');
-  if (slash == ocopy)
-    ocopy[1] = '\0';
-  else if (slash)
-    *slash = '\0';
-  else
-    strcpy (ocopy, ".");
-  if (realpath (ocopy, odir) == NULL || realpath (base, bpath) == NULL) {
-    free (ocopy);
-    return NULL;
-  }
-  free (ocopy);
-  if (strcmp (odir, "/") == 0)
-    return strdup (bpath + 1);
-  olen = strlen (odir);
-  /* Longest common directory prefix. */
-  for (i = 0; i <= olen; i++) {
-    if ((odir[i] == '/' || odir[i] == '\0') && bpath[i] == '/'
-        && strncmp (odir, bpath, i) == 0)
-      common = i;
-    if (odir[i] != bpath[i])
-      break;
-  }
-  for (i = common; i < olen; i++)
-    if (odir[i] == '/')
-      ups++;
-  if (common == 0)
-    return strdup (bpath);           /* only the root in common */
-  rest = bpath + common + 1;
-  out = malloc (ups * 3 + strlen (rest) + 1);
-  if (out == NULL)
-    return NULL;
-  out[0] = '\0';
-  for (i = 0; i < ups; i++)
-    strcat (out, "../");
-  strcat (out, rest);
-  return out;
-}
-
-/* Is the overlay's backing name the base the user configured? */
-static int
-check_backing (struct layer *top, const char *overlay, const char *base,
-               const char *base_format)
-{
-  const char *name = qcow2_backing_file (top);
-  const char *fmt = qcow2_backing_format (top);
-  struct stat sb, sn;
-  char *resolved = NULL;
-  int r = -1;
-
-  if (name == NULL) {
-    cow_error_set (EINVAL, "%s: existing overlay has no backing file, but "
-                   "base=%s was given", overlay, base);
-    return -1;
-  }
-  if (nbd_is_uri (base)) {
-    if (strcmp (name, base) != 0) {
-      cow_error_set (EINVAL, "%s: existing overlay's backing file '%s' is not "
-                     "the configured base '%s'", overlay, name, base);
-      return -1;
-    }
-    return 0;
-  }
-  if (name[0] == '/')
-    resolved = strdup (name);
-  else {
-    const char *slash = strrchr (overlay, '/');
-    int dl = slash ? (int) (slash - overlay) : 1;
-    if (asprintf (&resolved, "%.*s/%s", dl, slash ? overlay : ".", name) == -1)
-      resolved = NULL;
-  }
-  if (resolved == NULL) {
-    cow_error_errno ("backing name");
-    return -1;
-  }
-  if (stat (base, &sb) == -1) {
-    cow_error_errno ("%s: cannot stat base", base);
-    goto out;
-  }
-  if (stat (resolved, &sn) == -1 || sn.st_dev != sb.st_dev
-      || sn.st_ino != sb.st_ino) {
-    cow_error_set (EINVAL, "%s: existing overlay's backing file '%s' is not "
-                   "the configured base '%s'", overlay, name, base);
-    goto out;
-  }
-  if (fmt && strcmp (fmt, base_format) != 0) {
-    cow_error_set (EINVAL, "%s: existing overlay's backing format '%s' is not "
-                   "the base's format '%s'", overlay, fmt, base_format);
-    goto out;
-  }
-  r = 0;
- out:
-  free (resolved);
-  return r;
-}
-
-/* Is path (resolved) one the configuration lets a backing name reach?
- * Inside the base's own directory, or listed in allow_backing. */
-static bool
-backing_allowed (const struct cow_disk_config *cfg, const char *base_dir,
-                 const char *real)
-{
-  size_t n = strlen (base_dir);
-
-  if (strncmp (real, base_dir, n) == 0 && (real[n] == '/' || n == 1))
-    return true;
-  for (const char *const *a = cfg->allow_backing; a && *a; a++) {
-    char r[PATH_MAX];
-    if (realpath (*a, r) && strcmp (r, real) == 0)
-      return true;
-  }
-  return false;
-}
-
-/* Where the backing name of the layer at 'from' leads; NULL if it may not
- * be followed. */
-static char *
-resolve_backing (const struct cow_disk_config *cfg, const char *base_dir,
-                 const char *from, const char *name)
-{
-  char *joined = NULL, real[PATH_MAX];
-
-  if (strncmp (name, "json:", 5) == 0) {
-    cow_error_set (EPERM, "%s: backing file name '%.64s' is a json: "
-                   "specification; cowchain never follows those", from, name);
-    return NULL;
-  }
-  if (strstr (name, "://") || nbd_is_uri (name)) {
-    cow_error_set (EPERM, "%s: backing file name '%s' is a URL; give a "
-                   "remote base as base= instead", from, name);
-    return NULL;
-  }
-  if (name[0] == '/')
-    joined = strdup (name);
-  else {
-    const char *slash = strrchr (from, '/');
-    if (asprintf (&joined, "%.*s/%s", slash ? (int) (slash - from) : 1,
-                  slash ? from : ".", name) == -1)
-      joined = NULL;
-  }
-  if (joined == NULL) {
-    cow_error_errno ("backing name");
-    return NULL;
-  }
-  if (realpath (joined, real) == NULL) {
-    cow_error_errno ("%s: backing file '%s' cannot be opened", from, name);
-    free (joined);
-    return NULL;
-  }
-  free (joined);
-  if (!backing_allowed (cfg, base_dir, real)) {
-    cow_error_set (EPERM, "%s: backing file name '%s' leads to '%s', outside "
-                   "the base's directory '%s' and not allowed by "
-                   "allow-backing=", from, name, real, base_dir);
-    return NULL;
-  }
-  return strdup (real);
-}
-
 static struct layer *
 open_one (const char *path, const char *fmt, const struct cow_disk_config *cfg)
 {
@@ -282,7 +112,7 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
   const size_t first = d->n_lower;
   int ret = -1;
 
-  if (nbd_is_uri (cfg->base)) {
+  if (remote_is_uri (cfg->base)) {
     if (fmt && strcmp (fmt, "raw") != 0) {
       cow_error_set (EINVAL, "%s: a remote NBD base is read as raw, not %s",
                      cfg->base, fmt);
@@ -295,7 +125,7 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
       return -1;
     }
     /* Under the frozen layers of a state directory, if any. */
-    d->lower[d->n_lower].l = nbd_layer_open (cfg->base, d->base_timeout_ms);
+    d->lower[d->n_lower].l = remote_layer_open (cfg->base, d->base_timeout_ms);
     if (d->lower[d->n_lower].l == NULL)
       return -1;
     d->n_lower++;
@@ -363,7 +193,7 @@ open_lower (struct cow_disk *d, const struct cow_disk_config *cfg,
       goto out;
     }
     {
-      char *next = resolve_backing (cfg, base_dir, path, bname);
+      char *next = backing_resolve (cfg->allow_backing, base_dir, path, bname);
       if (next == NULL)
         goto out;
       free (path);
@@ -392,13 +222,13 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
   }
   if (open_lower (d, cfg, &fmt) == -1)
     return -1;
-  link_chain (d);
+  chain_link (d);
   if (stat (cfg->overlay, &st) == 0) {
     d->top = qcow2_open (cfg->overlay, cfg->readonly ? LAYER_RDONLY : 0,
                          cfg->cache_size);
     if (d->top == NULL)
       return -1;
-    return check_backing (d->top, cfg->overlay, cfg->base, fmt);
+    return backing_check (d->top, cfg->overlay, cfg->base, fmt);
   }
   if (errno != ENOENT) {
     cow_error_errno ("%s: cannot stat overlay", cfg->overlay);
@@ -416,7 +246,7 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
       .cluster_size = cfg->cluster_size ? cfg->cluster_size : 65536,
       .backing_format = fmt,
     };
-    char *name = nbd_is_uri (cfg->base) ? strdup (cfg->base)
+    char *name = remote_is_uri (cfg->base) ? strdup (cfg->base)
       : backing_name_for (cfg->overlay, cfg->base);
     int r;
     if (name == NULL) {
@@ -434,7 +264,7 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
 }
 
 char *
-state_path (const struct cow_disk *d, const char *file)
+statedir_path (const struct cow_disk *d, const char *file)
 {
   char *p;
 
@@ -447,7 +277,7 @@ state_path (const struct cow_disk *d, const char *file)
 
 /* A layer file name used neither in the manifest nor in the directory. */
 char *
-new_layer_name (struct cow_disk *d, const struct manifest *m)
+statedir_new_layer_name (struct cow_disk *d, const struct manifest *m)
 {
   for (unsigned i = 1; i < 1000000; i++) {
     char name[32], *p;
@@ -459,7 +289,7 @@ new_layer_name (struct cow_disk *d, const struct manifest *m)
         used = true;
     if (used)
       continue;
-    p = state_path (d, name);
+    p = statedir_path (d, name);
     if (p == NULL)
       return NULL;
     /* lstat: a dangling symbolic link takes its name too. */
@@ -479,14 +309,14 @@ new_layer_name (struct cow_disk *d, const struct manifest *m)
 /* Create a new empty layer in the state directory over 'backing' (a layer
  * file name there, or NULL for the base) and open it. */
 struct layer *
-create_layer (struct cow_disk *d, const char *file, const char *backing)
+statedir_create_layer (struct cow_disk *d, const char *file, const char *backing)
 {
   struct qcow2_create_opts o = {
     .size = d->size,
     .version = d->compat,
     .cluster_size = d->cluster_size,
   };
-  char *path = state_path (d, file), *bname = NULL;
+  char *path = statedir_path (d, file), *bname = NULL;
   struct layer *l = NULL;
 
   if (path == NULL)
@@ -498,7 +328,7 @@ create_layer (struct cow_disk *d, const char *file, const char *backing)
   else if (d->man.no_base)
     ;                           /* self-contained */
   else {
-    bname = nbd_is_uri (d->man.base) ? strdup (d->man.base)
+    bname = remote_is_uri (d->man.base) ? strdup (d->man.base)
       : backing_name_for (path, d->man.base);
     if (bname == NULL) {
       cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
@@ -516,9 +346,9 @@ create_layer (struct cow_disk *d, const char *file, const char *backing)
 }
 
 void
-unlink_layer (struct cow_disk *d, const char *file)
+statedir_unlink_layer (struct cow_disk *d, const char *file)
 {
-  char *p = state_path (d, file);
+  char *p = statedir_path (d, file);
 
   if (p) {
     io_unlink (p);
@@ -566,7 +396,7 @@ remove_orphans (struct cow_disk *d)
       if (strcmp (d->man.layers[i].file, e->d_name) == 0)
         known = true;
     if (!known)
-      unlink_layer (d, e->d_name);
+      statedir_unlink_layer (d, e->d_name);
   }
   closedir (dir);
 }
@@ -605,7 +435,7 @@ chain_check_names (struct cow_disk *d, bool readonly)
     struct layer *l = i + 1 == n ? d->top : d->lower[n - 2 - i].l;
     const char *bn = qcow2_backing_file (l);
     const char *bf = qcow2_backing_format (l);
-    char *p = state_path (d, d->man.layers[i].file), *want = NULL;
+    char *p = statedir_path (d, d->man.layers[i].file), *want = NULL;
     const char *wfmt = NULL;
     bool ok, repair;
     bool marked = manifest_has_rebase (&d->man, d->man.layers[i].file);
@@ -628,9 +458,9 @@ chain_check_names (struct cow_disk *d, bool readonly)
         goto next;
       }
       ok = repair ? false
-        : check_backing (l, p, d->man.base, d->man.base_format) == 0;
+        : backing_check (l, p, d->man.base, d->man.base_format) == 0;
       if (repair) {
-        want = nbd_is_uri (d->man.base) ? strdup (d->man.base)
+        want = remote_is_uri (d->man.base) ? strdup (d->man.base)
           : backing_name_for (p, d->man.base);
         wfmt = d->man.base_format;
         if (want == NULL) {
@@ -703,7 +533,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
    * configured with. */
   if (r == 1 && cfg->base && !d->man.no_base) {
     char a[PATH_MAX], b[PATH_MAX];
-    bool same = nbd_is_uri (cfg->base)
+    bool same = remote_is_uri (cfg->base)
       ? strcmp (cfg->base, d->man.base) == 0
       : (realpath (cfg->base, a) && realpath (d->man.base, b)
          && strcmp (a, b) == 0);
@@ -736,7 +566,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
                      d->state_dir);
       return -1;
     }
-    d->man.base = nbd_is_uri (cfg->base) ? strdup (cfg->base)
+    d->man.base = remote_is_uri (cfg->base) ? strdup (cfg->base)
       : realpath (cfg->base, NULL);
     if (d->man.base == NULL) {
       cow_error_errno ("%s: cannot open base", cfg->base);
@@ -751,7 +581,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
   if (r == 1) {
     /* Frozen layers, newest first, then the base chain. */
     for (size_t i = d->man.n_layers - 1; i-- > 0; ) {
-      char *p = state_path (d, d->man.layers[i].file);
+      char *p = statedir_path (d, d->man.layers[i].file);
       struct layer *l;
       if (p == NULL)
         return -1;
@@ -769,7 +599,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
   }
   if (!d->man.no_base && open_lower (d, &bcfg, &fmt) == -1)
     return -1;
-  link_chain (d);
+  chain_link (d);
   if (d->n_lower > 0)
     d->size = d->lower[0].l->size;
   d->compat = cfg->compat ? cfg->compat : 3;
@@ -783,10 +613,10 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
       cow_error_errno ("strdup");
       return -1;
     }
-    name = new_layer_name (d, &d->man);
+    name = statedir_new_layer_name (d, &d->man);
     if (name == NULL)
       return -1;
-    d->top = create_layer (d, name, NULL);
+    d->top = statedir_create_layer (d, name, NULL);
     r = (d->top == NULL
          || manifest_push (&d->man, name, (int64_t) time (NULL), NULL,
                            NULL) == -1
@@ -797,7 +627,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
         d->top->ops->close (d->top);
         d->top = NULL;
       }
-      unlink_layer (d, name);
+      statedir_unlink_layer (d, name);
     }
     free (name);
     if (r == -1)
@@ -805,7 +635,7 @@ open_state (struct cow_disk *d, const struct cow_disk_config *cfg)
   }
   else {
     const struct manifest_layer *top = &d->man.layers[d->man.n_layers - 1];
-    char *p = state_path (d, top->file);
+    char *p = statedir_path (d, top->file);
     if (p == NULL)
       return -1;
     d->top = qcow2_open (p, LAYER_NOFOLLOW
@@ -1212,7 +1042,7 @@ cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
  */
 
 uint64_t
-now_ns (void)
+chain_now_ns (void)
 {
   struct timespec ts;
 
@@ -1370,7 +1200,7 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
   for (size_t i = 0; i < n; i++)
     chain_plan_install (disks[i], p[i]);
   chain_release (disks, n, CHAIN_HOLD_CHAIN);
-  pause = now_ns () - t0;
+  pause = chain_now_ns () - t0;
   for (size_t i = 0; i < n; i++) {
     disks[i]->last_pause_ns = pause;
     if (commit_freeze (disks[i], name) == -1)
@@ -1478,7 +1308,7 @@ cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out, size_t *n)
   else
     for (size_t i = 0; i < count; i++) {
       const struct manifest_layer *l = &d->man.layers[i];
-      v[i].path = state_path (d, l->file);
+      v[i].path = statedir_path (d, l->file);
       v[i].created = l->created;
       v[i].snapshot = l->snapshot ? strdup (l->snapshot) : NULL;
       v[i].description = l->description ? strdup (l->description) : NULL;

@@ -340,7 +340,7 @@ static bool
 is_not_a_file_name (const char *name)
 {
   return strncmp (name, "json:", 5) == 0 || strstr (name, "://") != NULL
-    || nbd_is_uri (name);
+    || remote_is_uri (name);
 }
 
 /* name, relative to the directory of the image that refers to it. */

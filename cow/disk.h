@@ -177,14 +177,13 @@ bool chain_admin_lock_bounded (struct cow_disk *d);
 
 /* chain.c helpers. */
 int chain_check_names (struct cow_disk *d, bool readonly);
-void link_chain (struct cow_disk *d);
-char *backing_name_for (const char *overlay, const char *base);
-char *state_path (const struct cow_disk *d, const char *file);
-char *new_layer_name (struct cow_disk *d, const struct manifest *m);
-struct layer *create_layer (struct cow_disk *d, const char *file,
+void chain_link (struct cow_disk *d);
+char *statedir_path (const struct cow_disk *d, const char *file);
+char *statedir_new_layer_name (struct cow_disk *d, const struct manifest *m);
+struct layer *statedir_create_layer (struct cow_disk *d, const char *file,
                             const char *backing);
-void unlink_layer (struct cow_disk *d, const char *file);
-uint64_t now_ns (void);
+void statedir_unlink_layer (struct cow_disk *d, const char *file);
+uint64_t chain_now_ns (void);
 
 /* job.c */
 void job_disk_init (struct cow_disk *d);

@@ -268,7 +268,7 @@ job_yield (struct cow_job *j)
     pthread_cond_timedwait (&d->job_cond, &d->job_lock, &ts);
   }
   for (;;) {
-    uint64_t now = now_ns ();
+    uint64_t now = chain_now_ns ();
     if (j->cancel_req) {
       r = -1;
       break;
@@ -277,7 +277,7 @@ job_yield (struct cow_job *j)
       j->state = COW_JOB_PAUSED;
       pthread_cond_broadcast (&d->job_cond);
       pthread_cond_wait (&d->job_cond, &d->job_lock);
-      j->window_t0 = now_ns ();
+      j->window_t0 = chain_now_ns ();
       j->window_done = j->done;
       continue;
     }
@@ -516,11 +516,11 @@ copy_all (struct cow_job *j)
 
     if (job_yield (j) == -1)
       return -2;
-    t0 = now_ns ();
+    t0 = chain_now_ns ();
     pthread_rwlock_rdlock (&d->chain_lock);
     r = j->commit ? commit_range (j, pos, len, true) : pull_range (j, pos, len);
     pthread_rwlock_unlock (&d->chain_lock);
-    j->work_ns = now_ns () - t0;
+    j->work_ns = chain_now_ns () - t0;
     if (r == -1)
       return -1;
     if (!half && j->done * 2 >= j->total && j->total > 0) {
@@ -583,7 +583,7 @@ copy_dirty (struct cow_job *j, bool locked)
         __atomic_or_fetch (&d->dirty_map[w], bits, __ATOMIC_RELEASE);
         return -2;
       }
-      t0 = now_ns ();
+      t0 = chain_now_ns ();
       pthread_rwlock_rdlock (&d->chain_lock);
     }
     for (unsigned b = 0; b < 64 && r == 0; b++)
@@ -594,7 +594,7 @@ copy_dirty (struct cow_job *j, bool locked)
       }
     if (!locked) {
       pthread_rwlock_unlock (&d->chain_lock);
-      j->work_ns = now_ns () - t0;
+      j->work_ns = chain_now_ns () - t0;
     }
     if (r == -1)
       return -1;
@@ -702,7 +702,7 @@ switch_active_commit (struct cow_job *j, struct chain_plan *p)
   if (r == 0) {
     __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
     chain_plan_install (d, p);
-    d->last_pause_ns = now_ns () - t0;
+    d->last_pause_ns = chain_now_ns () - t0;
   }
   chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   if (r == 0) {
@@ -775,7 +775,7 @@ run_copy (struct cow_job *j)
     return -1;
   }
   pthread_mutex_lock (&d->job_lock);
-  j->window_t0 = j->rate_t0 = now_ns ();
+  j->window_t0 = j->rate_t0 = chain_now_ns ();
   pthread_mutex_unlock (&d->job_lock);
   stop_at (j, "before-copy");
   r = copy_all (j);
@@ -849,7 +849,7 @@ finish_locked (struct cow_job *j, int r)
   if (r == -2)
     free (msg);
   j->ended = wall_now ();
-  j->end_ns = now_ns ();
+  j->end_ns = chain_now_ns ();
   if (r == 0)
     j->done = j->total;
   free (j->buf);
@@ -912,7 +912,7 @@ new_job (struct cow_disk *d, enum cow_job_kind kind, const char *top,
   j->state = COW_JOB_RUNNING;
   j->speed = speed;
   j->started = wall_now ();
-  j->start_ns = now_ns ();
+  j->start_ns = chain_now_ns ();
   j->stop_at = getenv ("COWCHAIN_JOB_STOP_AT");
   return j;
 }
@@ -1285,7 +1285,7 @@ cow_disk_job_info (struct cow_disk *d, struct cow_job_info *out)
     if (j->state == COW_JOB_PAUSED)
       out->rate = 0;
     else {
-      uint64_t end = j->end_ns ? j->end_ns : now_ns ();
+      uint64_t end = j->end_ns ? j->end_ns : chain_now_ns ();
       uint64_t el = end - j->start_ns;
       out->rate = j->rate && !j->end_ns ? j->rate
         : el ? (uint64_t) ((double) j->done * 1e9 / (double) el) : 0;
@@ -1366,7 +1366,7 @@ control (struct cow_disk *d, enum job_control what, uint64_t speed)
     case CTL_CANCEL: j->cancel_req = true; break;
     case CTL_SPEED:
       j->speed = speed;
-      j->window_t0 = now_ns ();
+      j->window_t0 = chain_now_ns ();
       j->window_done = j->done;
       break;
     }

@@ -100,11 +100,11 @@ bool layer_is_qcow2 (const struct layer *l);
 /* Recognise a qcow2 file by its magic: 1 yes, 0 no, -1 error. */
 int qcow2_probe (const char *path);
 
-/* nbd.c: a read-only base on a remote NBD server (libnbd URI).  Each
+/* remote.c: a read-only base on a remote NBD server (libnbd URI).  Each
  * request (and the connection at open) fails with EIO after timeout_ms
  * without an answer; 0 waits forever. */
-struct layer *nbd_layer_open (const char *uri, uint32_t timeout_ms);
+struct layer *remote_layer_open (const char *uri, uint32_t timeout_ms);
 /* Is this base name a libnbd URI (nbd:, nbds:, nbd+unix:, ...)? */
-bool nbd_is_uri (const char *name);
+bool remote_is_uri (const char *name);
 
 #endif /* COW_LAYER_H */

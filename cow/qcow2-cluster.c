@@ -226,7 +226,7 @@ punch_pending (struct qcow2 *q)
   pthread_mutex_lock (&q->lock);
   q->free_ready_sorted = false;
   for (size_t i = 0; i < l.len; i++)
-    cluster_list_push (&q->free_ready, l.v[i]);
+    qcow2_cluster_list_push (&q->free_ready, l.v[i]);
   pthread_mutex_unlock (&q->lock);
   free (l.v);
 }
@@ -1029,7 +1029,7 @@ qcow2_layer_flush (struct layer *l)
     q->l1_dirty = false;
   }
   for (size_t i = 0; i < q->free_unsynced.len; i++)
-    cluster_list_push (&q->free_flushing, q->free_unsynced.v[i]);
+    qcow2_cluster_list_push (&q->free_flushing, q->free_unsynced.v[i]);
   q->free_unsynced.len = 0;
   n_flushing = q->free_flushing.len;
   pthread_mutex_unlock (&q->lock);
@@ -1083,7 +1083,7 @@ qcow2_layer_flush (struct layer *l)
     q->l1_dirty = true;
   if (ok) {
     for (size_t i = 0; i < n_flushing; i++)
-      cluster_list_push (&q->free_synced, q->free_flushing.v[i]);
+      qcow2_cluster_list_push (&q->free_synced, q->free_flushing.v[i]);
     if (n_flushing > 0)
       memmove (q->free_flushing.v, q->free_flushing.v + n_flushing,
                (q->free_flushing.len - n_flushing) * sizeof (uint64_t));

@@ -18,7 +18,7 @@
 #include "qcow2.h"
 
 int
-cluster_list_push (struct cluster_list *l, uint64_t v)
+qcow2_cluster_list_push (struct cluster_list *l, uint64_t v)
 {
   if (l->len == l->cap) {
     size_t cap = l->cap ? l->cap * 2 : 64;
@@ -357,7 +357,7 @@ qcow2_free_unused (struct qcow2 *q, uint64_t host, uint64_t n)
     uint64_t c = host / q->cluster_size + i;
     if (qcow2_refcount_set (q, c, 0) == 0) {
       q->free_ready_sorted = false;
-      cluster_list_push (&q->free_ready, c);
+      qcow2_cluster_list_push (&q->free_ready, c);
     }
   }
 }
@@ -365,7 +365,7 @@ qcow2_free_unused (struct qcow2 *q, uint64_t host, uint64_t n)
 int
 qcow2_free_later (struct qcow2 *q, uint64_t host)
 {
-  return cluster_list_push (&q->free_unsynced, host / q->cluster_size);
+  return qcow2_cluster_list_push (&q->free_unsynced, host / q->cluster_size);
 }
 
 int
@@ -389,7 +389,7 @@ qcow2_release_synced (struct qcow2 *q)
     }
     /* Reusable only once its hole is punched (punch_pending). */
     if (ref == 1)
-      cluster_list_push (&q->punch, c);
+      qcow2_cluster_list_push (&q->punch, c);
   }
   q->free_synced.len = 0;
   return ret;

@@ -184,7 +184,7 @@ void qcow2_free_unused (struct qcow2 *q, uint64_t host, uint64_t n);
 int qcow2_free_later (struct qcow2 *q, uint64_t host);
 /* Called with the lock when data_io drops to 0, and after flushes. */
 int qcow2_release_synced (struct qcow2 *q);
-int cluster_list_push (struct cluster_list *l, uint64_t v);
+int qcow2_cluster_list_push (struct cluster_list *l, uint64_t v);
 /* Write the refcount table now if it changed (blocks synced first). */
 int qcow2_reftable_writeback (struct qcow2 *q);
 

@@ -89,7 +89,7 @@
 #define NBD_MAX_STATUS (1u << 30)
 
 /* One connection of the pool. */
-struct nbd_conn {
+struct remote_conn {
   /* lock protects every field of this connection, the handle included
    * (a reconnect replaces it), and is held for the whole of each request
    * on it. */
@@ -100,17 +100,17 @@ struct nbd_conn {
   bool have_alloc;              /* base:allocation negotiated */
 };
 
-struct nbd_layer {
+struct remote_layer {
   struct layer layer;
   char *connect_uri;            /* what is passed to nbd_connect_uri */
   uint32_t timeout_ms;          /* per request; 0 = none (fixed) */
   unsigned n_conns;             /* fixed after open */
   unsigned next;                /* atomic: round-robin start */
-  struct nbd_conn conns[NBD_POOL_MAX];
+  struct remote_conn conns[NBD_POOL_MAX];
 };
 
 bool
-nbd_is_uri (const char *name)
+remote_is_uri (const char *name)
 {
   return strncmp (name, "nbd:", 4) == 0 || strncmp (name, "nbds:", 5) == 0
     || strncmp (name, "nbd+", 4) == 0 || strncmp (name, "nbds+", 5) == 0;
@@ -136,7 +136,7 @@ mono_ns (void)
 }
 
 static uint64_t
-deadline_of (const struct nbd_layer *n)
+deadline_of (const struct remote_layer *n)
 {
   return n->timeout_ms ? mono_ns () + (uint64_t) n->timeout_ms * 1000000u : 0;
 }
@@ -186,7 +186,7 @@ connect_done (struct nbd_handle *h, int64_t unused)
 /* Create a handle, connect it to uri by the deadline and fill in c's
  * limits.  On failure returns NULL with *err set to a malloc'd reason. */
 static struct nbd_handle *
-conn_connect (const char *uri, struct nbd_conn *c, uint64_t deadline,
+conn_connect (const char *uri, struct remote_conn *c, uint64_t deadline,
               char **err)
 {
   struct nbd_handle *h = nbd_create ();
@@ -230,7 +230,7 @@ conn_connect (const char *uri, struct nbd_conn *c, uint64_t deadline,
 
 /* Is the connection still usable (so an error came from the server)? */
 static bool
-conn_alive (struct nbd_conn *c)
+conn_alive (struct remote_conn *c)
 {
   return c->h && nbd_aio_is_ready (c->h) == 1;
 }
@@ -238,7 +238,7 @@ conn_alive (struct nbd_conn *c)
 /* Close c's connection, with any command still in flight on it (libnbd
  * retires those without touching their buffers again). */
 static void
-conn_drop (struct nbd_conn *c)
+conn_drop (struct remote_conn *c)
 {
   if (c->h) {
     nbd_close (c->h);        /* no NBD_CMD_DISC: the connection is broken */
@@ -249,7 +249,7 @@ conn_drop (struct nbd_conn *c)
 /* Replace a broken connection (caller holds c->lock).  On failure
  * returns -1 with *why set to a malloc'd reason (or NULL). */
 static int
-conn_reconnect (struct nbd_layer *n, struct nbd_conn *c, uint64_t deadline,
+conn_reconnect (struct remote_layer *n, struct remote_conn *c, uint64_t deadline,
                 char **why)
 {
   int64_t size;
@@ -273,11 +273,11 @@ conn_reconnect (struct nbd_layer *n, struct nbd_conn *c, uint64_t deadline,
 
 /* Take a connection: the first free one from the round-robin position,
  * else wait for that one until the deadline (NULL when it passed). */
-static struct nbd_conn *
-conn_get (struct nbd_layer *n, uint64_t deadline)
+static struct remote_conn *
+conn_get (struct remote_layer *n, uint64_t deadline)
 {
   unsigned start = __atomic_fetch_add (&n->next, 1, __ATOMIC_RELAXED);
-  struct nbd_conn *c;
+  struct remote_conn *c;
   struct timespec ts;
 
   for (unsigned i = 0; i < n->n_conns; i++) {
@@ -298,7 +298,7 @@ conn_get (struct nbd_layer *n, uint64_t deadline)
 }
 
 static void
-conn_put (struct nbd_conn *c)
+conn_put (struct remote_conn *c)
 {
   pthread_mutex_unlock (&c->lock);
 }
@@ -308,12 +308,12 @@ conn_put (struct nbd_conn *c)
  * the thread), -2 on a local failure (recorded with cow_error_set), -3
  * when the deadline passed (the connection is then dropped).  A
  * disconnected slot (h NULL) fails with -1. */
-typedef int (*conn_op) (struct nbd_layer *n, struct nbd_conn *c, void *arg,
+typedef int (*conn_op) (struct remote_layer *n, struct remote_conn *c, void *arg,
                         uint64_t deadline);
 
 /* Wait for the command cookie (-1: sending it failed) on c. */
 static int
-conn_wait (struct nbd_conn *c, int64_t cookie, uint64_t deadline)
+conn_wait (struct remote_conn *c, int64_t cookie, uint64_t deadline)
 {
   int r;
 
@@ -336,7 +336,7 @@ struct read_args {
  * split at max_read, with the ends widened to the minimum block size
  * through a bounce buffer when the server asks for alignment. */
 static int
-conn_pread (struct nbd_layer *n, struct nbd_conn *c, void *arg,
+conn_pread (struct remote_layer *n, struct remote_conn *c, void *arg,
             uint64_t deadline)
 {
   struct read_args *ra = arg;
@@ -392,10 +392,10 @@ conn_pread (struct nbd_layer *n, struct nbd_conn *c, void *arg,
  * connection turns out to be broken (see the top of this file).  what
  * describes the request for messages. */
 static int
-run_op (struct nbd_layer *n, conn_op op, void *arg, const char *what)
+run_op (struct remote_layer *n, conn_op op, void *arg, const char *what)
 {
   uint64_t deadline = deadline_of (n);
-  struct nbd_conn *c = conn_get (n, deadline);
+  struct remote_conn *c = conn_get (n, deadline);
   char *first = NULL, *why = NULL;
   int r;
 
@@ -454,7 +454,7 @@ static int
 nbd_layer_read (struct layer *l, void *buf, uint32_t count, uint64_t offset,
                 const struct layer_below *below)
 {
-  struct nbd_layer *n = (struct nbd_layer *) l;
+  struct remote_layer *n = (struct remote_layer *) l;
   struct read_args ra = { .buf = buf, .count = count, .offset = offset };
   char what[80];
 
@@ -552,7 +552,7 @@ struct map_args {
 };
 
 static int
-conn_map (struct nbd_layer *n, struct nbd_conn *c, void *arg,
+conn_map (struct remote_layer *n, struct remote_conn *c, void *arg,
           uint64_t deadline)
 {
   struct map_args *ma = arg;
@@ -585,7 +585,7 @@ static int
 nbd_layer_map (struct layer *l, uint64_t offset, uint64_t count,
                uint64_t *len, enum layer_status *status)
 {
-  struct nbd_layer *n = (struct nbd_layer *) l;
+  struct remote_layer *n = (struct remote_layer *) l;
   struct map_args ma;
   char what[80];
 
@@ -617,7 +617,7 @@ nbd_layer_map (struct layer *l, uint64_t offset, uint64_t count,
 }
 
 static void
-nbd_layer_free (struct nbd_layer *n)
+remote_layer_free (struct remote_layer *n)
 {
   for (unsigned i = 0; i < NBD_POOL_MAX; i++)
     pthread_mutex_destroy (&n->conns[i].lock);
@@ -629,10 +629,10 @@ nbd_layer_free (struct nbd_layer *n)
 static int
 nbd_layer_close (struct layer *l)
 {
-  struct nbd_layer *n = (struct nbd_layer *) l;
+  struct remote_layer *n = (struct remote_layer *) l;
 
   for (unsigned i = 0; i < n->n_conns; i++) {
-    struct nbd_conn *c = &n->conns[i];
+    struct remote_conn *c = &n->conns[i];
     pthread_mutex_lock (&c->lock);
     if (c->h) {
       /* A polite NBD_CMD_DISC, without waiting for a server that may
@@ -644,11 +644,11 @@ nbd_layer_close (struct layer *l)
     }
     pthread_mutex_unlock (&c->lock);
   }
-  nbd_layer_free (n);
+  remote_layer_free (n);
   return 0;
 }
 
-static const struct layer_ops nbd_ops = {
+static const struct layer_ops remote_ops = {
   .kind = "nbd",
   .read = nbd_layer_read,
   .write = nbd_layer_write,
@@ -711,10 +711,10 @@ absolute_socket_uri (const char *uri)
 }
 
 struct layer *
-nbd_layer_open (const char *uri, uint32_t timeout_ms)
+remote_layer_open (const char *uri, uint32_t timeout_ms)
 {
-  struct nbd_layer *n;
-  struct nbd_conn *c;
+  struct remote_layer *n;
+  struct remote_conn *c;
   char *err = NULL;
   uint64_t deadline;
   int64_t size;
@@ -727,7 +727,7 @@ nbd_layer_open (const char *uri, uint32_t timeout_ms)
   }
   for (unsigned i = 0; i < NBD_POOL_MAX; i++)
     pthread_mutex_init (&n->conns[i].lock, NULL);
-  n->layer.ops = &nbd_ops;
+  n->layer.ops = &remote_ops;
   n->layer.readonly = true;
   n->timeout_ms = timeout_ms;
   n->layer.path = strdup (uri);
@@ -760,7 +760,7 @@ nbd_layer_open (const char *uri, uint32_t timeout_ms)
   mc = nbd_can_multi_conn (c->h);
   if (mc == 1) {
     for (unsigned i = 1; i < NBD_POOL_MAX; i++) {
-      struct nbd_conn *ci = &n->conns[n->n_conns];
+      struct remote_conn *ci = &n->conns[n->n_conns];
       ci->h = conn_connect (n->connect_uri, ci, deadline, &err);
       free (err);
       if (ci->h == NULL)
@@ -780,6 +780,6 @@ nbd_layer_open (const char *uri, uint32_t timeout_ms)
   for (unsigned i = 0; i < n->n_conns; i++)
     if (n->conns[i].h)
       nbd_close (n->conns[i].h);
-  nbd_layer_free (n);
+  remote_layer_free (n);
   return NULL;
 }

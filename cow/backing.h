@@ -1,0 +1,24 @@
+/* Backing-file names (backing.c): what a new layer records as the image
+ * under it, whether an existing overlay records the configured base, and
+ * which names stored in a qcow2 base chain may be followed.  Private to
+ * the engine. */
+#ifndef COW_BACKING_H
+#define COW_BACKING_H
+
+#include "layer.h"
+
+/* The backing name to store in the overlay: relative to the overlay's
+ * directory where possible (NULL with errno if a path does not resolve). */
+char *backing_name_for (const char *overlay, const char *base);
+/* 0 if the existing overlay 'top' (at path overlay) records base (a file
+ * with base_format, or the same NBD URI); else -1 with the reason. */
+int backing_check (struct layer *top, const char *overlay, const char *base,
+                   const char *base_format);
+/* Where the backing name 'name' stored in the image 'from' leads: a
+ * resolved path inside base_dir or listed in allow (NULL-terminated, may
+ * be NULL).  NULL with the last error (EPERM for json: names, URLs and
+ * paths outside those; ENOENT if it does not resolve). */
+char *backing_resolve (const char *const *allow, const char *base_dir,
+                       const char *from, const char *name);
+
+#endif /* COW_BACKING_H */
