@@ -1,6 +1,8 @@
 /* Backing-file names: the name a new layer stores for what lies under
  * it, and the policy that decides which names stored in a qcow2 base
- * chain the engine follows.  Private to the engine. */
+ * chain the engine follows; and opening a disk's base with its own
+ * backing chain under the layers a disk already holds
+ * (backing_open_chain).  Private to the engine. */
 #include <config.h>
 
 #include <errno.h>
@@ -12,6 +14,8 @@
 #include <sys/stat.h>
 
 #include "backing.h"
+#include "cowchain.h"
+#include "disk.h"
 #include "error.h"
 #include "layer.h"
 #include "qcow2.h"
@@ -185,4 +189,130 @@ backing_resolve (const char *const *allow, const char *base_dir,
     return NULL;
   }
   return strdup (real);
+}
+
+/*----------------------------------------------------------------------
+ * Opening a base chain.
+ */
+
+static struct layer *
+open_one (const char *path, const char *fmt, const struct cow_disk_config *cfg)
+{
+  if (strcmp (fmt, "raw") == 0)
+    return raw_open (path, LAYER_RDONLY);
+  if (strcmp (fmt, "qcow2") == 0)
+    return qcow2_open (path, LAYER_RDONLY, cfg->cache_size);
+  cow_error_set (EINVAL, "%s: format '%s' is not supported (raw or qcow2)",
+                 path, fmt);
+  return NULL;
+}
+
+/* Open the base and, for a qcow2 base, its own backing chain, into
+ * d->lower[] from the top down. */
+int
+backing_open_chain (struct cow_disk *d, const struct cow_disk_config *cfg,
+            const char **base_format)
+{
+  const char *fmt = cfg->base_format;
+  char *path = NULL, *base_dir = NULL, *next_fmt = NULL;
+  dev_t devs[COW_MAX_DEPTH];
+  ino_t inos[COW_MAX_DEPTH];
+  const size_t first = d->n_lower;
+  int ret = -1;
+
+  if (remote_is_uri (cfg->base)) {
+    if (fmt && strcmp (fmt, "raw") != 0) {
+      cow_error_set (EINVAL, "%s: a remote NBD base is read as raw, not %s",
+                     cfg->base, fmt);
+      return -1;
+    }
+    *base_format = "raw";
+    if (d->n_lower == COW_MAX_DEPTH) {
+      cow_error_set (ELOOP, "%s: the chain is deeper than %d layers",
+                     cfg->base, COW_MAX_DEPTH);
+      return -1;
+    }
+    /* Under the frozen layers of a state directory, if any. */
+    d->lower[d->n_lower].l = remote_layer_open (cfg->base, d->base_timeout_ms);
+    if (d->lower[d->n_lower].l == NULL)
+      return -1;
+    d->n_lower++;
+    return 0;
+  }
+  if (fmt == NULL) {
+    int is_qcow2 = qcow2_probe (cfg->base);
+    if (is_qcow2 == -1)
+      return -1;
+    fmt = is_qcow2 ? "qcow2" : "raw";
+  }
+  *base_format = fmt;
+  path = realpath (cfg->base, NULL);
+  if (path == NULL) {
+    cow_error_errno ("%s: cannot open base", cfg->base);
+    return -1;
+  }
+  base_dir = strdup (path);
+  if (base_dir == NULL) {
+    cow_error_errno ("strdup");
+    goto out;
+  }
+  *strrchr (base_dir, '/') = '\0';
+  if (base_dir[0] == '\0')
+    strcpy (base_dir, "/");
+
+  for (;;) {
+    struct stat st;
+    struct layer *l;
+    const char *bname;
+
+    if (d->n_lower == COW_MAX_DEPTH) {
+      cow_error_set (ELOOP, "%s: backing chain deeper than %d layers",
+                     cfg->base, COW_MAX_DEPTH);
+      goto out;
+    }
+    if (stat (path, &st) == -1) {
+      cow_error_errno ("%s: cannot open", path);
+      goto out;
+    }
+    /* Layers from 'first' on are this base chain's (frozen layers of a
+     * state directory may come before). */
+    for (size_t i = first; i < d->n_lower; i++)
+      if (devs[i - first] == st.st_dev && inos[i - first] == st.st_ino) {
+        cow_error_set (ELOOP, "%s: backing loop: '%s' is already in the "
+                       "chain", cfg->base, path);
+        goto out;
+      }
+    devs[d->n_lower - first] = st.st_dev;
+    inos[d->n_lower - first] = st.st_ino;
+    l = open_one (d->n_lower == 0 ? cfg->base : path, fmt, cfg);
+    if (l == NULL)
+      goto out;
+    d->lower[d->n_lower++].l = l;
+    if (strcmp (fmt, "qcow2") != 0 || (bname = qcow2_backing_file (l)) == NULL)
+      break;
+    /* The backing format comes from the header, never from the bytes. */
+    free (next_fmt);
+    next_fmt = qcow2_backing_format (l) ? strdup (qcow2_backing_format (l))
+      : NULL;
+    if (next_fmt == NULL) {
+      cow_error_set (EINVAL, "%s: backing file '%s' has no recorded format "
+                     "(cowchain does not guess formats); record it with "
+                     "qemu-img rebase -u -F FORMAT", path, bname);
+      goto out;
+    }
+    {
+      char *next = backing_resolve (cfg->allow_backing, base_dir, path, bname);
+      if (next == NULL)
+        goto out;
+      free (path);
+      path = next;
+    }
+    fmt = next_fmt;
+  }
+  ret = 0;
+ out:
+  free (path);
+  free (base_dir);
+  free (next_fmt);
+  return ret;
 }

@@ -7,6 +7,9 @@
 
 #include "layer.h"
 
+struct cow_disk;
+struct cow_disk_config;
+
 /* The backing name to store in the overlay: relative to the overlay's
  * directory where possible (NULL with errno if a path does not resolve). */
 char *backing_name_for (const char *overlay, const char *base);
@@ -20,5 +23,11 @@ int backing_check (struct layer *top, const char *overlay, const char *base,
  * paths outside those; ENOENT if it does not resolve). */
 char *backing_resolve (const char *const *allow, const char *base_dir,
                        const char *from, const char *name);
+
+/* Open cfg->base (local file of cfg->base_format or probed, or an NBD
+ * URI) and, for a qcow2 base, its own backing chain into d->lower[]
+ * after the layers already there; *base_format: the base's format. */
+int backing_open_chain (struct cow_disk *d, const struct cow_disk_config *cfg,
+                        const char **base_format);
 
 #endif /* COW_BACKING_H */

@@ -1,7 +1,8 @@
 /* The chain module: the one place that changes a state-directory disk's
- * chain.  A disk's layers are numbered one way only, by manifest index
- * (0 the bottom layer, n-1 the active one); chain_layer maps an index to
- * its open layer.
+ * chain (its lock-order table and declarations: chain.h).  A disk's
+ * layers are numbered one way only, by manifest index (0 the bottom
+ * layer, n-1 the active one); chain_layer (chain-layers.c) maps an index
+ * to its open layer.
  *
  * Every change (snapshot, revert, the last step of a job, dropping
  * names) is a plan: a copy of the manifest edited into the chain wanted
@@ -24,7 +25,7 @@
  * acknowledged that a restart could drop, and a restart finds either the
  * old chain (whose acknowledged writes are all in it) or the new one.
  *
- * Cleanup at open (chain.c) deletes only layer files that the manifest
+ * Cleanup at open (statedir.c) deletes only layer files that the manifest
  * does not name; by the invariant above none of them holds acknowledged
  * data.
  */
@@ -39,27 +40,11 @@
 #include <time.h>
 
 #include "cowchain.h"
-#include "disk.h"
+#include "chain.h"
+#include "cleanup.h"
 #include "error.h"
 #include "layer.h"
 #include "manifest.h"
-
-struct layer *
-chain_layer (const struct cow_disk *d, size_t i)
-{
-  size_t n = d->man.n_layers;
-
-  return i + 1 == n ? d->top : d->lower[n - 2 - i].l;
-}
-
-long
-chain_index (const struct cow_disk *d, const struct layer *l)
-{
-  for (size_t i = 0; i < d->man.n_layers; i++)
-    if (chain_layer (d, i) == l)
-      return (long) i;
-  return -1;
-}
 
 /*----------------------------------------------------------------------
  * Degraded state.
@@ -386,8 +371,8 @@ chain_plan_free (struct cow_disk *d, struct chain_plan *p)
     /* Backing names that the change made stale (the layer over a merged
      * one): exactly the layers mark_rebases marked, so a change without
      * marks (snapshot, revert, names) has nothing to check.  A failure is
-     * repaired at the next open (chain_check_names). */
-    if (d->man.n_rebase > 0 && chain_check_names (d, false) == -1)
+     * repaired at the next open (statedir_check_names). */
+    if (d->man.n_rebase > 0 && statedir_check_names (d, false) == -1)
       cow_error_clear ();
     for (size_t i = 0; i < p->n_gone; i++)
       p->gone[i]->ops->close (p->gone[i]);

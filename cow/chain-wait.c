@@ -39,7 +39,7 @@
 #include <stdio.h>
 #include <time.h>
 
-#include "disk.h"
+#include "chain.h"
 #include "error.h"
 
 #define WINDOW_MIN_NS (5u * 1000000u)

@@ -1,5 +1,7 @@
-/* Private to the engine: one disk's state, shared by chain.c (I/O,
- * snapshots, revert) and job.c (background merges). */
+/* Private to the engine: one disk's state, shared by disk.c (open,
+ * close, I/O), statedir.c (the state directory), snapshot.c (snapshots,
+ * revert), job.c (background merges) and the chain module (chain.h,
+ * which holds the lock-order table). */
 #ifndef COW_DISK_H
 #define COW_DISK_H
 
@@ -46,6 +48,15 @@ struct cow_disk {
   /* admin_lock serialises snapshot, revert, the start and the final
    * switch of a job, and changes of man. */
   pthread_mutex_t admin_lock;
+  /* The canonical lock order of several disks (chain.h): unique, fixed
+   * at open. */
+  uint64_t seq;
+#ifndef NDEBUG
+  /* Debug builds: who holds admin_lock, and chain_lock exclusive (0:
+   * nobody), for the assertions of chain.h. */
+  pthread_t admin_owner;
+  pthread_t chain_owner;
+#endif
   /* Degraded (chain-plan.c): the manifest file may not be man.  Set
    * under admin_lock, read atomically by FLUSH and FUA, which fail while
    * it is set.  unflushed: a frozen layer whose flush at a snapshot
@@ -103,87 +114,17 @@ struct cow_disk {
 
 struct cow_job;
 
-/* chain-plan.c: the one place that changes the chain (see there).
- * Caller holds admin_lock for all of these. */
-struct chain_plan {
-  struct manifest next;         /* the chain wanted (after install: the old) */
-  struct layer *added;          /* a new layer file next names, or NULL */
-  char *added_file;
-  bool keep_added_file;         /* a save failed uncertainly: next may be
-                                   on disk, so the file may not go */
-  bool installed;
-  /* Built by chain_plan_build. */
-  struct layer *top;
-  struct chain_node lower[COW_MAX_DEPTH];
-  size_t n_lower, n_frozen;
-  struct layer *gone[COW_MAX_DEPTH + 1];  /* to close after install */
-  size_t n_gone;
-  char *gone_files[MANIFEST_MAX_LAYERS];  /* to delete after install */
-  size_t n_gone_files;
-};
-/* The open layer of manifest index i, and back (-1: not a layer of the
- * state directory). */
-struct layer *chain_layer (const struct cow_disk *d, size_t i);
-long chain_index (const struct cow_disk *d, const struct layer *l);
-/* A plan whose next is a copy of the current manifest. */
-struct chain_plan *chain_plan_new (struct cow_disk *d);
-/* Create a new empty layer over 'backing' (a layer file, NULL: the base)
- * and push it on top of next. */
-int chain_plan_add_layer (struct cow_disk *d, struct chain_plan *p,
-                          const char *backing);
-/* Resolve next into layer arrays; refuses unknown or vanished files. */
-int chain_plan_build (struct cow_disk *d, struct chain_plan *p);
-/* Save next as the manifest (before install).  A failure that may have
- * replaced the file anyway leaves the disk degraded. */
-int chain_plan_save (struct cow_disk *d, struct chain_plan *p);
-/* Switch to the plan's chain and manifest (caller also holds chain_lock
- * exclusive). */
-void chain_plan_install (struct cow_disk *d, struct chain_plan *p);
-/* After install: save d->man; on failure the disk is degraded ('what'
- * names the change for the status message). */
-int chain_commit_installed (struct cow_disk *d, const char *what);
-/* Installed: fix stale backing names, close and delete what left the
- * chain.  Not installed: drop the added layer.  Frees the plan. */
-void chain_plan_free (struct cow_disk *d, struct chain_plan *p);
-
-/* Degraded state.  chain_settle retries the save (admin_lock held) and
- * refuses 'what' with the reason if it still fails; chain_try_settle
- * takes admin_lock itself (waiting, or only if free); chain_check_durable
- * fails (EIO) while degraded; chain_refuse_degraded sets the error. */
-bool chain_degraded (struct cow_disk *d);
-/* Mark the disk degraded; the reason is 'what' and the last error. */
-void chain_set_degraded (struct cow_disk *d, const char *what);
-int chain_settle (struct cow_disk *d, const char *what);
-void chain_try_settle (struct cow_disk *d, bool wait);
-int chain_check_durable (struct cow_disk *d);
-int chain_refuse_degraded (struct cow_disk *d, int err, const char *what);
-
-/* chain-wait.c: exclusive holds for a chain change, taken in short
- * windows so that guest I/O runs between them, for at most the disk's
- * drain_ns (the smallest of the disks').  which: CHAIN_HOLD_DURABILITY
- * and/or CHAIN_HOLD_CHAIN, taken in that order, on every disk.  Returns
- * 0 with all held (*t0, if given: when the last window began to take
- * the chain locks, so that from *t0 to their release is guest I/O's
- * pause), or -1 with none held and ETIMEDOUT set, naming 'what' and the
- * disk that did not drain.  chain_release drops what chain_wait_exclusive took.
- * chain_admin_lock_bounded takes admin_lock within the drain bound
- * (false: it did not come free). */
-#define CHAIN_HOLD_DURABILITY 1u
-#define CHAIN_HOLD_CHAIN 2u
-int chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
-                          unsigned which, const char *what, uint64_t *t0);
-void chain_release (struct cow_disk *const *disks, size_t n, unsigned which);
-bool chain_admin_lock_bounded (struct cow_disk *d);
-
-/* chain.c helpers. */
-int chain_check_names (struct cow_disk *d, bool readonly);
-void chain_link (struct cow_disk *d);
+/* statedir.c: a disk's state directory. */
+/* Open (or create) the disk recorded in cfg->state_dir. */
+int statedir_open (struct cow_disk *d, const struct cow_disk_config *cfg);
+/* Check (and where the manifest marks them, repair) every layer's
+ * backing name against the manifest. */
+int statedir_check_names (struct cow_disk *d, bool readonly);
 char *statedir_path (const struct cow_disk *d, const char *file);
 char *statedir_new_layer_name (struct cow_disk *d, const struct manifest *m);
 struct layer *statedir_create_layer (struct cow_disk *d, const char *file,
-                            const char *backing);
+                                     const char *backing);
 void statedir_unlink_layer (struct cow_disk *d, const char *file);
-uint64_t chain_now_ns (void);
 
 /* job.c */
 void job_disk_init (struct cow_disk *d);

@@ -32,7 +32,7 @@
 #include <time.h>
 
 #include "cowchain.h"
-#include "disk.h"
+#include "chain.h"
 #include "error.h"
 #include "image.h"
 #include "layer.h"

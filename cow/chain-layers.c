@@ -1,0 +1,118 @@
+/* The chain module's lowest part: a disk's in-memory chain of open
+ * layers (d->top over d->lower[]: frozen layers newest first, then the
+ * base and its own backing chain), how each layer reads what lies under
+ * it, and the one numbering the rest of the engine uses for it: the
+ * manifest index (chain_layer, chain_index), plus walking down past the
+ * state directory's layers into the base chain (chain_base,
+ * chain_under).  Only this file and chain-plan.c touch d->lower[]
+ * (disk.c's I/O path reads it too, as it always did, to stay as fast).
+ * Calls no other engine file. */
+#include <config.h>
+
+#include <string.h>
+#include <time.h>
+
+#include "chain.h"
+#include "layer.h"
+
+/* Read from one lower layer: past its end reads as zero. */
+static int
+node_read (void *opaque, void *buf, uint32_t count, uint64_t offset)
+{
+  struct chain_node *n = opaque;
+  uint64_t size = n->l->size;
+  uint32_t part = count;
+
+  if (offset >= size) {
+    memset (buf, 0, count);
+    return 0;
+  }
+  if (count > size - offset) {
+    part = (uint32_t) (size - offset);
+    memset ((char *) buf + part, 0, count - part);
+  }
+  return n->l->ops->read (n->l, buf, part, offset, &n->below);
+}
+
+void
+chain_link (struct cow_disk *d)
+{
+  for (size_t i = 0; i < d->n_lower; i++) {
+    d->lower[i].below.read = i + 1 < d->n_lower ? node_read : NULL;
+    d->lower[i].below.opaque = i + 1 < d->n_lower ? &d->lower[i + 1] : NULL;
+  }
+  d->top_below.read = d->n_lower ? node_read : NULL;
+  d->top_below.opaque = d->n_lower ? &d->lower[0] : NULL;
+}
+
+struct layer *
+chain_layer (const struct cow_disk *d, size_t i)
+{
+  size_t n = d->man.n_layers;
+
+  return i + 1 == n ? d->top : d->lower[n - 2 - i].l;
+}
+
+long
+chain_index (const struct cow_disk *d, const struct layer *l)
+{
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (chain_layer (d, i) == l)
+      return (long) i;
+  return -1;
+}
+
+/* The position of l in d->lower[] (d->n_lower: not there). */
+static size_t
+lower_pos (const struct cow_disk *d, const struct layer *l)
+{
+  size_t i;
+
+  for (i = 0; i < d->n_lower; i++)
+    if (d->lower[i].l == l)
+      break;
+  return i;
+}
+
+struct layer *
+chain_under (const struct cow_disk *d, const struct layer *l)
+{
+  size_t i;
+
+  if (l == d->top)
+    return d->n_lower ? d->lower[0].l : NULL;
+  i = lower_pos (d, l);
+  return i + 1 < d->n_lower ? d->lower[i + 1].l : NULL;
+}
+
+const struct layer_below *
+chain_below (struct cow_disk *d, const struct layer *l)
+{
+  size_t i;
+
+  if (l == d->top)
+    return &d->top_below;
+  i = lower_pos (d, l);
+  return i < d->n_lower ? &d->lower[i].below : NULL;
+}
+
+struct layer *
+chain_base (const struct cow_disk *d)
+{
+  return d->n_frozen < d->n_lower ? d->lower[d->n_frozen].l : NULL;
+}
+
+size_t
+chain_base_depth (const struct cow_disk *d)
+{
+  return d->n_lower - d->n_frozen;
+}
+
+uint64_t
+chain_now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
+}

@@ -1,0 +1,322 @@
+/* Snapshots (one disk, or several at one instant: snapshot-atomic),
+ * revert to a snapshot, and the listing of a disk's layers.  Every chain
+ * change here is a plan of the chain module (chain-plan.c); several
+ * disks are locked in the canonical order of chain.h. */
+#include <config.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "chain.h"
+#include "cleanup.h"
+#include "cowchain.h"
+#include "error.h"
+#include "layer.h"
+#include "manifest.h"
+
+/*----------------------------------------------------------------------
+ * Snapshots.
+ *
+ * A freeze (DESIGN.md invariant 3): the new layer is created and synced
+ * before guest I/O pauses; the pause itself is the pointer switch under
+ * the exclusive chain lock; then the old layer is flushed and the manifest
+ * replaced while FLUSH and FUA wait on durability_lock.  A crash before the
+ * manifest is replaced leaves the old chain (the new file is an orphan,
+ * removed at the next open, and none of its writes was reported durable);
+ * after it, the new chain, whose frozen layer was flushed first.
+ */
+
+
+static int
+check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
+{
+  if (d->state_dir == NULL) {
+    cow_error_set (ENOTSUP, "%s: snapshots need a state directory (state=), "
+                   "not a plain overlay", d->overlay);
+    return -1;
+  }
+  if (manifest_check_name (name) == -1)
+    return -1;
+  if (desc && manifest_check_description (desc) == -1)
+    return -1;
+  /* Layer files are named layer-*, which no new name can take; a
+   * manifest from elsewhere may name them otherwise. */
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (strcmp (d->man.layers[i].file, name) == 0) {
+      cow_error_set (EINVAL, "%s: snapshot name '%s' is reserved: it is the "
+                     "name of a layer file of this disk", d->state_dir, name);
+      return -1;
+    }
+  for (size_t i = 0; i < d->man.n_layers; i++)
+    if (d->man.layers[i].snapshot
+        && strcmp (d->man.layers[i].snapshot, name) == 0) {
+      cow_error_set (EEXIST, "%s: a snapshot named '%s' already exists",
+                     d->state_dir, name);
+      return -1;
+    }
+  /* The snapshot adds one layer file and one layer under the top. */
+  if (d->man.n_layers >= MANIFEST_MAX_LAYERS || d->n_lower >= COW_MAX_DEPTH) {
+    cow_error_set (EMLINK, "%s: the chain already holds %zu layer files "
+                   "(and %zu layers of the base); a chain holds at most %d "
+                   "of each: merge some first", d->state_dir,
+                   d->man.n_layers, d->n_lower - d->n_frozen, COW_MAX_DEPTH);
+    return -1;
+  }
+  return 0;
+}
+
+/* The new layer and the manifest of a freeze, made before I/O pauses. */
+static struct chain_plan *
+prepare_freeze (struct cow_disk *d, const char *name, const char *desc)
+{
+  struct chain_plan *p;
+  struct manifest_layer *top;
+  const char *under;
+
+  if (check_snapshot_args (d, name, desc) == -1)
+    return NULL;
+  if (chain_settle (d, "snapshot") == -1)
+    return NULL;
+  p = chain_plan_new (d);
+  if (p == NULL)
+    return NULL;
+  top = &p->next.layers[p->next.n_layers - 1];
+  top->snapshot = strdup (name);
+  top->description = desc && *desc ? strdup (desc) : NULL;
+  top->created = (int64_t) time (NULL);
+  if (top->snapshot == NULL || (desc && *desc && top->description == NULL)) {
+    cow_error_errno ("strdup");
+    goto err;
+  }
+  under = top->file;
+  if (chain_plan_add_layer (d, p, under) == -1
+      || chain_plan_build (d, p) == -1)
+    goto err;
+  return p;
+
+ err:
+  chain_plan_free (d, p);
+  return NULL;
+}
+
+/* After the switch: flush the frozen layer, then record the new chain.
+ * A failure cannot undo the switch (guest writes already went to the new
+ * layer): the disk is degraded until chain_settle succeeds, and no FLUSH
+ * or FUA is answered with success meanwhile (DESIGN.md invariant 7). */
+static int
+commit_freeze (struct cow_disk *d, const char *name)
+{
+  struct layer *old = d->lower[0].l;
+  int e;
+
+  if (old->ops->flush (old) == 0) {
+    qcow2_mark_frozen (old);
+    if (chain_commit_installed (d, "saving the manifest of a snapshot") == 0)
+      return 0;
+  }
+  else {
+    d->unflushed = old;
+    chain_set_degraded (d, "flushing the frozen layer of a snapshot");
+  }
+  e = cow_last_errno ();
+  pthread_mutex_lock (&d->health_lock);
+  cow_error_set (e ? e : EIO, "%s: snapshot '%s' is taken but not yet "
+                 "durable (%s); the disk is degraded: FLUSH fails until a "
+                 "retry (at every FLUSH and chain change) succeeds",
+                 d->state_dir, name,
+                 d->degraded_msg ? d->degraded_msg : "unknown");
+  pthread_mutex_unlock (&d->health_lock);
+  return -1;
+}
+
+int
+cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
+                         const char *name, const char *description)
+{
+  struct chain_plan **p;
+  uint64_t t0, pause;
+  size_t ready = 0;
+  int ret = 0;
+
+  if (n == 0) {
+    cow_error_set (EINVAL, "no disks to snapshot");
+    return -1;
+  }
+  p = calloc (n, sizeof *p);
+  if (p == NULL) {
+    cow_error_errno ("calloc");
+    return -1;
+  }
+  for (size_t i = 0; i < n; i++)
+    pthread_mutex_lock (&disks[i]->admin_lock);
+  for (size_t i = 0; i < n; i++)
+    if (job_active_commit (disks[i])) {
+      ret = -1;
+      goto out;
+    }
+  /* New layers first, with no I/O paused. */
+  for (; ready < n; ready++)
+    if ((p[ready] = prepare_freeze (disks[ready], name, description)) == NULL)
+      break;
+  if (ready < n) {
+    for (size_t i = 0; i < ready; i++)
+      chain_plan_free (disks[i], p[i]);
+    ret = -1;
+    goto out;
+  }
+  /* The cut: every disk drained (in bounded windows, all or none), then
+   * all switched. */
+  if (chain_wait_exclusive (disks, n, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN,
+                            n > 1 ? "snapshot-atomic" : "snapshot", &t0)
+      == -1) {
+    for (size_t i = 0; i < n; i++)
+      chain_plan_free (disks[i], p[i]);
+    ret = -1;
+    goto out;
+  }
+  for (size_t i = 0; i < n; i++)
+    chain_plan_install (disks[i], p[i]);
+  chain_release (disks, n, CHAIN_HOLD_CHAIN);
+  pause = chain_now_ns () - t0;
+  for (size_t i = 0; i < n; i++) {
+    disks[i]->last_pause_ns = pause;
+    if (commit_freeze (disks[i], name) == -1)
+      ret = -1;
+  }
+  for (size_t i = 0; i < n; i++)
+    pthread_rwlock_unlock (&disks[i]->durability_lock);
+  for (size_t i = 0; i < n; i++) {
+    chain_plan_free (disks[i], p[i]);
+    if (!chain_degraded (disks[i]))
+      job_check_depth (disks[i]);
+  }
+ out:
+  for (size_t i = n; i-- > 0; )
+    pthread_mutex_unlock (&disks[i]->admin_lock);
+  free (p);
+  return ret;
+}
+
+int
+cow_disk_snapshot (struct cow_disk *d, const char *name,
+                   const char *description)
+{
+  return cow_disk_snapshot_group (&d, 1, name, description);
+}
+
+int
+cow_disk_revert (struct cow_disk *d, const char *name, bool force)
+{
+  struct chain_plan *p = NULL;
+  size_t k, n;
+  int ret = -1;
+
+  if (d->state_dir == NULL) {
+    cow_error_set (ENOTSUP, "%s: snapshots need a state directory (state=)",
+                   d->overlay);
+    return -1;
+  }
+  pthread_mutex_lock (&d->admin_lock);
+  if (job_busy (d, "revert") || chain_settle (d, "revert") == -1)
+    goto out;
+  n = d->man.n_layers;
+  /* A snapshot by its layer file name first (as commit and delete read
+   * a layer word), then by its name. */
+  for (k = 0; k + 1 < n; k++)
+    if (d->man.layers[k].snapshot
+        && strcmp (d->man.layers[k].file, name) == 0)
+      break;
+  if (k + 1 >= n)
+    for (k = 0; k + 1 < n; k++)
+      if (d->man.layers[k].snapshot
+          && strcmp (d->man.layers[k].snapshot, name) == 0)
+        break;
+  if (k + 1 >= n) {
+    cow_error_set (ENOENT, "%s: no snapshot named '%s'", d->state_dir, name);
+    goto out;
+  }
+  if (!force)
+    for (size_t i = k + 1; i < n; i++)
+      if (d->man.layers[i].snapshot) {
+        cow_error_set (EBUSY, "%s: reverting to '%s' would delete the later "
+                       "snapshot '%s'; use --force", d->state_dir, name,
+                       d->man.layers[i].snapshot);
+        goto out;
+      }
+  p = chain_plan_new (d);
+  if (p == NULL)
+    goto out;
+  manifest_cut (&p->next, k + 1, n - 1);
+  if (chain_plan_add_layer (d, p, d->man.layers[k].file) == -1
+      || chain_plan_build (d, p) == -1)
+    goto out;
+  /* The manifest first: a failed save leaves the old chain served. */
+  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN,
+                            "revert", NULL) == -1)
+    goto out;
+  if (chain_plan_save (d, p) == 0) {
+    chain_plan_install (d, p);
+    ret = 0;
+  }
+  chain_release (&d, 1, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN);
+ out:
+  chain_plan_free (d, p);
+  pthread_mutex_unlock (&d->admin_lock);
+  return ret;
+}
+
+int
+cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out, size_t *n)
+{
+  struct cow_layer_info *v;
+  size_t count;
+
+  pthread_mutex_lock (&d->admin_lock);
+  count = d->state_dir ? d->man.n_layers : 1;
+  v = calloc (count, sizeof *v);
+  if (v == NULL)
+    goto oom;
+  if (d->state_dir == NULL) {
+    v[0].path = strdup (d->overlay);
+    v[0].active = true;
+    if (v[0].path == NULL)
+      goto oom;
+  }
+  else
+    for (size_t i = 0; i < count; i++) {
+      const struct manifest_layer *l = &d->man.layers[i];
+      v[i].path = statedir_path (d, l->file);
+      v[i].created = l->created;
+      v[i].snapshot = l->snapshot ? strdup (l->snapshot) : NULL;
+      v[i].description = l->description ? strdup (l->description) : NULL;
+      v[i].active = i + 1 == count;
+      if (v[i].path == NULL || (l->snapshot && !v[i].snapshot)
+          || (l->description && !v[i].description))
+        goto oom;
+    }
+  pthread_mutex_unlock (&d->admin_lock);
+  *out = v;
+  *n = count;
+  return 0;
+
+ oom:
+  pthread_mutex_unlock (&d->admin_lock);
+  cow_error_errno ("cow_disk_layers");
+  if (v)
+    cow_layer_info_free (v, count);
+  return -1;
+}
+
+void
+cow_layer_info_free (struct cow_layer_info *v, size_t n)
+{
+  for (size_t i = 0; i < n; i++) {
+    free (v[i].path);
+    free (v[i].snapshot);
+    free (v[i].description);
+  }
+  free (v);
+}
