@@ -62,6 +62,31 @@ chain_index (const struct cow_disk *d, const struct layer *l)
   return -1;
 }
 
+long
+chain_find (const struct cow_disk *d, const char *word, bool snapshot_only)
+{
+  const struct manifest *m = &d->man;
+  size_t n = snapshot_only && m->n_layers ? m->n_layers - 1 : m->n_layers;
+
+  for (size_t i = 0; i < n; i++)
+    if ((!snapshot_only || m->layers[i].snapshot)
+        && strcmp (m->layers[i].file, word) == 0)
+      return (long) i;
+  for (size_t i = 0; i < n; i++)
+    if (m->layers[i].snapshot && strcmp (m->layers[i].snapshot, word) == 0)
+      return (long) i;
+  return -1;
+}
+
+long
+chain_first_snapshot (const struct cow_disk *d, long from, long to)
+{
+  for (long i = from; i <= to; i++)
+    if (d->man.layers[i].snapshot)
+      return i;
+  return -1;
+}
+
 /* The position of l in d->lower[] (d->n_lower: not there). */
 static size_t
 lower_pos (const struct cow_disk *d, const struct layer *l)
@@ -83,6 +108,24 @@ chain_under (const struct cow_disk *d, const struct layer *l)
     return d->n_lower ? d->lower[0].l : NULL;
   i = lower_pos (d, l);
   return i + 1 < d->n_lower ? d->lower[i + 1].l : NULL;
+}
+
+size_t
+chain_from (const struct cow_disk *d, const struct layer *l,
+            struct layer **out)
+{
+  size_t n = 0, i = 0;
+
+  if (l == d->top)
+    out[n++] = d->top;
+  else {
+    i = lower_pos (d, l);
+    if (i == d->n_lower)
+      return 0;
+  }
+  for (; i < d->n_lower; i++)
+    out[n++] = d->lower[i].l;
+  return n;
 }
 
 const struct layer_below *

@@ -57,6 +57,7 @@ chain_set_degraded (struct cow_disk *d, const char *what)
 {
   char *msg = NULL;
 
+  CHAIN_ASSERT_ADMIN (d);
   if (asprintf (&msg, "%s: %s", what, cow_last_error ()) == -1)
     msg = NULL;
   pthread_mutex_lock (&d->health_lock);
@@ -114,6 +115,7 @@ cow_disk_health (struct cow_disk *d, char **reason)
 int
 chain_settle (struct cow_disk *d, const char *what)
 {
+  CHAIN_ASSERT_ADMIN (d);
   if (!chain_degraded (d))
     return 0;
   if (d->unflushed) {
@@ -143,10 +145,10 @@ chain_try_settle (struct cow_disk *d, bool wait)
     if (!chain_admin_lock_bounded (d))
       return;
   }
-  else if (pthread_mutex_trylock (&d->admin_lock) != 0)
+  else if (!chain_admin_trylock (d))
     return;
   chain_settle (d, "settle");
-  pthread_mutex_unlock (&d->admin_lock);
+  chain_admin_unlock (d);
   cow_error_clear ();
 }
 
@@ -167,6 +169,7 @@ chain_plan_new (struct cow_disk *d)
 {
   struct chain_plan *p = calloc (1, sizeof *p);
 
+  CHAIN_ASSERT_ADMIN (d);
   if (p == NULL) {
     cow_error_errno ("chain plan");
     return NULL;
@@ -182,6 +185,7 @@ int
 chain_plan_add_layer (struct cow_disk *d, struct chain_plan *p,
                       const char *backing)
 {
+  CHAIN_ASSERT_ADMIN (d);
   if (p->added) {
     cow_error_set (EINVAL, "a chain change adds at most one layer");
     return -1;
@@ -245,6 +249,7 @@ chain_plan_build (struct cow_disk *d, struct chain_plan *p)
   bool kept[MANIFEST_MAX_LAYERS] = { false };
   struct layer *ls[MANIFEST_MAX_LAYERS];
 
+  CHAIN_ASSERT_ADMIN (d);
   if (m == 0) {
     cow_error_set (EINVAL, "%s: a chain needs an active layer", d->state_dir);
     return -1;
@@ -323,6 +328,8 @@ chain_plan_install (struct cow_disk *d, struct chain_plan *p)
 {
   struct manifest old = d->man;
 
+  CHAIN_ASSERT_EXCLUSIVE (d);
+  CHAIN_ASSERT_ADMIN (d);
   d->top = p->top;
   memcpy (d->lower, p->lower, p->n_lower * sizeof p->lower[0]);
   d->n_lower = p->n_lower;
@@ -338,6 +345,7 @@ chain_plan_save (struct cow_disk *d, struct chain_plan *p)
 {
   bool uncertain;
 
+  CHAIN_ASSERT_ADMIN (d);
   if (manifest_save (d->state_dir, &p->next, &uncertain) == 0)
     return 0;
   if (uncertain) {
@@ -354,8 +362,22 @@ chain_plan_save (struct cow_disk *d, struct chain_plan *p)
 }
 
 int
+chain_plan_switch (struct cow_disk *d, struct chain_plan *p, const char *what)
+{
+  CHAIN_ASSERT_ADMIN (d);
+  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, what, NULL) == -1) {
+    chain_set_degraded (d, what);
+    return -1;
+  }
+  chain_plan_install (d, p);
+  chain_release (&d, 1, CHAIN_HOLD_CHAIN);
+  return 0;
+}
+
+int
 chain_commit_installed (struct cow_disk *d, const char *what)
 {
+  CHAIN_ASSERT_ADMIN (d);
   if (manifest_save (d->state_dir, &d->man, NULL) == 0)
     return 0;
   chain_set_degraded (d, what);

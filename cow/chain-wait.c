@@ -21,8 +21,11 @@
  *
  * Several disks (snapshot-atomic) are taken in one window too, all or
  * none, always in the same order (durability locks of every disk, then
- * chain locks), so a stuck disk never keeps the others frozen longer than
- * a window, and two changes cannot deadlock.
+ * chain locks, each over the disks in the canonical order of chain.h,
+ * whatever order the caller gave), so a stuck disk never keeps the others
+ * frozen longer than a window, and two changes cannot deadlock.  Their
+ * admin locks are taken before, in the same canonical order
+ * (chain_disks_sorted, chain_admin_lock_all).
  *
  * Rejected: waiting without the writer's preference (a reader-preferring
  * rwlock, or a trylock loop): steady guest I/O would then starve the
@@ -37,9 +40,12 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "chain.h"
+#include "cleanup.h"
 #include "error.h"
 
 #define WINDOW_MIN_NS (5u * 1000000u)
@@ -68,12 +74,71 @@ disk_name (const struct cow_disk *d)
   return d->state_dir ? d->state_dir : d->overlay ? d->overlay : "the disk";
 }
 
+/* Debug builds: who holds d's chain_lock exclusive (chain.h). */
+static void
+set_chain_owner (struct cow_disk *d, bool held)
+{
+#ifndef NDEBUG
+  __atomic_store_n (&d->chain_owner, held ? pthread_self () : (pthread_t) 0,
+                    __ATOMIC_RELAXED);
+#else
+  (void) d;
+  (void) held;
+#endif
+}
+
+static int
+by_seq (const void *a, const void *b)
+{
+  const struct cow_disk *x = *(struct cow_disk *const *) a;
+  const struct cow_disk *y = *(struct cow_disk *const *) b;
+
+  return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+struct cow_disk **
+chain_disks_sorted (struct cow_disk *const *disks, size_t n, const char *what)
+{
+  struct cow_disk **v = malloc ((n ? n : 1) * sizeof *v);
+
+  if (v == NULL) {
+    cow_error_errno ("%s", what);
+    return NULL;
+  }
+  memcpy (v, disks, n * sizeof *v);
+  qsort (v, n, sizeof *v, by_seq);
+  for (size_t i = 1; i < n; i++)
+    if (v[i] == v[i - 1]) {
+      cow_error_set (EINVAL, "%s: disk %s given twice", what,
+                     disk_name (v[i]));
+      free (v);
+      return NULL;
+    }
+  return v;
+}
+
+void
+chain_admin_lock_all (struct cow_disk *const *sorted, size_t n)
+{
+  for (size_t i = 0; i < n; i++)
+    chain_admin_lock (sorted[i]);
+}
+
+void
+chain_admin_unlock_all (struct cow_disk *const *sorted, size_t n)
+{
+  for (size_t i = n; i-- > 0; )
+    chain_admin_unlock (sorted[i]);
+}
+
 void
 chain_release (struct cow_disk *const *disks, size_t n, unsigned which)
 {
   if (which & CHAIN_HOLD_CHAIN)
-    for (size_t i = n; i-- > 0; )
+    for (size_t i = n; i-- > 0; ) {
+      set_chain_owner (disks[i], false);
       pthread_rwlock_unlock (&disks[i]->chain_lock);
+    }
   if (which & CHAIN_HOLD_DURABILITY)
     for (size_t i = n; i-- > 0; )
       pthread_rwlock_unlock (&disks[i]->durability_lock);
@@ -91,9 +156,27 @@ lock_at (struct cow_disk *const *disks, size_t n, unsigned which, size_t k)
   return &disks[k]->chain_lock;
 }
 
+static int wait_sorted (struct cow_disk *const *disks, size_t n,
+                        unsigned which, const char *what, uint64_t *t0);
+
 int
 chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
                       unsigned which, const char *what, uint64_t *t0)
+{
+  CLEANUP_FREE struct cow_disk **sorted = NULL;
+
+  if (n == 1)                   /* the common case: nothing to order */
+    return wait_sorted (disks, n, which, what, t0);
+  sorted = chain_disks_sorted (disks, n, what);
+  if (sorted == NULL)
+    return -1;
+  return wait_sorted (sorted, n, which, what, t0);
+}
+
+/* chain_wait_exclusive over disks in the canonical order. */
+static int
+wait_sorted (struct cow_disk *const *disks, size_t n, unsigned which,
+             const char *what, uint64_t *t0)
 {
   size_t total = n * (size_t) (((which & CHAIN_HOLD_DURABILITY) != 0)
                                + ((which & CHAIN_HOLD_CHAIN) != 0));
@@ -124,6 +207,9 @@ chain_wait_exclusive (struct cow_disk *const *disks, size_t n,
     if (k == total) {
       if (t0)
         *t0 = t_chain;
+      if (which & CHAIN_HOLD_CHAIN)
+        for (size_t i = 0; i < n; i++)
+          set_chain_owner (disks[i], true);
       return 0;
     }
     stuck = k % n;
@@ -155,5 +241,8 @@ chain_admin_lock_bounded (struct cow_disk *d)
   struct timespec ts;
 
   mono_ts (&ts, chain_now_ns () + d->drain_ns);
-  return pthread_mutex_clocklock (&d->admin_lock, CLOCK_MONOTONIC, &ts) == 0;
+  if (pthread_mutex_clocklock (&d->admin_lock, CLOCK_MONOTONIC, &ts) != 0)
+    return false;
+  chain_admin_set_owner_ (d, true);
+  return true;
 }

@@ -127,8 +127,20 @@ void chain_link (struct cow_disk *d);
  * state directory). */
 struct layer *chain_layer (const struct cow_disk *d, size_t i);
 long chain_index (const struct cow_disk *d, const struct layer *l);
+/* The manifest index of 'word': a layer file name first, then a
+ * snapshot name (snapshot_only: only frozen layers that carry a
+ * snapshot); -1 if none. */
+long chain_find (const struct cow_disk *d, const char *word,
+                 bool snapshot_only);
+/* The first manifest index in [from, to] whose layer carries a snapshot
+ * name, or -1. */
+long chain_first_snapshot (const struct cow_disk *d, long from, long to);
 /* The layer right under l (NULL: l is the bottom, or not in the chain). */
 struct layer *chain_under (const struct cow_disk *d, const struct layer *l);
+/* The layers from l (included) down to the bottom of the chain, into
+ * out (room for COW_MAX_DEPTH + 1); how many (0: l is not in the chain). */
+size_t chain_from (const struct cow_disk *d, const struct layer *l,
+                   struct layer **out);
 /* The way to read what lies under l (NULL: l is not in the chain). */
 const struct layer_below *chain_below (struct cow_disk *d,
                                        const struct layer *l);
@@ -173,6 +185,11 @@ int chain_plan_save (struct cow_disk *d, struct chain_plan *p);
 /* Switch to the plan's chain and manifest (caller also holds chain_lock
  * exclusive). */
 void chain_plan_install (struct cow_disk *d, struct chain_plan *p);
+/* After a save: switch to the plan's chain under chain_lock exclusive
+ * (a bounded wait).  If guest I/O does not drain, the disk is degraded
+ * ('what': the reason) until d->man (the old chain) is saved back. */
+int chain_plan_switch (struct cow_disk *d, struct chain_plan *p,
+                       const char *what);
 /* After install: save d->man; on failure the disk is degraded ('what'
  * names the change for the status message). */
 int chain_commit_installed (struct cow_disk *d, const char *what);

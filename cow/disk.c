@@ -84,7 +84,7 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
   }
   {
     struct qcow2_create_opts o = {
-      .size = d->lower[0].l->size,
+      .size = chain_base (d)->size,
       .version = cfg->compat ? cfg->compat : 3,
       .cluster_size = cfg->cluster_size ? cfg->cluster_size : 65536,
       .backing_format = fmt,
@@ -105,6 +105,9 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
   d->top = qcow2_open (cfg->overlay, 0, cfg->cache_size);
   return d->top ? 0 : -1;
 }
+
+/* The last disk sequence number given out. */
+static uint64_t next_seq;
 
 struct cow_disk *
 cow_disk_open (const struct cow_disk_config *cfg)
@@ -143,6 +146,8 @@ cow_disk_open (const struct cow_disk_config *cfg)
   pthread_mutex_init (&d->sync_lock, NULL);
   pthread_cond_init (&d->sync_cond, NULL);
   job_disk_init (d);
+  /* The canonical lock order of several disks (chain.h). */
+  d->seq = __atomic_add_fetch (&next_seq, 1, __ATOMIC_RELAXED);
   d->lock_fd = -1;
   d->sync_mode = cfg->sync_mode;
   d->sync_interval_ms = cfg->sync_interval_ms;
@@ -239,10 +244,10 @@ cow_disk_close (struct cow_disk *d)
     pthread_join (d->sync_thread, NULL);
   }
   if (d->state_dir && chain_degraded (d)) {
-    pthread_mutex_lock (&d->admin_lock);
+    chain_admin_lock (d);
     if (chain_settle (d, "closing the disk cleanly") == -1)
       r = -1;
-    pthread_mutex_unlock (&d->admin_lock);
+    chain_admin_unlock (d);
   }
   if (d->top->ops->close (d->top) == -1)
     r = -1;

@@ -104,18 +104,6 @@ free_job (struct cow_job *j)
   free (j);
 }
 
-/* The way to read what lies under layer l (the top or a lower node). */
-static const struct layer_below *
-below_of (struct cow_disk *d, const struct layer *l)
-{
-  if (l == d->top)
-    return &d->top_below;
-  for (size_t i = 0; i < d->n_lower; i++)
-    if (d->lower[i].l == l)
-      return &d->lower[i].below;
-  return NULL;
-}
-
 #define IDX_BASE (-1L)
 
 /* A layer word: "active", "base", a layer file name or a snapshot name,
@@ -140,17 +128,9 @@ resolve (struct cow_disk *d, const char *word, long *idx)
     *idx = IDX_BASE;
     return 0;
   }
-  for (size_t i = 0; i < n; i++)
-    if (strcmp (d->man.layers[i].file, word) == 0) {
-      *idx = (long) i;
-      return 0;
-    }
-  for (size_t i = 0; i < n; i++)
-    if (d->man.layers[i].snapshot
-        && strcmp (d->man.layers[i].snapshot, word) == 0) {
-      *idx = (long) i;
-      return 0;
-    }
+  *idx = chain_find (d, word, false);
+  if (*idx >= 0)
+    return 0;
   cow_error_set (ENOENT, "%s: no snapshot or layer named '%s' (see "
                  "cowchain list)", d->state_dir, word);
   return -1;
@@ -182,13 +162,14 @@ static int
 check_lost (struct cow_disk *d, long from, long to, bool force,
             const char *verb)
 {
-  for (long i = from < 0 ? 0 : from; i <= to; i++)
-    if (d->man.layers[i].snapshot && !force) {
-      cow_error_set (EBUSY, "%s: %s would drop snapshot '%s'; use --force "
-                     "to drop it", d->state_dir, verb,
-                     d->man.layers[i].snapshot);
-      return -1;
-    }
+  long i = chain_first_snapshot (d, from < 0 ? 0 : from, to);
+
+  if (i >= 0 && !force) {
+    cow_error_set (EBUSY, "%s: %s would drop snapshot '%s'; use --force "
+                   "to drop it", d->state_dir, verb,
+                   d->man.layers[i].snapshot);
+    return -1;
+  }
   return 0;
 }
 
@@ -197,12 +178,9 @@ static int
 drop_names (struct cow_disk *d, long from, long to)
 {
   struct chain_plan *p;
-  bool any = false;
   int r = -1;
 
-  for (long i = from < 0 ? 0 : from; i <= to; i++)
-    any |= d->man.layers[i].snapshot != NULL;
-  if (!any)
+  if (chain_first_snapshot (d, from < 0 ? 0 : from, to) < 0)
     return 0;
   p = chain_plan_new (d);
   if (p == NULL)
@@ -215,16 +193,8 @@ drop_names (struct cow_disk *d, long from, long to)
   /* Saved, then installed; if guest I/O does not drain for the install,
    * the disk is degraded until the manifest in memory (the names still
    * there) is written back, as after a job's switch (commit_plan). */
-  if (chain_plan_build (d, p) == 0 && chain_plan_save (d, p) == 0) {
-    if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN,
-                              "dropping snapshot names", NULL) == -1)
-      chain_set_degraded (d, "dropping snapshot names");
-    else {
-      chain_plan_install (d, p);
-      chain_release (&d, 1, CHAIN_HOLD_CHAIN);
-      r = 0;
-    }
-  }
+  if (chain_plan_build (d, p) == 0 && chain_plan_save (d, p) == 0)
+    r = chain_plan_switch (d, p, "dropping snapshot names");
   chain_plan_free (d, p);
   return r;
 }
@@ -338,13 +308,6 @@ add_done (struct cow_job *j, uint64_t n)
  * Copying (caller holds chain_lock shared).
  */
 
-/* The layer at chain position p: 0 is the top, k + 1 is lower[k]. */
-static struct layer *
-chain_at (struct cow_disk *d, size_t p)
-{
-  return p == 0 ? d->top : d->lower[p - 1].l;
-}
-
 /* The status of [pos, pos+max) through the merged layers: the first
  * layer from the top that holds something there.  For a pull the target
  * itself is not counted; the layers are those under it down to the base
@@ -354,25 +317,17 @@ range_status (struct cow_job *j, uint64_t pos, uint64_t max, uint64_t *len,
               enum layer_status *st)
 {
   struct cow_disk *d = j->d;
-  const struct layer *first = j->commit ? j->top : j->target;
   const struct layer *stop = j->bk == BASE_LAYER ? j->base_layer
-    : j->bk == BASE_ORIG ? (d->n_frozen < d->n_lower
-                            ? d->lower[d->n_frozen].l : NULL)
-    : NULL;
-  size_t p = 0;
+    : j->bk == BASE_ORIG ? chain_base (d) : NULL;
+  struct layer *ls[COW_MAX_DEPTH + 1];
+  size_t n = chain_from (d, j->commit ? j->top : j->target, ls);
 
   *len = max;
   *st = LAYER_ABSENT;
-  /* The chain top-down as positions: 0 the top, k + 1 lower[k].  From
-   * the first merged layer (a pull's starts under its target) to the
-   * stop. */
-  while (p <= d->n_lower && chain_at (d, p) != first)
-    p++;
-  if (!j->commit)
-    p++;
-  for (; p <= d->n_lower && chain_at (d, p) != stop; p++) {
-    struct layer *l = chain_at (d, p);
-    if (l->ops->map (l, pos, *len, len, st) == -1)
+  /* The chain top-down from the first merged layer (a pull's starts
+   * under its target) to the stop. */
+  for (size_t i = j->commit ? 0 : 1; i < n && ls[i] != stop; i++) {
+    if (ls[i]->ops->map (ls[i], pos, *len, len, st) == -1)
       return -1;
     if (*len == 0)
       *len = max;
@@ -394,8 +349,8 @@ static int
 commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
 {
   struct cow_disk *d = j->d;
-  const struct layer_below *tb = below_of (d, j->target);
-  const struct layer_below *topb = below_of (d, j->top);
+  const struct layer_below *tb = chain_below (d, j->target);
+  const struct layer_below *topb = chain_below (d, j->top);
   uint64_t end = pos + len;
 
   while (pos < end) {
@@ -431,7 +386,7 @@ pull_range (struct cow_job *j, uint64_t pos, uint64_t len)
 {
   struct cow_disk *d = j->d;
   struct layer *x = j->target;
-  const struct layer_below *xb = below_of (d, x);
+  const struct layer_below *xb = chain_below (d, x);
   uint64_t c = qcow2_cluster_size (x), end = pos + len;
   bool v3 = qcow2_version (x) >= 3;
 
@@ -638,14 +593,7 @@ commit_plan (struct cow_job *j, struct chain_plan *p)
   if (chain_plan_save (d, p) == -1)
     return -1;
   stop_at (j, "after-manifest");
-  if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, "the job's final switch",
-                            NULL) == -1) {
-    chain_set_degraded (d, "the job's final switch");
-    return -1;
-  }
-  chain_plan_install (d, p);
-  chain_release (&d, 1, CHAIN_HOLD_CHAIN);
-  return 0;
+  return chain_plan_switch (d, p, "the job's final switch");
 }
 
 /* Commit of a frozen top: base holds the view at top; the layers above
@@ -746,6 +694,7 @@ switch_chain (struct cow_job *j)
   struct chain_plan *p;
   int r;
 
+  CHAIN_ASSERT_ADMIN (d);
   if (chain_settle (d, "the job's final switch") == -1)
     return -1;
   p = chain_plan_new (d);
@@ -806,15 +755,15 @@ job_thread (void *arg)
 
     if (r == 0)
       stop_at (j, "before-switch");
-    pthread_mutex_lock (&d->admin_lock);
+    chain_admin_lock (d);
     if (r == 0)
       r = switch_chain (j);
     finish_locked (j, r);
     if (r != 0 || !next_auto_job (d)) {
-      pthread_mutex_unlock (&d->admin_lock);
+      chain_admin_unlock (d);
       return NULL;
     }
-    pthread_mutex_unlock (&d->admin_lock);
+    chain_admin_unlock (d);
   }
 }
 
@@ -867,6 +816,7 @@ job_busy (struct cow_disk *d, const char *what)
 {
   bool busy;
 
+  CHAIN_ASSERT_ADMIN (d);
   pthread_mutex_lock (&d->job_lock);
   busy = d->job && (d->job->state == COW_JOB_RUNNING
                     || d->job->state == COW_JOB_PAUSED);
@@ -1061,7 +1011,7 @@ start_commit (struct cow_disk *d, const struct cow_job_opts *o)
   j->top = chain_layer (d, (size_t) t);
   j->bk = b == IDX_BASE ? BASE_ORIG : BASE_LAYER;
   j->base_layer = b == IDX_BASE ? NULL : chain_layer (d, (size_t) b);
-  j->target = b == IDX_BASE ? d->lower[d->n_frozen].l : j->base_layer;
+  j->target = b == IDX_BASE ? chain_base (d) : j->base_layer;
   /* From the first write into base on, the states seen at base and at
    * the layers between it and top change: their names go now. */
   if (open_target (d, j) == -1 || drop_names (d, b, t - 1) == -1) {
@@ -1204,6 +1154,7 @@ job_check_depth (struct cow_disk *d)
   long l;
   struct cow_job *j;
 
+  CHAIN_ASSERT_ADMIN (d);
   if (job_busy (d, "another merge"))
     return;
   l = auto_candidate (d);
@@ -1228,10 +1179,10 @@ start_locked (struct cow_disk *d, start_fn fn, const struct cow_job_opts *o,
 
   if (check_state_disk (d) == -1)
     return -1;
-  pthread_mutex_lock (&d->admin_lock);
+  chain_admin_lock (d);
   if (!job_busy (d, verb) && chain_settle (d, verb) == 0)
     r = fn (d, o);
-  pthread_mutex_unlock (&d->admin_lock);
+  chain_admin_unlock (d);
   return r;
 }
 
@@ -1255,11 +1206,11 @@ cow_disk_delete (struct cow_disk *d, const char *name,
 
   if (check_state_disk (d) == -1)
     return -1;
-  pthread_mutex_lock (&d->admin_lock);
+  chain_admin_lock (d);
   if (!job_busy (d, "deleting a snapshot")
       && chain_settle (d, "deleting a snapshot") == 0)
     r = start_delete (d, name, o);
-  pthread_mutex_unlock (&d->admin_lock);
+  chain_admin_unlock (d);
   return r;
 }
 
@@ -1415,10 +1366,10 @@ cow_disk_job_wait (struct cow_disk *d)
 void
 cow_disk_set_max_depth (struct cow_disk *d, unsigned n)
 {
-  pthread_mutex_lock (&d->admin_lock);
+  chain_admin_lock (d);
   d->max_depth = n;
   job_check_depth (d);
-  pthread_mutex_unlock (&d->admin_lock);
+  chain_admin_unlock (d);
 }
 
 void

@@ -109,7 +109,7 @@ prepare_freeze (struct cow_disk *d, const char *name, const char *desc)
 static int
 commit_freeze (struct cow_disk *d, const char *name)
 {
-  struct layer *old = d->lower[0].l;
+  struct layer *old = chain_under (d, d->top);
   int e;
 
   if (old->ops->flush (old) == 0) {
@@ -136,7 +136,8 @@ int
 cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
                          const char *name, const char *description)
 {
-  struct chain_plan **p;
+  CLEANUP_FREE struct cow_disk **sorted = NULL;
+  CLEANUP_FREE struct chain_plan **p = NULL;
   uint64_t t0, pause;
   size_t ready = 0;
   int ret = 0;
@@ -145,13 +146,19 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
     cow_error_set (EINVAL, "no disks to snapshot");
     return -1;
   }
+  /* The same disk twice is refused before anything is locked. */
+  sorted = chain_disks_sorted (disks, n,
+                               n > 1 ? "snapshot-atomic" : "snapshot");
+  if (sorted == NULL)
+    return -1;
   p = calloc (n, sizeof *p);
   if (p == NULL) {
     cow_error_errno ("calloc");
     return -1;
   }
-  for (size_t i = 0; i < n; i++)
-    pthread_mutex_lock (&disks[i]->admin_lock);
+  /* In the canonical order; the rest goes in the caller's (the first
+   * disk that refuses names the error). */
+  chain_admin_lock_all (sorted, n);
   for (size_t i = 0; i < n; i++)
     if (job_active_commit (disks[i])) {
       ret = -1;
@@ -169,7 +176,8 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
   }
   /* The cut: every disk drained (in bounded windows, all or none), then
    * all switched. */
-  if (chain_wait_exclusive (disks, n, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN,
+  if (chain_wait_exclusive (sorted, n,
+                            CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN,
                             n > 1 ? "snapshot-atomic" : "snapshot", &t0)
       == -1) {
     for (size_t i = 0; i < n; i++)
@@ -179,24 +187,21 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
   }
   for (size_t i = 0; i < n; i++)
     chain_plan_install (disks[i], p[i]);
-  chain_release (disks, n, CHAIN_HOLD_CHAIN);
+  chain_release (sorted, n, CHAIN_HOLD_CHAIN);
   pause = chain_now_ns () - t0;
   for (size_t i = 0; i < n; i++) {
     disks[i]->last_pause_ns = pause;
     if (commit_freeze (disks[i], name) == -1)
       ret = -1;
   }
-  for (size_t i = 0; i < n; i++)
-    pthread_rwlock_unlock (&disks[i]->durability_lock);
+  chain_release (sorted, n, CHAIN_HOLD_DURABILITY);
   for (size_t i = 0; i < n; i++) {
     chain_plan_free (disks[i], p[i]);
     if (!chain_degraded (disks[i]))
       job_check_depth (disks[i]);
   }
  out:
-  for (size_t i = n; i-- > 0; )
-    pthread_mutex_unlock (&disks[i]->admin_lock);
-  free (p);
+  chain_admin_unlock_all (sorted, n);
   return ret;
 }
 
@@ -211,7 +216,8 @@ int
 cow_disk_revert (struct cow_disk *d, const char *name, bool force)
 {
   struct chain_plan *p = NULL;
-  size_t k, n;
+  long k, later;
+  size_t n;
   int ret = -1;
 
   if (d->state_dir == NULL) {
@@ -219,37 +225,28 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
                    d->overlay);
     return -1;
   }
-  pthread_mutex_lock (&d->admin_lock);
+  chain_admin_lock (d);
   if (job_busy (d, "revert") || chain_settle (d, "revert") == -1)
     goto out;
   n = d->man.n_layers;
   /* A snapshot by its layer file name first (as commit and delete read
    * a layer word), then by its name. */
-  for (k = 0; k + 1 < n; k++)
-    if (d->man.layers[k].snapshot
-        && strcmp (d->man.layers[k].file, name) == 0)
-      break;
-  if (k + 1 >= n)
-    for (k = 0; k + 1 < n; k++)
-      if (d->man.layers[k].snapshot
-          && strcmp (d->man.layers[k].snapshot, name) == 0)
-        break;
-  if (k + 1 >= n) {
+  k = chain_find (d, name, true);
+  if (k < 0) {
     cow_error_set (ENOENT, "%s: no snapshot named '%s'", d->state_dir, name);
     goto out;
   }
-  if (!force)
-    for (size_t i = k + 1; i < n; i++)
-      if (d->man.layers[i].snapshot) {
-        cow_error_set (EBUSY, "%s: reverting to '%s' would delete the later "
-                       "snapshot '%s'; use --force", d->state_dir, name,
-                       d->man.layers[i].snapshot);
-        goto out;
-      }
+  later = chain_first_snapshot (d, k + 1, (long) n - 1);
+  if (!force && later >= 0) {
+    cow_error_set (EBUSY, "%s: reverting to '%s' would delete the later "
+                   "snapshot '%s'; use --force", d->state_dir, name,
+                   d->man.layers[later].snapshot);
+    goto out;
+  }
   p = chain_plan_new (d);
   if (p == NULL)
     goto out;
-  manifest_cut (&p->next, k + 1, n - 1);
+  manifest_cut (&p->next, (size_t) k + 1, n - 1);
   if (chain_plan_add_layer (d, p, d->man.layers[k].file) == -1
       || chain_plan_build (d, p) == -1)
     goto out;
@@ -264,7 +261,7 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
   chain_release (&d, 1, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN);
  out:
   chain_plan_free (d, p);
-  pthread_mutex_unlock (&d->admin_lock);
+  chain_admin_unlock (d);
   return ret;
 }
 
@@ -274,7 +271,7 @@ cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out, size_t *n)
   struct cow_layer_info *v;
   size_t count;
 
-  pthread_mutex_lock (&d->admin_lock);
+  chain_admin_lock (d);
   count = d->state_dir ? d->man.n_layers : 1;
   v = calloc (count, sizeof *v);
   if (v == NULL)
@@ -297,13 +294,13 @@ cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out, size_t *n)
           || (l->description && !v[i].description))
         goto oom;
     }
-  pthread_mutex_unlock (&d->admin_lock);
+  chain_admin_unlock (d);
   *out = v;
   *n = count;
   return 0;
 
  oom:
-  pthread_mutex_unlock (&d->admin_lock);
+  chain_admin_unlock (d);
   cow_error_errno ("cow_disk_layers");
   if (v)
     cow_layer_info_free (v, count);

@@ -196,7 +196,7 @@ statedir_check_names (struct cow_disk *d, bool readonly)
   size_t n = d->man.n_layers;
 
   for (size_t i = 0; i < n; i++) {
-    struct layer *l = i + 1 == n ? d->top : d->lower[n - 2 - i].l;
+    struct layer *l = chain_layer (d, i);
     const char *bn = qcow2_backing_file (l);
     const char *bf = qcow2_backing_format (l);
     char *p = statedir_path (d, d->man.layers[i].file), *want = NULL;
