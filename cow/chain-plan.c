@@ -268,7 +268,7 @@ chain_plan_build (struct cow_disk *d, struct chain_plan *p)
   for (size_t i = 0; i < m; i++) {
     const char *f = p->next.layers[i].file;
     size_t j;
-    char *path;
+    CLEANUP_FREE char *path = NULL;
     struct stat st;
 
     if (p->added && strcmp (f, p->added_file) == 0) {
@@ -290,10 +290,8 @@ chain_plan_build (struct cow_disk *d, struct chain_plan *p)
     if (stat (path, &st) == -1) {
       cow_error_errno ("%s: layer file '%s' of the chain is gone (removed "
                        "while the disk is open?)", d->state_dir, f);
-      free (path);
       return -1;
     }
-    free (path);
     kept[j] = true;
     ls[i] = chain_layer (d, j);
   }
@@ -352,11 +350,10 @@ chain_plan_save (struct cow_disk *d, struct chain_plan *p)
     /* The new manifest may be the one on disk: until d->man (the old
      * chain, still served) is saved again, nothing is durable. */
     int e = cow_last_errno ();
-    char *m = strdup (cow_last_error ());
+    CLEANUP_FREE char *m = strdup (cow_last_error ());
     chain_set_degraded (d, "a chain change failed after replacing the manifest");
     p->keep_added_file = true;
     cow_error_set (e, "%s", m ? m : "saving the manifest");
-    free (m);
   }
   return -1;
 }

@@ -45,7 +45,8 @@ struct cow_disk {
   char *overlay;
   char *base_name;
 
-  /* admin_lock serialises snapshot, revert, the start and the final
+  /* Locks: the lock-order table is at the top of chain.h.
+   * admin_lock serialises snapshot, revert, the start and the final
    * switch of a job, and changes of man. */
   pthread_mutex_t admin_lock;
   /* The canonical lock order of several disks (chain.h): unique, fixed

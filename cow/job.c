@@ -13,14 +13,17 @@
  * The last step, under admin_lock: flush the target, replace the manifest
  * (the commit point), take the merged layers out of the in-memory chain
  * under the exclusive chain lock, rewrite one backing name in a header
- * (a crash before that is repaired at open, see check_chain_names), and
+ * (a crash before that is repaired at open, see statedir_check_names), and
  * delete the merged files.  An active commit does its final copy, flush
  * and manifest update under the exclusive chain lock, so that no guest
  * write lands between the copy and the switch.
  *
- * Locks: admin_lock (chain changes, taken first) -> job_lock (the job's
- * state and controls).  The copy holds chain_lock shared for one chunk at
- * a time and never waits on job_cond with it held.
+ * Locks (the table is in chain.h): admin_lock (chain changes, taken
+ * first) -> job_lock (the job's state and controls).  The copy holds
+ * chain_lock shared for one chunk at a time and never waits on job_cond
+ * with it held.  The chain itself is read and changed only through the
+ * chain module (chain.h): manifest indexes, chain_from / chain_below for
+ * the copy, plans for the last step.
  */
 #include <config.h>
 
@@ -1175,15 +1178,12 @@ static int
 start_locked (struct cow_disk *d, start_fn fn, const struct cow_job_opts *o,
               const char *verb)
 {
-  int r = -1;
-
   if (check_state_disk (d) == -1)
     return -1;
-  chain_admin_lock (d);
-  if (!job_busy (d, verb) && chain_settle (d, verb) == 0)
-    r = fn (d, o);
-  chain_admin_unlock (d);
-  return r;
+  ADMIN_LOCK_FOR_SCOPE (d);
+  if (job_busy (d, verb) || chain_settle (d, verb) == -1)
+    return -1;
+  return fn (d, o);
 }
 
 int
@@ -1202,16 +1202,13 @@ int
 cow_disk_delete (struct cow_disk *d, const char *name,
                  const struct cow_job_opts *o)
 {
-  int r = -1;
-
   if (check_state_disk (d) == -1)
     return -1;
-  chain_admin_lock (d);
-  if (!job_busy (d, "deleting a snapshot")
-      && chain_settle (d, "deleting a snapshot") == 0)
-    r = start_delete (d, name, o);
-  chain_admin_unlock (d);
-  return r;
+  ADMIN_LOCK_FOR_SCOPE (d);
+  if (job_busy (d, "deleting a snapshot")
+      || chain_settle (d, "deleting a snapshot") == -1)
+    return -1;
+  return start_delete (d, name, o);
 }
 
 int
@@ -1366,10 +1363,9 @@ cow_disk_job_wait (struct cow_disk *d)
 void
 cow_disk_set_max_depth (struct cow_disk *d, unsigned n)
 {
-  chain_admin_lock (d);
+  ADMIN_LOCK_FOR_SCOPE (d);
   d->max_depth = n;
   job_check_depth (d);
-  chain_admin_unlock (d);
 }
 
 void

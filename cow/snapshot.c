@@ -268,12 +268,10 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
 int
 cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out, size_t *n)
 {
-  struct cow_layer_info *v;
-  size_t count;
+  ADMIN_LOCK_FOR_SCOPE (d);
+  size_t count = d->state_dir ? d->man.n_layers : 1;
+  struct cow_layer_info *v = calloc (count, sizeof *v);
 
-  chain_admin_lock (d);
-  count = d->state_dir ? d->man.n_layers : 1;
-  v = calloc (count, sizeof *v);
   if (v == NULL)
     goto oom;
   if (d->state_dir == NULL) {
@@ -294,13 +292,11 @@ cow_disk_layers (struct cow_disk *d, struct cow_layer_info **out, size_t *n)
           || (l->description && !v[i].description))
         goto oom;
     }
-  chain_admin_unlock (d);
   *out = v;
   *n = count;
   return 0;
 
  oom:
-  chain_admin_unlock (d);
   cow_error_errno ("cow_disk_layers");
   if (v)
     cow_layer_info_free (v, count);

@@ -44,7 +44,8 @@ char *
 statedir_new_layer_name (struct cow_disk *d, const struct manifest *m)
 {
   for (unsigned i = 1; i < 1000000; i++) {
-    char name[32], *p;
+    char name[32];
+    CLEANUP_FREE char *p = NULL;
     struct stat st;
     bool used = false;
     snprintf (name, sizeof name, "layer-%06u.qcow2", i);
@@ -59,12 +60,10 @@ statedir_new_layer_name (struct cow_disk *d, const struct manifest *m)
     /* lstat: a dangling symbolic link takes its name too. */
     if (lstat (p, &st) == -1 && errno == ENOENT) {
       char *r = strdup (name);
-      free (p);
       if (r == NULL)
         cow_error_errno ("strdup");
       return r;
     }
-    free (p);
   }
   cow_error_set (ENOSPC, "%s: no free layer file name", d->state_dir);
   return NULL;
@@ -80,8 +79,8 @@ statedir_create_layer (struct cow_disk *d, const char *file, const char *backing
     .version = d->compat,
     .cluster_size = d->cluster_size,
   };
-  char *path = statedir_path (d, file), *bname = NULL;
-  struct layer *l = NULL;
+  CLEANUP_FREE char *path = statedir_path (d, file);
+  CLEANUP_FREE char *bname = NULL;
 
   if (path == NULL)
     return NULL;
@@ -96,28 +95,23 @@ statedir_create_layer (struct cow_disk *d, const char *file, const char *backing
       : backing_name_for (path, d->man.base);
     if (bname == NULL) {
       cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
-      goto out;
+      return NULL;
     }
     o.backing_file = bname;
     o.backing_format = d->man.base_format;
   }
-  if (qcow2_create (path, &o) == 0)
-    l = qcow2_open (path, LAYER_NOFOLLOW, d->cache_size);
- out:
-  free (bname);
-  free (path);
-  return l;
+  if (qcow2_create (path, &o) == -1)
+    return NULL;
+  return qcow2_open (path, LAYER_NOFOLLOW, d->cache_size);
 }
 
 void
 statedir_unlink_layer (struct cow_disk *d, const char *file)
 {
-  char *p = statedir_path (d, file);
+  CLEANUP_FREE char *p = statedir_path (d, file);
 
-  if (p) {
+  if (p)
     io_unlink (p);
-    free (p);
-  }
 }
 
 /* The name of a layer file in the state directory, if any (malloc'd). */
