@@ -29,7 +29,6 @@
  * after it, the new chain, whose frozen layer was flushed first.
  */
 
-
 static int
 check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
 {
@@ -58,11 +57,12 @@ check_snapshot_args (struct cow_disk *d, const char *name, const char *desc)
       return -1;
     }
   /* The snapshot adds one layer file and one layer under the top. */
-  if (d->man.n_layers >= MANIFEST_MAX_LAYERS || d->n_lower >= COW_MAX_DEPTH) {
+  if (d->man.n_layers >= MANIFEST_MAX_LAYERS
+      || d->man.n_layers - 1 + chain_base_depth (d) >= COW_MAX_DEPTH) {
     cow_error_set (EMLINK, "%s: the chain already holds %zu layer files "
                    "(and %zu layers of the base); a chain holds at most %d "
                    "of each: merge some first", d->state_dir,
-                   d->man.n_layers, d->n_lower - d->n_frozen, COW_MAX_DEPTH);
+                   d->man.n_layers, chain_base_depth (d), COW_MAX_DEPTH);
     return -1;
   }
   return 0;
