@@ -45,7 +45,6 @@
 #define QCOW2_L1_RESERVED 0x7f000000000001ffull
 #define QCOW2_L2_RESERVED 0x3f000000000001feull
 #define QCOW2_REFT_RESERVED 0x00000000000001ffull
-#define QCOW2_ENTRY_SIZE 8                /* bytes of an L1, L2 or reftable entry */
 
 /* Compressed cluster descriptors count 512-byte sectors. */
 #define QCOW2_COMPRESSED_SECTOR 512u

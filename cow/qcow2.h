@@ -115,7 +115,6 @@ struct qcow2 {
 };
 
 /* qcow2.c: header */
-int qcow2_write_header_tables (struct qcow2 *q);
 /* Write the fields of h in [from, to) (QCOW2_HDR_OFFSET, QCOW2_HDR_END)
  * at their place in the file, in one write; -1 with errno set. */
 int qcow2_header_write_fields (int fd, const struct qcow2_header *h,
