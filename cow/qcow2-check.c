@@ -59,8 +59,6 @@
 /* Saturation value of an in-memory counter. */
 #define COUNT_MAX UINT16_MAX
 
-#define QCOW2_AUTOCLEAR_BITMAPS (1ull << 0)
-
 /* Stored refcount blocks kept for the COPIED pass (random lookups). */
 #define RB_CACHE_SLOTS 4
 
@@ -117,59 +115,6 @@ corruption (struct checker *ck)
 /*----------------------------------------------------------------------
  * Stored refcounts.
  */
-
-static uint64_t
-rb_get (unsigned order, const uint8_t *p, uint64_t i)
-{
-  switch (order) {
-  case 0: case 1: case 2: {
-    unsigned bits = 1u << order;
-    uint64_t bit = i * bits;
-    return (p[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
-  }
-  case 3:
-    return p[i];
-  case 4:
-    return (uint64_t) p[2*i] << 8 | p[2*i + 1];
-  case 5:
-    return (uint64_t) p[4*i] << 24 | (uint64_t) p[4*i + 1] << 16
-      | (uint64_t) p[4*i + 2] << 8 | p[4*i + 3];
-  default: {
-    uint64_t v = 0;
-    for (unsigned k = 0; k < 8; k++)
-      v = v << 8 | p[8*i + k];
-    return v;
-  }
-  }
-}
-
-static void
-rb_set (unsigned order, uint8_t *p, uint64_t i, uint64_t v)
-{
-  switch (order) {
-  case 0: case 1: case 2: {
-    unsigned bits = 1u << order;
-    uint64_t bit = i * bits;
-    uint8_t mask = (uint8_t) (((1u << bits) - 1) << (bit % 8));
-    p[bit / 8] = (uint8_t) ((p[bit / 8] & ~mask) | ((v << (bit % 8)) & mask));
-    break;
-  }
-  case 3:
-    p[i] = (uint8_t) v;
-    break;
-  case 4:
-    p[2*i] = (uint8_t) (v >> 8);
-    p[2*i + 1] = (uint8_t) v;
-    break;
-  case 5:
-    for (unsigned k = 0; k < 4; k++)
-      p[4*i + k] = (uint8_t) (v >> (24 - 8 * k));
-    break;
-  default:
-    for (unsigned k = 0; k < 8; k++)
-      p[8*i + k] = (uint8_t) (v >> (56 - 8 * k));
-  }
-}
 
 /* Host offset of refcount block idx, or 0 if there is none or it cannot
  * be used (pass 1 reports why).  Reserved bits are an error, but, as
@@ -247,8 +192,8 @@ stored_refcount (struct checker *ck, uint64_t c, uint64_t *ref)
   }
   slot->used = ++ck->rb_tick;
   *ref = slot->data
-    ? rb_get (ck->q->refcount_order, slot->data,
-              c & ((1ull << ck->q->rb_bits) - 1))
+    ? qcow2_refcount_entry_get (ck->q->refcount_order, slot->data,
+                                c & ((1ull << ck->q->rb_bits) - 1))
     : 0;
   return 0;
 }
@@ -315,18 +260,6 @@ read_l2 (struct checker *ck, uint64_t l1_index, uint64_t offset)
   return 0;
 }
 
-/* Decode a compressed cluster descriptor into its byte range. */
-static void
-compressed_range (const struct qcow2 *q, uint64_t e, uint64_t *offset,
-                  uint64_t *size)
-{
-  unsigned shift = 62 - (q->cluster_bits - 8);
-  uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
-
-  *offset = e & ((1ull << shift) - 1);
-  *size = sectors * 512 - (*offset & 511);
-}
-
 static void
 count_l2_entry (struct checker *ck, uint64_t gc, uint64_t e)
 {
@@ -342,7 +275,7 @@ count_l2_entry (struct checker *ck, uint64_t gc, uint64_t e)
             "a compressed cluster must not have the COPIED flag", gc, e);
       e &= ~QCOW2_OFLAG_COPIED;
     }
-    compressed_range (q, e, &off, &size);
+    qcow2_compressed_range (q->cluster_bits, e, &off, &size);
     res->allocated_clusters++;
     res->compressed_clusters++;
     res->fragmented_clusters++;
@@ -474,7 +407,7 @@ compare_block (struct checker *ck, uint64_t idx, uint8_t *block, bool fix,
   uint64_t end = ck->nb_clusters - first < per ? ck->nb_clusters : first + per;
 
   for (uint64_t c = first; c < end; c++) {
-    uint64_t stored = rb_get (order, block, c - first);
+    uint64_t stored = qcow2_refcount_entry_get (order, block, c - first);
     uint64_t ref = ck->refs[c];
 
     if (stored > 0 || ref > 0)
@@ -500,7 +433,7 @@ compare_block (struct checker *ck, uint64_t idx, uint8_t *block, bool fix,
       continue;
     }
     if (fix) {
-      rb_set (order, block, c - first, ref);
+      qcow2_refcount_entry_set (order, block, c - first, ref);
       ck->res->leaks--;
       ck->res->leaks_fixed++;
       *changed = true;
@@ -724,8 +657,7 @@ qcow2_check (const char *path, bool repair_leaks,
                    ck.nb_clusters, MAX_HOST_CLUSTERS);
     return give_up (&ck);
   }
-  ck.refcount_max = q->refcount_order == 6 ? UINT64_MAX
-    : (1ull << (1u << q->refcount_order)) - 1;
+  ck.refcount_max = qcow2_refcount_max (q->refcount_order);
   ck.count_limit = ck.refcount_max < COUNT_MAX ? ck.refcount_max : COUNT_MAX;
   ck.refs = calloc (ck.nb_clusters ? ck.nb_clusters : 1, sizeof *ck.refs);
   ck.walked = calloc ((ck.nb_clusters + 63) / 64 + 1, sizeof *ck.walked);

@@ -235,14 +235,12 @@ punch_pending (struct qcow2 *q)
 static int
 read_compressed (struct qcow2 *q, uint64_t gc, uint64_t e, void *buf)
 {
-  unsigned x = 62 - (q->cluster_bits - 8);
-  uint64_t off = e & ((1ull << x) - 1);
-  uint64_t sectors = ((e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
-  uint64_t clen = sectors * 512 - (off & 511);
+  uint64_t off, clen;
   unsigned char *in;
   z_stream z;
   int r;
 
+  qcow2_compressed_range (q->cluster_bits, e, &off, &clen);
   if (clen > 2 * cs (q) || off >= q->file_end || clen > q->file_end - off) {
     qcow2_mark_corrupt (q, "compressed cluster %" PRIu64 " descriptor out of "
                         "bounds (offset %" PRIu64 ", %" PRIu64 " bytes)",
@@ -412,11 +410,10 @@ drop_entry (struct qcow2 *q, uint64_t gc, uint64_t e)
   case QCOW2_SHARED:
     return qcow2_free_later (q, host);
   case QCOW2_COMPRESSED: {
-    unsigned x = 62 - (q->cluster_bits - 8);
-    uint64_t off = e & ((1ull << x) - 1);
-    uint64_t sectors = ((e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
-    uint64_t last = (off & ~511ull) + sectors * 512 - 1;
-    for (uint64_t c = off / cs (q); c <= last / cs (q); c++)
+    uint64_t off, len;
+
+    qcow2_compressed_range (q->cluster_bits, e, &off, &len);
+    for (uint64_t c = off / cs (q); c <= (off + len - 1) / cs (q); c++)
       if (qcow2_free_later (q, c * cs (q)) == -1)
         return -1;
     return 0;

@@ -34,55 +34,6 @@ qcow2_cluster_list_push (struct cluster_list *l, uint64_t v)
   return 0;
 }
 
-static uint64_t
-rb_entry_get (const struct qcow2 *q, const void *rb, uint64_t i)
-{
-  const uint8_t *p = rb;
-
-  switch (q->refcount_order) {
-  case 0: case 1: case 2: {
-    unsigned bits = 1u << q->refcount_order;
-    uint64_t bit = i * bits;
-    return (p[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
-  }
-  case 3: return p[i];
-  case 4: return (uint64_t) p[2*i] << 8 | p[2*i+1];
-  case 5: return (uint64_t) p[4*i] << 24 | (uint64_t) p[4*i+1] << 16
-            | (uint64_t) p[4*i+2] << 8 | p[4*i+3];
-  default: return be64_get (p + 8*i);
-  }
-}
-
-static void
-rb_entry_set (const struct qcow2 *q, void *rb, uint64_t i, uint64_t v)
-{
-  uint8_t *p = rb;
-
-  switch (q->refcount_order) {
-  case 0: case 1: case 2: {
-    unsigned bits = 1u << q->refcount_order;
-    uint64_t bit = i * bits;
-    uint8_t mask = (uint8_t) (((1u << bits) - 1) << (bit % 8));
-    p[bit / 8] = (uint8_t) ((p[bit / 8] & ~mask) | ((v << (bit % 8)) & mask));
-    break;
-  }
-  case 3: p[i] = (uint8_t) v; break;
-  case 4: p[2*i] = (uint8_t) (v >> 8); p[2*i+1] = (uint8_t) v; break;
-  case 5:
-    p[4*i] = (uint8_t) (v >> 24); p[4*i+1] = (uint8_t) (v >> 16);
-    p[4*i+2] = (uint8_t) (v >> 8); p[4*i+3] = (uint8_t) v;
-    break;
-  default: be64_put (p + 8*i, v);
-  }
-}
-
-static uint64_t
-refcount_max (const struct qcow2 *q)
-{
-  return q->refcount_order == 6 ? UINT64_MAX
-    : (1ull << (1u << q->refcount_order)) - 1;
-}
-
 /* The refcount block holding cluster, or NULL with *missing set.
  * change: the caller may change it (see qcow2_cache_lookup). */
 static void *
@@ -118,7 +69,7 @@ qcow2_refcount_get (struct qcow2 *q, uint64_t cluster, uint64_t *ref)
     *ref = 0;
     return 0;
   }
-  *ref = rb_entry_get (q, rb, cluster & ((1ull << q->rb_bits) - 1));
+  *ref = qcow2_refcount_entry_get (q->refcount_order, rb, cluster & ((1ull << q->rb_bits) - 1));
   qcow2_cache_put (q->rb_cache, rb);
   return 0;
 }
@@ -133,7 +84,7 @@ grow_reftable (struct qcow2 *q, uint64_t need_idx)
   uint64_t old_off = q->reftable_offset, old_clusters = q->reftable_clusters;
   uint64_t *old = q->reftable, *nt;
   uint64_t clusters, start;
-  uint8_t hdr[12];
+  struct qcow2_header hd = { 0 };
 
   if (entries < need_idx + 2)
     entries = need_idx + 2;
@@ -175,10 +126,12 @@ grow_reftable (struct qcow2 *q, uint64_t need_idx)
     nt[i] = be64_get (&nt[i]);
   if (io_fsync (q->fd) == -1)
     goto fail_io;
-  be64_put (hdr, start * q->cluster_size);
-  hdr[8] = (uint8_t) (clusters >> 24); hdr[9] = (uint8_t) (clusters >> 16);
-  hdr[10] = (uint8_t) (clusters >> 8); hdr[11] = (uint8_t) clusters;
-  if (io_pwrite (q->fd, hdr, 12, 48) == -1 || io_fsync (q->fd) == -1)
+  hd.refcount_table_offset = start * q->cluster_size;
+  hd.refcount_table_clusters = (uint32_t) clusters;
+  if (qcow2_header_write_fields (q->fd, &hd,
+                                 QCOW2_HDR_OFFSET (refcount_table_offset),
+                                 QCOW2_HDR_END (refcount_table_clusters)) == -1
+      || io_fsync (q->fd) == -1)
     goto fail_io;
 
   q->reftable_offset = start * q->cluster_size;
@@ -249,7 +202,7 @@ qcow2_refcount_set (struct qcow2 *q, uint64_t cluster, uint64_t ref)
   bool missing;
   void *rb;
 
-  if (ref > refcount_max (q)) {
+  if (ref > qcow2_refcount_max (q->refcount_order)) {
     cow_error_set (EOVERFLOW, "%s: refcount of cluster %" PRIu64
                    " overflows", q->layer.path, cluster);
     return -1;
@@ -266,7 +219,7 @@ qcow2_refcount_set (struct qcow2 *q, uint64_t cluster, uint64_t ref)
     if (rb == NULL)
       return -1;
   }
-  rb_entry_set (q, rb, cluster & ((1ull << q->rb_bits) - 1), ref);
+  qcow2_refcount_entry_set (q->refcount_order, rb, cluster & ((1ull << q->rb_bits) - 1), ref);
   qcow2_cache_mark_dirty (q->rb_cache, rb);
   qcow2_cache_put (q->rb_cache, rb);
   return 0;

@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <endian.h>
 #include <sys/stat.h>
 
 #include "error.h"
@@ -19,31 +18,77 @@
 #include "io.h"
 #include "qcow2.h"
 
-static uint32_t
-get32 (const uint8_t *p)
+void
+qcow2_header_decode (struct qcow2_header *h, const void *buf, size_t len)
 {
-  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16
-    | (uint32_t) p[2] << 8 | p[3];
+  struct qcow2_header_be d;
+
+  memset (&d, 0, sizeof d);
+  memcpy (&d, buf, len < sizeof d ? len : sizeof d);
+  h->magic = be32toh (d.magic);
+  h->version = be32toh (d.version);
+  h->backing_file_offset = be64toh (d.backing_file_offset);
+  h->backing_file_size = be32toh (d.backing_file_size);
+  h->cluster_bits = be32toh (d.cluster_bits);
+  h->size = be64toh (d.size);
+  h->crypt_method = be32toh (d.crypt_method);
+  h->l1_size = be32toh (d.l1_size);
+  h->l1_table_offset = be64toh (d.l1_table_offset);
+  h->refcount_table_offset = be64toh (d.refcount_table_offset);
+  h->refcount_table_clusters = be32toh (d.refcount_table_clusters);
+  h->nb_snapshots = be32toh (d.nb_snapshots);
+  h->snapshots_offset = be64toh (d.snapshots_offset);
+  h->incompatible_features = be64toh (d.incompatible_features);
+  h->compatible_features = be64toh (d.compatible_features);
+  h->autoclear_features = be64toh (d.autoclear_features);
+  h->refcount_order = be32toh (d.refcount_order);
+  h->header_length = be32toh (d.header_length);
+  h->compression_type = d.compression_type;
 }
 
-static uint64_t
-get64 (const uint8_t *p)
+void
+qcow2_header_encode (const struct qcow2_header *h, void *buf, size_t len)
 {
-  return (uint64_t) get32 (p) << 32 | get32 (p + 4);
+  struct qcow2_header_be d;
+
+  if (len > sizeof d)
+    len = sizeof d;
+  /* Start from what buf holds: the padding and any bytes the caller
+   * keeps stay as they are. */
+  memset (&d, 0, sizeof d);
+  memcpy (&d, buf, len);
+  d.magic = htobe32 (h->magic);
+  d.version = htobe32 (h->version);
+  d.backing_file_offset = htobe64 (h->backing_file_offset);
+  d.backing_file_size = htobe32 (h->backing_file_size);
+  d.cluster_bits = htobe32 (h->cluster_bits);
+  d.size = htobe64 (h->size);
+  d.crypt_method = htobe32 (h->crypt_method);
+  d.l1_size = htobe32 (h->l1_size);
+  d.l1_table_offset = htobe64 (h->l1_table_offset);
+  d.refcount_table_offset = htobe64 (h->refcount_table_offset);
+  d.refcount_table_clusters = htobe32 (h->refcount_table_clusters);
+  d.nb_snapshots = htobe32 (h->nb_snapshots);
+  d.snapshots_offset = htobe64 (h->snapshots_offset);
+  d.incompatible_features = htobe64 (h->incompatible_features);
+  d.compatible_features = htobe64 (h->compatible_features);
+  d.autoclear_features = htobe64 (h->autoclear_features);
+  d.refcount_order = htobe32 (h->refcount_order);
+  d.header_length = htobe32 (h->header_length);
+  d.compression_type = h->compression_type;
+  memcpy (buf, &d, len);
 }
 
-static void
-put32 (uint8_t *p, uint32_t v)
+/* Write the header fields of h from byte from to byte to (exclusive) in
+ * place, in one write; the others are not touched. */
+int
+qcow2_header_write_fields (int fd, const struct qcow2_header *h, size_t from,
+                           size_t to)
 {
-  p[0] = (uint8_t) (v >> 24); p[1] = (uint8_t) (v >> 16);
-  p[2] = (uint8_t) (v >> 8); p[3] = (uint8_t) v;
-}
+  uint8_t buf[sizeof (struct qcow2_header_be)] = { 0 };
 
-static void
-put64 (uint8_t *p, uint64_t v)
-{
-  put32 (p, (uint32_t) (v >> 32));
-  put32 (p + 4, (uint32_t) v);
+  qcow2_header_encode (h, buf, sizeof buf);
+  return io_pwrite (fd, buf + from, to - from, from);
 }
 
 void
@@ -63,31 +108,34 @@ qcow2_mark_corrupt (struct qcow2 *q, const char *fmt, ...)
 int
 qcow2_probe (const char *path)
 {
-  uint8_t magic[4];
+  uint8_t magic[QCOW2_HDR_END (magic)];
   uint64_t size;
   int fd = image_open (path, O_RDONLY, 0);
 
   if (fd == -1)
     return -1;
-  if (io_file_size (fd, &size) == -1 || io_pread (fd, magic, 4, 0) == -1) {
+  if (io_file_size (fd, &size) == -1
+      || io_pread (fd, magic, sizeof magic, 0) == -1) {
     cow_error_errno ("%s: cannot read", path);
     io_close (fd);
     return -1;
   }
   io_close (fd);
-  return size >= 4 && get32 (magic) == QCOW2_MAGIC;
+  return size >= sizeof magic && be32_get (magic) == QCOW2_MAGIC;
 }
 
-/* Header extensions between the header and the end of cluster 0. */
+/* Header extensions between the header and the end of cluster 0 (h:
+ * the header cluster). */
 static int
 parse_extensions (struct qcow2 *q, const uint8_t *h, uint64_t limit)
 {
   uint64_t off = q->header_length;
 
-  while (off + 8 <= limit) {
-    uint32_t type = get32 (h + off);
-    uint32_t len = get32 (h + off + 4);
-    off += 8;
+  while (off + QCOW2_EXT_HEADER_SIZE <= limit) {
+    uint32_t type, len;
+
+    qcow2_ext_decode (h + off, &type, &len);
+    off += QCOW2_EXT_HEADER_SIZE;
     if (type == QCOW2_EXT_END)
       return 0;
     if (len > limit - off) {
@@ -108,7 +156,7 @@ parse_extensions (struct qcow2 *q, const uint8_t *h, uint64_t limit)
         return -1;
       }
     }
-    off += ((uint64_t) len + 7) & ~7ull;
+    off += qcow2_ext_padded (len);
   }
   if (off > limit) {
     cow_error_set (EINVAL, "%s: header extensions run past the end of the "
@@ -118,25 +166,29 @@ parse_extensions (struct qcow2 *q, const uint8_t *h, uint64_t limit)
   return 0;
 }
 
+/* h: the header cluster, at least sizeof (struct qcow2_header_be) bytes
+ * (zeroes past the end of the file). */
 static int
 parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
               bool readonly, bool creating)
 {
   const char *f = q->layer.path;
+  struct qcow2_header hd;
   uint64_t backing_off, l1_needed, per_l2, incompat_known;
   uint32_t backing_len;
 
-  if (get32 (h) != QCOW2_MAGIC) {
+  qcow2_header_decode (&hd, h, sizeof (struct qcow2_header_be));
+  if (hd.magic != QCOW2_MAGIC) {
     cow_error_set (EINVAL, "%s: not a qcow2 image (bad magic)", f);
     return -1;
   }
-  q->version = get32 (h + 4);
+  q->version = hd.version;
   if (q->version != 2 && q->version != 3) {
     cow_error_set (ENOTSUP, "%s: qcow2 version %u is not supported (only 2 "
                    "and 3)", f, q->version);
     return -1;
   }
-  q->cluster_bits = get32 (h + 20);
+  q->cluster_bits = hd.cluster_bits;
   if (q->cluster_bits < QCOW2_MIN_CLUSTER_BITS
       || q->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
     cow_error_set (EINVAL, "%s: cluster_bits %u out of range (%d to %d)", f,
@@ -146,15 +198,15 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
   }
   q->cluster_size = 1ull << q->cluster_bits;
   q->l2_bits = q->cluster_bits - 3;
-  q->layer.size = get64 (h + 24);
+  q->layer.size = hd.size;
   if (q->layer.size > (1ull << 56)) {
     cow_error_set (EINVAL, "%s: virtual size %" PRIu64 " too large", f,
                    q->layer.size);
     return -1;
   }
-  if (get32 (h + 32) != 0) {
+  if (hd.crypt_method != 0) {
     cow_error_set (ENOTSUP, "%s: encrypted images (crypt_method %u) are not "
-                   "supported", f, get32 (h + 32));
+                   "supported", f, hd.crypt_method);
     return -1;
   }
   if (q->version == 2) {
@@ -162,11 +214,11 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
     q->refcount_order = 4;
   }
   else {
-    q->incompat = get64 (h + 72);
-    q->compat = get64 (h + 80);
-    q->autoclear = get64 (h + 88);
-    q->refcount_order = get32 (h + 96);
-    q->header_length = get32 (h + 100);
+    q->incompat = hd.incompatible_features;
+    q->compat = hd.compatible_features;
+    q->autoclear = hd.autoclear_features;
+    q->refcount_order = hd.refcount_order;
+    q->header_length = hd.header_length;
     if (q->header_length < QCOW2_V3_HEADER_LENGTH
         || q->header_length > q->cluster_size || q->header_length % 8) {
       cow_error_set (EINVAL, "%s: header_length %u invalid", f,
@@ -213,8 +265,8 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
   q->rb_bits = q->cluster_bits + 3 - q->refcount_order;
 
   /* L1 table. */
-  q->l1_size = get32 (h + 36);
-  q->l1_offset = get64 (h + 40);
+  q->l1_size = hd.l1_size;
+  q->l1_offset = hd.l1_table_offset;
   per_l2 = q->cluster_size / 8;
   l1_needed = (q->layer.size + q->cluster_size * per_l2 - 1)
     / (q->cluster_size * per_l2);
@@ -237,8 +289,8 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
   }
 
   /* Refcount table. */
-  q->reftable_offset = get64 (h + 48);
-  q->reftable_clusters = get32 (h + 56);
+  q->reftable_offset = hd.refcount_table_offset;
+  q->reftable_clusters = hd.refcount_table_clusters;
   if ((uint64_t) q->reftable_clusters * q->cluster_size
       > QCOW2_MAX_REFTABLE_BYTES) {
     cow_error_set (EFBIG, "%s: refcount table of %u clusters is too large",
@@ -267,7 +319,7 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
   }
 
   /* Internal snapshots. */
-  q->nb_snapshots = get32 (h + 60);
+  q->nb_snapshots = hd.nb_snapshots;
   if (q->nb_snapshots > 65536) {
     cow_error_set (EINVAL, "%s: snapshot count %u too large", f,
                    q->nb_snapshots);
@@ -280,8 +332,8 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
   }
 
   /* Backing file name: within the header cluster. */
-  backing_off = get64 (h + 8);
-  backing_len = get32 (h + 16);
+  backing_off = hd.backing_file_offset;
+  backing_len = hd.backing_file_size;
   if (backing_off) {
     if (backing_len > QCOW2_MAX_BACKING_NAME) {
       cow_error_set (EINVAL, "%s: backing file name of %u bytes is too long",
@@ -444,7 +496,8 @@ open_common (const char *path, unsigned flags, uint64_t cache_size,
    * checked here only to size the buffer (parse_header names a bad one);
    * an out-of-range value reads just the fixed header. */
   {
-    uint8_t fixed[QCOW2_HEADER_LENGTH_WRITTEN] = { 0 };
+    uint8_t fixed[sizeof (struct qcow2_header_be)] = { 0 };
+    struct qcow2_header hd;
     uint32_t cbits;
     size_t len;
 
@@ -452,7 +505,8 @@ open_common (const char *path, unsigned flags, uint64_t cache_size,
       cow_error_errno ("%s: reading the header", path);
       goto err;
     }
-    cbits = get32 (fixed + 20);
+    qcow2_header_decode (&hd, fixed, sizeof fixed);
+    cbits = hd.cluster_bits;
     len = cbits >= QCOW2_MIN_CLUSTER_BITS && cbits <= QCOW2_MAX_CLUSTER_BITS
       ? (size_t) 1 << cbits : sizeof fixed;
     h = calloc (1, len);
@@ -576,6 +630,7 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
   uint64_t c = q->cluster_size, hl = q->header_length, off, in;
   size_t blen = name ? strlen (name) : 0, flen = format ? strlen (format) : 0;
   uint8_t *old = NULL, *h = NULL;
+  struct qcow2_header oldh, hd;
   char *nb = NULL, *nf = NULL;
   int fd = -1, r = -1;
   bool locked = false;
@@ -611,16 +666,23 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
     cow_error_errno ("%s: reading the header", l->path);
     goto out;
   }
+  /* The header fields as they were (any bytes of a longer header that
+   * we have no name for included)... */
   memcpy (h, old, hl);
-  /* The refcount table as it is now; nothing else in the header changes
-   * while the layer is open. */
-  put64 (h + 48, q->reftable_offset);
-  put32 (h + 56, q->reftable_clusters);
+  qcow2_header_decode (&oldh, old, hl);
+  hd = oldh;
+  /* ...but the refcount table as it is now; nothing else in the header
+   * changes while the layer is open. */
+  hd.refcount_table_offset = q->reftable_offset;
+  hd.refcount_table_clusters = q->reftable_clusters;
   off = hl;
   /* Other extensions as they were; parse_header checked their bounds. */
-  for (in = hl; in + 8 <= c; ) {
-    uint32_t type = get32 (old + in), len = get32 (old + in + 4);
-    uint64_t step = 8 + (((uint64_t) len + 7) & ~7ull);
+  for (in = hl; in + QCOW2_EXT_HEADER_SIZE <= c; ) {
+    uint32_t type, len;
+    uint64_t step;
+
+    qcow2_ext_decode (old + in, &type, &len);
+    step = QCOW2_EXT_HEADER_SIZE + qcow2_ext_padded (len);
     if (type == QCOW2_EXT_END || step > c - in)
       break;
     if (type != QCOW2_EXT_BACKING_FORMAT) {
@@ -632,23 +694,25 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
     in += step;
   }
   if (flen) {
-    if (off + 8 + ((flen + 7) & ~7u) > c)
+    if (off + QCOW2_EXT_HEADER_SIZE + qcow2_ext_padded (flen) > c)
       goto too_big;
-    put32 (h + off, QCOW2_EXT_BACKING_FORMAT);
-    put32 (h + off + 4, (uint32_t) flen);
-    memcpy (h + off + 8, format, flen);
-    off += 8 + ((flen + 7) & ~7u);
+    qcow2_ext_encode (h + off, QCOW2_EXT_BACKING_FORMAT, (uint32_t) flen);
+    memcpy (h + off + QCOW2_EXT_HEADER_SIZE, format, flen);
+    off += QCOW2_EXT_HEADER_SIZE + qcow2_ext_padded (flen);
   }
-  off += 8;                         /* end of extensions (zeroes) */
+  off += QCOW2_EXT_HEADER_SIZE;     /* end of extensions (zeroes) */
   if (blen > QCOW2_MAX_BACKING_NAME || off + blen > c)
     goto too_big;
-  put64 (h + 8, blen ? off : 0);
-  put32 (h + 16, (uint32_t) blen);
+  hd.backing_file_offset = blen ? off : 0;
+  hd.backing_file_size = (uint32_t) blen;
+  qcow2_header_encode (&hd, h, hl);
   memcpy (h + off, name ? name : "", blen);
   off += blen;
   /* One write of the changed part of the header cluster. */
   {
-    uint64_t old_end = q->backing_file ? get64 (old + 8) + get32 (old + 16) : in + 8;
+    uint64_t old_end = q->backing_file
+      ? oldh.backing_file_offset + oldh.backing_file_size
+      : in + QCOW2_EXT_HEADER_SIZE;
     uint64_t end = off > old_end ? off : old_end;
     if (end > c)
       end = c;
@@ -694,48 +758,53 @@ qcow2_cluster_size (struct layer *l)
   return (uint32_t) ((struct qcow2 *) l)->cluster_size;
 }
 
-/* Build cluster 0: header, extensions, backing name. */
+/* Build cluster 0 (h, zeroed): header, extensions, backing name.  The
+ * refcount table is cluster 1 and its one refcount block cluster 2
+ * (qcow2_create); the L1 table comes later. */
 static int
 build_header (uint8_t *h, const struct qcow2_create_opts *o, uint32_t cbits,
               const char *path)
 {
   uint64_t c = 1ull << cbits;
   bool v2 = o->version == 2;
-  uint64_t off = v2 ? QCOW2_V2_HEADER_LENGTH : QCOW2_HEADER_LENGTH_WRITTEN;
+  uint64_t hlen = v2 ? QCOW2_V2_HEADER_LENGTH : QCOW2_HEADER_LENGTH_WRITTEN;
+  uint64_t off = hlen;
   size_t blen = o->backing_file ? strlen (o->backing_file) : 0;
   size_t flen = o->backing_format ? strlen (o->backing_format) : 0;
+  struct qcow2_header hd = {
+    .magic = QCOW2_MAGIC,
+    .version = v2 ? 2 : 3,
+    .cluster_bits = cbits,
+    .size = o->size,
+    .refcount_table_offset = c,
+    .refcount_table_clusters = 1,
+    /* Version 3 only: a version 2 header ends before these. */
+    .refcount_order = v2 ? 0 : QCOW2_CREATE_REFCOUNT_ORDER,
+    .header_length = v2 ? 0 : QCOW2_HEADER_LENGTH_WRITTEN,
+  };
 
-  put32 (h, QCOW2_MAGIC);
-  put32 (h + 4, v2 ? 2 : 3);
-  put32 (h + 20, cbits);
-  put64 (h + 24, o->size);
-  put64 (h + 48, c);                /* refcount table in cluster 1 */
-  put32 (h + 56, 1);
-  if (!v2) {
-    put32 (h + 96, 4);              /* 16-bit refcounts */
-    put32 (h + 100, QCOW2_HEADER_LENGTH_WRITTEN);
-  }
   if (flen) {
-    if (off + 8 + ((flen + 7) & ~7u) + 8 > c) {
+    if (off + QCOW2_EXT_HEADER_SIZE + qcow2_ext_padded (flen)
+        + QCOW2_EXT_HEADER_SIZE > c) {
       cow_error_set (EINVAL, "%s: backing format does not fit", path);
       return -1;
     }
-    put32 (h + off, QCOW2_EXT_BACKING_FORMAT);
-    put32 (h + off + 4, (uint32_t) flen);
-    memcpy (h + off + 8, o->backing_format, flen);
-    off += 8 + ((flen + 7) & ~7u);
+    qcow2_ext_encode (h + off, QCOW2_EXT_BACKING_FORMAT, (uint32_t) flen);
+    memcpy (h + off + QCOW2_EXT_HEADER_SIZE, o->backing_format, flen);
+    off += QCOW2_EXT_HEADER_SIZE + qcow2_ext_padded (flen);
   }
-  off += 8;                         /* end of extensions */
+  off += QCOW2_EXT_HEADER_SIZE;     /* end of extensions */
   if (blen) {
     if (blen > QCOW2_MAX_BACKING_NAME || off + blen > c) {
       cow_error_set (ENAMETOOLONG, "%s: backing file name '%s' does not fit "
                      "in the header cluster", path, o->backing_file);
       return -1;
     }
-    put64 (h + 8, off);
-    put32 (h + 16, (uint32_t) blen);
+    hd.backing_file_offset = off;
+    hd.backing_file_size = (uint32_t) blen;
     memcpy (h + off, o->backing_file, blen);
   }
+  qcow2_header_encode (&hd, h, hlen);
   return 0;
 }
 
@@ -744,11 +813,10 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
 {
   uint32_t cbits = 0;
   uint64_t c, per_l2, l1_entries, l1_off;
-  uint8_t *buf = NULL, l1hdr[12];
+  uint8_t *buf = NULL;
   char *tmp = NULL;
   int fd = -1;
   struct qcow2 *q = NULL;
-  uint16_t *rb;
 
   if (o->version != 0 && o->version != 2 && o->version != 3) {
     cow_error_set (EINVAL, "%s: qcow2 version %d cannot be created", path,
@@ -797,9 +865,9 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
     goto err;
   /* Cluster 1: refcount table -> cluster 2: refcount block, counting
    * clusters 0, 1 and 2. */
-  put64 (buf + c, 2 * c);
-  rb = (uint16_t *) (buf + 2 * c);
-  rb[0] = rb[1] = rb[2] = htobe16 (1);
+  be64_put (buf + c, 2 * c);
+  for (uint64_t i = 0; i < 3; i++)
+    qcow2_refcount_entry_set (QCOW2_CREATE_REFCOUNT_ORDER, buf + 2 * c, i, 1);
   if (io_pwrite (fd, buf, 3 * c, 0) == -1) {
     cow_error_errno ("%s: writing the new image", path);
     goto err;
@@ -832,9 +900,12 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
     if (qcow2_cache_writeback (q->rb_cache) == -1
         || qcow2_reftable_writeback (q) == -1)
       goto err;
-    put32 (l1hdr, (uint32_t) l1_entries);
-    put64 (l1hdr + 4, l1_off);
-    if (io_pwrite (q->fd, l1hdr, 12, 36) == -1) {
+    struct qcow2_header hd = {
+      .l1_size = (uint32_t) l1_entries,
+      .l1_table_offset = l1_off,
+    };
+    if (qcow2_header_write_fields (q->fd, &hd, QCOW2_HDR_OFFSET (l1_size),
+                                   QCOW2_HDR_END (l1_table_offset)) == -1) {
       cow_error_errno ("%s: writing the header", path);
       goto err;
     }

@@ -1,5 +1,5 @@
-/* Private to the qcow2 layer: on-disk constants, the open-image state and
- * the prototypes shared by qcow2*.c.
+/* Private to the qcow2 layer: the open-image state and the prototypes
+ * shared by qcow2*.c (the on-disk format is in qcow2-format.h).
  *
  * Write ordering (DESIGN.md invariant 2).  L2 tables, refcount blocks and
  * the L1 table are cached in memory and written back in this order:
@@ -26,35 +26,10 @@
 #include <stdint.h>
 
 #include "layer.h"
+#include "qcow2-format.h"
 
-#define QCOW2_MAGIC 0x514649fbu           /* "QFI\xfb" */
-#define QCOW2_MIN_CLUSTER_BITS 9
-#define QCOW2_MAX_CLUSTER_BITS 21
-#define QCOW2_MAX_L1_BYTES (32u << 20)    /* as QEMU: bounds the L1 table */
-#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
-#define QCOW2_MAX_BACKING_NAME 1023
-#define QCOW2_V2_HEADER_LENGTH 72
-#define QCOW2_V3_HEADER_LENGTH 104
-#define QCOW2_HEADER_LENGTH_WRITTEN 112   /* with the compression type */
-
-#define QCOW2_EXT_END 0x00000000u
-#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
-#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
-
-#define QCOW2_INCOMPAT_DIRTY (1ull << 0)
-#define QCOW2_INCOMPAT_CORRUPT (1ull << 1)
-#define QCOW2_INCOMPAT_DATA_FILE (1ull << 2)
-#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
-#define QCOW2_INCOMPAT_EXTL2 (1ull << 4)
-
-/* L1 and L2 entries. */
-#define QCOW2_OFLAG_COPIED (1ull << 63)
-#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
-#define QCOW2_OFLAG_ZERO (1ull << 0)
-#define QCOW2_OFFSET_MASK 0x00fffffffffffe00ull
-#define QCOW2_L1_RESERVED 0x7f000000000001ffull
-#define QCOW2_L2_RESERVED 0x3f000000000001feull
-#define QCOW2_REFT_RESERVED 0x00000000000001ffull
+/* Refcount width of the images qcow2_create makes: 16 bits, as QEMU. */
+#define QCOW2_CREATE_REFCOUNT_ORDER 4
 
 /* What one guest cluster is in one qcow2 layer. */
 enum qcow2_ctype {
@@ -140,7 +115,10 @@ struct qcow2 {
 };
 
 /* qcow2.c: header */
-int qcow2_write_header_tables (struct qcow2 *q);
+/* Write the fields of h in [from, to) (QCOW2_HDR_OFFSET, QCOW2_HDR_END)
+ * at their place in the file, in one write; -1 with errno set. */
+int qcow2_header_write_fields (int fd, const struct qcow2_header *h,
+                               size_t from, size_t to);
 void qcow2_mark_corrupt (struct qcow2 *q, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 
@@ -202,17 +180,5 @@ int qcow2_layer_flush (struct layer *l);
 /* Classify one guest cluster (caller holds lock). */
 int qcow2_get_cluster (struct qcow2 *q, uint64_t gcluster,
                        enum qcow2_ctype *type, uint64_t *host);
-
-/* Big-endian helpers. */
-static inline uint64_t
-be64_get (const void *p)
-{
-  return __builtin_bswap64 (*(const uint64_t *) __builtin_assume_aligned (p, 8));
-}
-static inline void
-be64_put (void *p, uint64_t v)
-{
-  *(uint64_t *) __builtin_assume_aligned (p, 8) = __builtin_bswap64 (v);
-}
 
 #endif /* COW_QCOW2_H */

@@ -1809,10 +1809,299 @@ test_read_with_unwritable_dirty_cache (void **state)
   fx_fini (&f);
 }
 
+/*----------------------------------------------------------------------
+ * The on-disk format helpers (qcow2-format.h), against the byte layout
+ * of docs/interop/qcow2.txt written out here by hand.
+ */
+
+static void
+be_bytes (uint8_t *p, uint64_t v, size_t width)
+{
+  for (size_t k = 0; k < width; k++)
+    p[k] = (uint8_t) (v >> (8 * (width - 1 - k)));
+}
+
+static void
+test_header_round_trip (void **state)
+{
+  const struct qcow2_header h = {
+    .magic = QCOW2_MAGIC, .version = 3,
+    .backing_file_offset = 0x0102030405060708ull,
+    .backing_file_size = 0x11121314,
+    .cluster_bits = 0x21222324,
+    .size = 0x3132333435363738ull,
+    .crypt_method = 0x41424344,
+    .l1_size = 0x51525354,
+    .l1_table_offset = 0x6162636465666768ull,
+    .refcount_table_offset = 0x7172737475767778ull,
+    .refcount_table_clusters = 0x81828384,
+    .nb_snapshots = 0x91929394,
+    .snapshots_offset = 0xa1a2a3a4a5a6a7a8ull,
+    .incompatible_features = 0xb1b2b3b4b5b6b7b8ull,
+    .compatible_features = 0xc1c2c3c4c5c6c7c8ull,
+    .autoclear_features = 0xd1d2d3d4d5d6d7d8ull,
+    .refcount_order = 0xe1e2e3e4,
+    .header_length = 0xf1f2f3f4,
+    .compression_type = 0x7e,
+  };
+  /* offset, width, value: the table of the spec. */
+  const struct { size_t off, width; uint64_t v; } f[] = {
+    { 0, 4, h.magic }, { 4, 4, h.version },
+    { 8, 8, h.backing_file_offset }, { 16, 4, h.backing_file_size },
+    { 20, 4, h.cluster_bits }, { 24, 8, h.size },
+    { 32, 4, h.crypt_method }, { 36, 4, h.l1_size },
+    { 40, 8, h.l1_table_offset }, { 48, 8, h.refcount_table_offset },
+    { 56, 4, h.refcount_table_clusters }, { 60, 4, h.nb_snapshots },
+    { 64, 8, h.snapshots_offset }, { 72, 8, h.incompatible_features },
+    { 80, 8, h.compatible_features }, { 88, 8, h.autoclear_features },
+    { 96, 4, h.refcount_order }, { 100, 4, h.header_length },
+    { 104, 1, h.compression_type },
+  };
+  uint8_t want[128], buf[128];
+  struct qcow2_header d;
+
+  (void) state;
+  assert_int_equal (sizeof (struct qcow2_header_be), 112);
+
+  /* Encode: every field at its offset; the padding after
+   * compression_type and the bytes past len are left alone. */
+  memset (want, 0xa5, sizeof want);
+  for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+    be_bytes (want + f[i].off, f[i].v, f[i].width);
+  memset (buf, 0xa5, sizeof buf);
+  qcow2_header_encode (&h, buf, sizeof buf);
+  assert_memory_equal (buf, want, sizeof buf);
+
+  /* Decode gives every field back. */
+  memset (&d, 0x5a, sizeof d);
+  qcow2_header_decode (&d, buf, sizeof buf);
+  assert_int_equal (d.magic, h.magic);
+  assert_int_equal (d.version, h.version);
+  assert_int_equal (d.backing_file_offset, h.backing_file_offset);
+  assert_int_equal (d.backing_file_size, h.backing_file_size);
+  assert_int_equal (d.cluster_bits, h.cluster_bits);
+  assert_int_equal (d.size, h.size);
+  assert_int_equal (d.crypt_method, h.crypt_method);
+  assert_int_equal (d.l1_size, h.l1_size);
+  assert_int_equal (d.l1_table_offset, h.l1_table_offset);
+  assert_int_equal (d.refcount_table_offset, h.refcount_table_offset);
+  assert_int_equal (d.refcount_table_clusters, h.refcount_table_clusters);
+  assert_int_equal (d.nb_snapshots, h.nb_snapshots);
+  assert_int_equal (d.snapshots_offset, h.snapshots_offset);
+  assert_int_equal (d.incompatible_features, h.incompatible_features);
+  assert_int_equal (d.compatible_features, h.compatible_features);
+  assert_int_equal (d.autoclear_features, h.autoclear_features);
+  assert_int_equal (d.refcount_order, h.refcount_order);
+  assert_int_equal (d.header_length, h.header_length);
+  assert_int_equal (d.compression_type, h.compression_type);
+
+  /* And encoding what was decoded gives the same bytes. */
+  memset (buf, 0xa5, sizeof buf);
+  qcow2_header_encode (&d, buf, sizeof buf);
+  assert_memory_equal (buf, want, sizeof buf);
+
+  /* A version 2 header: 72 bytes written, the rest untouched; decoded
+   * from 72 bytes, the version 3 fields read as 0. */
+  memset (buf, 0xa5, sizeof buf);
+  qcow2_header_encode (&h, buf, QCOW2_V2_HEADER_LENGTH);
+  assert_memory_equal (buf, want, QCOW2_V2_HEADER_LENGTH);
+  for (size_t i = QCOW2_V2_HEADER_LENGTH; i < sizeof buf; i++)
+    assert_int_equal (buf[i], 0xa5);
+  qcow2_header_decode (&d, buf, QCOW2_V2_HEADER_LENGTH);
+  assert_int_equal (d.l1_table_offset, h.l1_table_offset);
+  assert_int_equal (d.snapshots_offset, h.snapshots_offset);
+  assert_int_equal (d.incompatible_features, 0);
+  assert_int_equal (d.refcount_order, 0);
+  assert_int_equal (d.header_length, 0);
+  assert_int_equal (d.compression_type, 0);
+
+  /* A version 3 header of the minimum length (no compression type). */
+  memset (buf, 0xa5, sizeof buf);
+  qcow2_header_encode (&h, buf, QCOW2_V3_HEADER_LENGTH);
+  assert_memory_equal (buf, want, QCOW2_V3_HEADER_LENGTH);
+  assert_int_equal (buf[QCOW2_V3_HEADER_LENGTH], 0xa5);
+  qcow2_header_decode (&d, buf, QCOW2_V3_HEADER_LENGTH);
+  assert_int_equal (d.header_length, h.header_length);
+  assert_int_equal (d.compression_type, 0);
+
+  /* Field ranges, as the in-place header writes use them. */
+  assert_int_equal (QCOW2_HDR_OFFSET (l1_size), 36);
+  assert_int_equal (QCOW2_HDR_END (l1_table_offset), 48);
+  assert_int_equal (QCOW2_HDR_OFFSET (refcount_table_offset), 48);
+  assert_int_equal (QCOW2_HDR_END (refcount_table_clusters), 60);
+}
+
+/* A header written in place changes the bytes of its fields only. */
+static void
+test_header_write_fields (void **state)
+{
+  char *path = tu_path (dir, "fields.bin");
+  const struct qcow2_header h = {
+    .magic = 1, .size = 2,
+    .refcount_table_offset = 0x0000000123450000ull,
+    .refcount_table_clusters = 7,
+  };
+  uint8_t want[256], *got;
+  size_t n;
+  int fd;
+
+  (void) state;
+  memset (want, 0xee, sizeof want);
+  tu_write_file (path, want, sizeof want);
+  be_bytes (want + 48, h.refcount_table_offset, 8);
+  be_bytes (want + 56, h.refcount_table_clusters, 4);
+  fd = io_open (path, O_RDWR, 0);
+  assert_true (fd >= 0);
+  assert_int_equal (qcow2_header_write_fields (fd, &h,
+                      QCOW2_HDR_OFFSET (refcount_table_offset),
+                      QCOW2_HDR_END (refcount_table_clusters)), 0);
+  io_close (fd);
+  got = (uint8_t *) tu_read_file (path, &n);
+  assert_int_equal (n, sizeof want);
+  assert_memory_equal (got, want, sizeof want);
+  free (got);
+  free (path);
+}
+
+/* Header extensions, compressed descriptors and the byte-order helpers. */
+static void
+test_format_helpers (void **state)
+{
+  uint8_t b[16], want[16];
+  uint32_t type, len;
+  uint64_t off, size;
+
+  (void) state;
+  memset (b, 0, sizeof b);
+  qcow2_ext_encode (b + 1, QCOW2_EXT_BACKING_FORMAT, 0x01020304);
+  memset (want, 0, sizeof want);
+  be_bytes (want + 1, QCOW2_EXT_BACKING_FORMAT, 4);
+  be_bytes (want + 5, 0x01020304, 4);
+  assert_memory_equal (b, want, sizeof b);
+  qcow2_ext_decode (b + 1, &type, &len);
+  assert_int_equal (type, QCOW2_EXT_BACKING_FORMAT);
+  assert_int_equal (len, 0x01020304);
+  assert_int_equal (QCOW2_EXT_HEADER_SIZE, 8);
+  assert_int_equal (qcow2_ext_padded (0), 0);
+  assert_int_equal (qcow2_ext_padded (1), 8);
+  assert_int_equal (qcow2_ext_padded (8), 8);
+  assert_int_equal (qcow2_ext_padded (9), 16);
+  assert_int_equal (qcow2_ext_padded (0xffffffffu), 0x100000000ull);
+
+  /* Unaligned loads and stores, every width. */
+  memset (b, 0, sizeof b);
+  be16_put (b + 1, 0x0102);
+  be32_put (b + 3, 0x03040506);
+  be64_put (b + 7, 0x0708090a0b0c0d0eull);
+  for (unsigned i = 1; i <= 14; i++)
+    assert_int_equal (b[i], i);
+  assert_int_equal (b[0], 0);
+  assert_int_equal (b[15], 0);
+  assert_int_equal (be16_get (b + 1), 0x0102);
+  assert_int_equal (be32_get (b + 3), 0x03040506);
+  assert_int_equal (be64_get (b + 7), 0x0708090a0b0c0d0eull);
+
+  /* 64 KiB clusters: 54 offset bits, then 8 bits of extra sectors. */
+  qcow2_compressed_range (16, QCOW2_OFLAG_COMPRESSED | QCOW2_OFLAG_COPIED
+                          | (3ull << 54) | 0x12345, &off, &size);
+  assert_int_equal (off, 0x12345);
+  assert_int_equal (size, 4 * 512 - 0x145);
+  qcow2_compressed_range (16, QCOW2_OFLAG_COMPRESSED | (0xffull << 54)
+                          | ((1ull << 54) - 1), &off, &size);
+  assert_int_equal (off, (1ull << 54) - 1);
+  assert_int_equal (size, 256 * 512 - 511);
+  /* 512-byte clusters: one bit of extra sectors. */
+  qcow2_compressed_range (9, QCOW2_OFLAG_COMPRESSED | (1ull << 61) | 1024,
+                          &off, &size);
+  assert_int_equal (off, 1024);
+  assert_int_equal (size, 1024);
+}
+
+/* The expected bit layout of entry i of a refcount block, written out
+ * bit by bit: below 8 bits from the least significant bit of each byte
+ * up, from 8 bits big-endian. */
+static uint64_t
+ref_ref_get (unsigned order, const uint8_t *p, uint64_t i)
+{
+  unsigned bits = 1u << order;
+  uint64_t v = 0;
+
+  for (unsigned k = 0; k < bits; k++) {
+    uint64_t bit;
+    if (bits < 8)
+      bit = i * bits + k;                          /* LSB first */
+    else
+      bit = i * bits + (bits - 8 - k / 8 * 8) + k % 8;
+    v |= (uint64_t) ((p[bit / 8] >> (bit % 8)) & 1) << k;
+  }
+  return v;
+}
+
+static void
+test_refcount_entries (void **state)
+{
+  (void) state;
+  for (unsigned order = 0; order <= 6; order++) {
+    const unsigned bits = 1u << order;
+    const uint64_t max = bits == 64 ? UINT64_MAX : (1ull << bits) - 1;
+    const uint64_t n = 512 / bits;                 /* a 64-byte block */
+    uint8_t block[64], copy[64];
+
+    assert_int_equal (qcow2_refcount_max (order), max);
+
+    /* Every entry its own value: get agrees with the bit layout, and
+     * with what was set. */
+    memset (block, 0, sizeof block);
+    for (uint64_t i = 0; i < n; i++)
+      qcow2_refcount_entry_set (order, block, i,
+                                (i * 0x9e3779b97f4a7c15ull + 1) & max);
+    for (uint64_t i = 0; i < n; i++) {
+      uint64_t v = (i * 0x9e3779b97f4a7c15ull + 1) & max;
+      assert_int_equal (qcow2_refcount_entry_get (order, block, i), v);
+      assert_int_equal (ref_ref_get (order, block, i), v);
+    }
+
+    /* Setting one entry leaves its neighbours alone, at 0 and at max. */
+    for (uint64_t i = 0; i < n; i++) {
+      memcpy (copy, block, sizeof block);
+      qcow2_refcount_entry_set (order, copy, i, max);
+      for (uint64_t j = 0; j < n; j++)
+        assert_int_equal (qcow2_refcount_entry_get (order, copy, j),
+                          j == i ? max
+                          : qcow2_refcount_entry_get (order, block, j));
+      qcow2_refcount_entry_set (order, copy, i, 0);
+      assert_int_equal (ref_ref_get (order, copy, i), 0);
+      qcow2_refcount_entry_set (order, copy, i,
+                                qcow2_refcount_entry_get (order, block, i));
+      assert_memory_equal (copy, block, sizeof block);
+    }
+
+    /* A refcount of 1 for entry 0 and for the last entry, as bytes. */
+    memset (block, 0, sizeof block);
+    qcow2_refcount_entry_set (order, block, 0, 1);
+    qcow2_refcount_entry_set (order, block, n - 1, 1);
+    if (bits < 8) {
+      assert_int_equal (block[0], 1);
+      assert_int_equal (block[63], 1u << (8 - bits));
+    }
+    else {
+      assert_int_equal (block[bits / 8 - 1], 1);
+      assert_int_equal (block[63], 1);
+    }
+    for (size_t k = 0; k < sizeof block; k++)
+      if (k != 63 && k != (bits < 8 ? 0 : bits / 8 - 1))
+        assert_int_equal (block[k], 0);
+  }
+}
+
 int
 main (int argc, char **argv)
 {
   const struct CMUnitTest tests[] = {
+    cmocka_unit_test (test_header_round_trip),
+    cmocka_unit_test (test_header_write_fields),
+    cmocka_unit_test (test_format_helpers),
+    cmocka_unit_test (test_refcount_entries),
     cmocka_unit_test (test_create_reopen),
     cmocka_unit_test (test_create_refused),
     cmocka_unit_test (test_qemu_v3),
