@@ -432,6 +432,32 @@ control_reply_line (struct control_reply *r, const char *fmt, ...)
   return n < 0 ? -1 : 0;
 }
 
+int
+control_run (control_handler fn, void *opaque, char **words, int n,
+             char **text, size_t *len)
+{
+  struct control_reply r;
+
+  *text = NULL;
+  *len = 0;
+  r.f = open_memstream (text, len);
+  if (r.f == NULL) {
+    cow_error_set (ENOMEM, "out of memory");
+    return -1;
+  }
+  fputs ("ok\n", r.f);
+  if (fn (opaque, words, n, &r) == -1) {
+    fclose (r.f);
+    free (*text);
+    *text = NULL;
+    *len = 0;
+    return -1;
+  }
+  fputs (".\n", r.f);
+  fclose (r.f);
+  return 0;
+}
+
 /* One accepted connection and the thread serving it.  The list of them
  * and finished belong to the server's lock. */
 struct control_conn {
@@ -624,7 +650,6 @@ serve (struct control_conn *c)
   int64_t deadline = c->accepted + CONTROL_REQUEST_TIMEOUT_MS;
   char *line, *words[CONTROL_MAX_WORDS], *text = NULL;
   const char *why;
-  struct control_reply r;
   size_t len = 0;
   int err, n;
 
@@ -651,24 +676,12 @@ serve (struct control_conn *c)
     free (line);
     return;
   }
-  r.f = open_memstream (&text, &len);
-  if (r.f == NULL) {
-    log_request (s, c->uid, words, n, "error: out of memory");
-    send_error (s, c->fd, ENOMEM, "out of memory", deadline);
-    free (line);
-    return;
-  }
-  fputs ("ok\n", r.f);
-  if (s->fn (s->opaque, words, n, &r) == -1) {
-    fclose (r.f);
-    free (text);
+  if (control_run (s->fn, s->opaque, words, n, &text, &len) == -1) {
     log_request (s, c->uid, words, n, "error: %s", cow_last_error ());
     send_error (s, c->fd, cow_last_errno (), cow_last_error (),
                 deadline_in (CONTROL_REPLY_TIMEOUT_MS));
   }
   else {
-    fputs (".\n", r.f);
-    fclose (r.f);
     log_request (s, c->uid, words, n, "ok");
     if (send_all (c->fd, text, len, deadline_in (CONTROL_REPLY_TIMEOUT_MS),
                   s->stop_pipe[0]) == -1)
@@ -919,7 +932,7 @@ socket_address (const char *path, struct sockaddr_un *sa)
 }
 
 int
-control_check_path (const char *path)
+cow_control_check_path (const char *path)
 {
   struct sockaddr_un sa;
   bool stale;

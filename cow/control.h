@@ -1,56 +1,27 @@
 /* The control protocol between the `cowchain` tool and a running server,
- * both ends.  Over a UNIX stream socket:
+ * both ends: the socket, the framing, and the server's threads.  The
+ * commands and their replies are a table beside this, in service.c.
+ * Over a UNIX stream socket:
  *
  *   request:  one line of words separated by single spaces, each word
- *             percent-encoded (word_encode), at most CONTROL_MAX_REQUEST
- *             bytes; the first word is the command.
- *   reply:    "ok" or "error ERRNO MESSAGE-WORD", then zero or more
- *             payload lines of encoded words, then a line ".".
+ *             percent-encoded (word_encode: "" is sent as "-"), at most
+ *             CONTROL_MAX_REQUEST bytes of printable ASCII and
+ *             CONTROL_MAX_WORDS words; the first word is the command.
+ *   reply:    "ok", then zero or more payload lines of encoded words
+ *             separated by single spaces, then a line "."; or, when the
+ *             request failed, "error ERRNO MESSAGE" (ERRNO the errno in
+ *             decimal, MESSAGE one encoded word) and a line ".".
  *
  * One request per connection.  Before any command runs the server may
- * reply "error EACCES" (the peer's uid is not allowed), "error EBUSY"
- * (CONTROL_MAX_CONNECTIONS requests in progress) or "error ETIMEDOUT"
- * (the request line did not arrive within CONTROL_REQUEST_TIMEOUT_MS of
- * the connection), and it may close without reading the rest of the
- * request: a client reads the reply even when its send fails.
- *
- * Commands (DISK "" = the default disk):
- *   status                       -> per disk "clients NAME N" (the NBD
- *                                   connections open on it), then "disk
- *                                   NAME ACTIVE-PATH BASE DEPTH HEALTH
- *                                   REASON" (BASE "" if self-contained;
- *                                   DEPTH the layers; HEALTH ok|degraded;
- *                                   REASON "" if ok).  Clients skip lines
- *                                   they do not know.
- *   blklist                      -> "disk NAME ACTIVE-PATH" per disk
- *   list DISK                    -> "layer PATH CREATED SNAPSHOT DESC STATE"
- *                                   bottom to top (SNAPSHOT/DESC "-" if none,
- *                                   STATE active|frozen)
- *   snapshot DISK NAME DESC      -> "pause-ns N"
- *   snapshot-atomic NAME DESC    -> all disks at one cut; "pause-ns N"
- *   revert DISK NAME force|-     -> nothing.  Without force, refused
- *                                   (EBUSY) while NBD clients are
- *                                   connected to DISK or when later
- *                                   snapshots would be deleted; force
- *                                   allows both.
- *
- * Background merges (see cowchain.h).  SPEED: bytes per second in
- * decimal, 0 = unlimited.  FLAGS: "-" or a comma list of
- * allow-base-write and force.  BASE "-" = the default base.
- *   commit DISK TOP BASE FLAGS SPEED -> nothing (the job has started)
- *   pull DISK BASE FLAGS SPEED   -> nothing
- *   delete DISK NAME SPEED       -> nothing
- *   jobs [DISK]                  -> per disk (every disk, or only DISK):
- *                                   "job DISK KIND STATE TOP BASE DONE TOTAL
- *                                   SPEED RATE STARTED ENDED ERRNO MESSAGE"
- *                                   (KIND/TOP/BASE/MESSAGE "-" if none;
- *                                   STATE a cow_job_state_name, "none" if
- *                                   no job ran; DONE/TOTAL bytes; SPEED the
- *                                   limit, RATE the measured bytes/s;
- *                                   STARTED/ENDED seconds since the epoch,
- *                                   ENDED 0 while running)
- *   job-pause DISK, job-resume DISK, job-cancel DISK -> nothing
- *   job-speed DISK SPEED         -> nothing
+ * reply an error with errno EACCES (the peer's uid is not allowed),
+ * EBUSY (CONTROL_MAX_CONNECTIONS requests in progress), ETIMEDOUT (the
+ * request line did not arrive within CONTROL_REQUEST_TIMEOUT_MS of the
+ * connection), EMSGSIZE (a longer line), EPROTO (a byte outside
+ * printable ASCII, or the connection ended before a whole line) or
+ * EINVAL (bad encoding or too many words), and it may close without
+ * reading the rest of the request: a client reads the reply even when
+ * its send fails.  Every request and its outcome go to the server's log
+ * (control_log).
  */
 #ifndef COW_CONTROL_H
 #define COW_CONTROL_H
@@ -82,14 +53,20 @@ int control_request (const char *socket_path, const char *const *argv,
                      int argc, int timeout_ms, char ***payload);
 void control_free_lines (char **lines);
 
-/* Server side. */
+/* Server side.  A handler runs one request (words[0] the command,
+ * decoded) and adds the reply's payload lines (encoded words) with
+ * control_reply_line; it returns 0 (reply "ok" + lines) or -1 (reply the
+ * last error).  The server's handler is a service's (service.h). */
 struct control_reply;
 int control_reply_line (struct control_reply *r, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
-/* Run a command; return 0 (reply "ok" + lines) or -1 (reply the last
- * error). */
 typedef int (*control_handler) (void *opaque, char **words, int n,
                                 struct control_reply *r);
+/* Run fn as the server does for each request: 0 with the whole reply
+ * ("ok\n", the lines, ".\n") in *text (malloc'd, *len bytes), or -1
+ * with fn's error as the last error. */
+int control_run (control_handler fn, void *opaque, char **words, int n,
+                 char **text, size_t *len);
 /* Told each request and its outcome, as one printable line without a
  * newline: "uid U: WORDS: ok", "uid U: WORDS: error: MESSAGE", "uid U:
  * refused: WHY", "uid U: no request: WHY" (WORDS encoded and cut at 64
@@ -102,14 +79,11 @@ struct control_server;
  * mode 0600, or 0666 when allow_uids names another uid (then the uid
  * check of each connection is the only gate).  A socket left at path by
  * an earlier run is replaced; any other file, or a socket a server
- * still listens on, is an error. */
+ * still listens on, is an error (cow_control_check_path, in cowchain.h,
+ * checks a path ahead of time; control_start checks again). */
 struct control_server *control_start (const char *path, const uid_t *allow_uids,
                                       size_t n_allow, control_handler fn,
                                       control_log log, void *opaque);
-/* Whether control_start could listen on path (no other kind of file
- * there, no server listening on it): 0, or -1 with the reason.  For
- * refusing before nbdkit forks; control_start checks again. */
-int control_check_path (const char *path);
 /* Stop listening, end every connection's waits, and return when the
  * commands still running have ended and every thread is joined. */
 void control_stop (struct control_server *s);

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -115,7 +116,8 @@ int cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
  * the layers above it are dropped (their files deleted) and a new empty
  * layer is stacked on it.  ENOENT unknown name; EBUSY other snapshots
  * would be dropped and !force.  Connected NBD clients are the caller's
- * concern (the plugin refuses a revert under them unless forced). */
+ * concern (a service's revert command refuses to revert under them
+ * unless forced). */
 int cow_disk_revert (struct cow_disk *d, const char *name, bool force);
 
 struct cow_layer_info {
@@ -225,6 +227,71 @@ int cow_disk_job_wait (struct cow_disk *d);
 /* Merge automatically (as delete does) the oldest frozen layer without a
  * snapshot name while the chain has more than n layers; 0 = never. */
 void cow_disk_set_max_depth (struct cow_disk *d, unsigned n);
+
+/* Serving disks: the disks one server serves under NBD export names,
+ * the NBD clients connected to each, and the control socket through
+ * which the `cowchain` tool snapshots and merges them (its framing:
+ * cow/control.h; its commands: cow/service.c).  A front end opens the
+ * disks, adds them to a service, maps each of its connections to one
+ * (cow_service_lookup, cow_export_attach/detach) and starts the control
+ * socket; the service runs the commands.
+ *
+ * Add every disk (and set the default) before serving a client or
+ * starting the control socket: the set is read without a lock.  The
+ * service does not own the disks: free it (which stops the control
+ * socket) before closing them. */
+struct cow_service;
+struct cow_export;              /* one disk of a service */
+
+struct cow_service *cow_service_new (void);
+void cow_service_free (struct cow_service *s);
+/* A disk name: 1 to 64 letters, digits, '.', '_' and '-'; 0, or -1
+ * (EINVAL) with "name 'NAME' must be ..." as the last error. */
+int cow_service_check_name (const char *name);
+/* Serve d under name: a checked name, or "" for one unnamed disk that
+ * every export name reaches (then it is the only disk).  NULL with
+ * EINVAL (a bad name, or named and unnamed disks mixed) or EEXIST. */
+struct cow_export *cow_service_add (struct cow_service *s, const char *name,
+                                    struct cow_disk *d);
+/* The disk that an empty export name (and the control protocol's "")
+ * chooses; by default the first one added.  ENOENT if none is named so. */
+int cow_service_set_default (struct cow_service *s, const char *name);
+/* The disk an NBD client's export name reaches: the default for "" or
+ * NULL, the disk of that name, or, on a service whose one disk is
+ * unnamed, that disk for any name.  NULL (ENOENT) if none. */
+struct cow_export *cow_service_lookup (const struct cow_service *s,
+                                       const char *export_name);
+struct cow_disk *cow_export_disk (const struct cow_export *e);
+const char *cow_export_name (const struct cow_export *e);
+/* Count an NBD connection on the disk from its open to its close (any
+ * thread): the control socket's status shows the count, and a revert
+ * is refused under connected clients unless forced. */
+void cow_export_attach (struct cow_export *e);
+void cow_export_detach (struct cow_export *e);
+unsigned cow_export_clients (const struct cow_export *e);
+
+/* Told each control request and its outcome, as one printable line
+ * without a newline ("uid U: WORDS: ok", "uid U: WORDS: error: MESSAGE",
+ * "uid U: refused: WHY", "uid U: no request: WHY"); called from the
+ * control socket's threads, possibly at once. */
+typedef void (*cow_log_fn) (void *opaque, const char *line);
+/* Listen on path (a UNIX socket) and serve the control commands on the
+ * service's disks until cow_service_stop_control, each connection on a
+ * thread of its own.  Only our euid, root and allow_uids may talk; the
+ * socket is mode 0600, or 0666 when allow_uids names another uid.  A
+ * socket an earlier run left at path is replaced; any other file, or a
+ * socket a server still listens on, is an error.  log may be NULL. */
+int cow_service_start_control (struct cow_service *s, const char *path,
+                               const uid_t *allow_uids, size_t n_allow,
+                               cow_log_fn log, void *opaque);
+/* Stop listening and return once the commands still running have ended
+ * (nothing if the socket was not started). */
+void cow_service_stop_control (struct cow_service *s);
+/* Whether the control socket could be started at path (no other kind of
+ * file there, no server listening on it, a directory that can take
+ * it): 0, or -1 with the reason.  For refusing a bad path before a
+ * server forks into the background. */
+int cow_control_check_path (const char *path);
 
 /* Last error of the calling thread. */
 const char *cow_last_error (void);

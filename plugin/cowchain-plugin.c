@@ -1,5 +1,7 @@
-/* nbdkit glue for cowchain: config keys, callbacks that call the engine,
- * the control socket's commands; nothing of the format.
+/* nbdkit glue for cowchain: config keys into the engine's disk
+ * configuration, nbdkit's callbacks into engine calls.  The disks served,
+ * their NBD clients and the control socket's commands are the engine's
+ * (a struct cow_service); nothing of the format is here.
  *
  * Several disks may be served, one NBD export each: "disk=NAME" starts a
  * disk and the per-disk keys after it belong to it.  Without disk=, the
@@ -7,10 +9,7 @@
 #include <config.h>
 
 #include <errno.h>
-#include <inttypes.h>
-#include <stdatomic.h>
 #include <stdbool.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,8 +17,6 @@
 #include <nbdkit-plugin.h>
 
 #include "cowchain.h"
-#include "control.h"
-#include "error.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 #define MAX_DISKS 64
@@ -34,9 +31,6 @@ struct disk_entry {
   unsigned max_depth;           /* 0 = no automatic merges */
   uint32_t base_timeout_ms;     /* 0 = the default */
   struct cow_disk *disk;
-  /* NBD connections open on this disk (.open/.close, any thread): a
-   * revert refuses to change the disk under them unless forced. */
-  atomic_uint clients;
 };
 
 static struct disk_entry disks[MAX_DISKS];
@@ -51,7 +45,9 @@ static uint64_t cache_size;
 static char *control_path;
 static uid_t allow_uids[16];
 static size_t n_allow_uids;
-static struct control_server *control;
+/* The disks as served (from get_ready on): what a connection's export
+ * name reaches, and the control socket. */
+static struct cow_service *service;
 
 static void
 free_entry (struct disk_entry *e)
@@ -69,8 +65,9 @@ free_entry (struct disk_entry *e)
 static void
 cowchain_unload (void)
 {
-  control_stop (control);
-  control = NULL;
+  /* Stops the control socket; the disks are ours to close. */
+  cow_service_free (service);
+  service = NULL;
   for (size_t i = 0; i < n_disks; i++) {
     if (disks[i].disk && cow_disk_close (disks[i].disk) == -1)
       nbdkit_error ("closing disk '%s': %s", disks[i].name,
@@ -101,25 +98,6 @@ set_string (char **dst, const char *key, const char *value)
   return 0;
 }
 
-static int
-check_disk_name (const char *name)
-{
-  size_t n = strlen (name);
-
-  if (n == 0 || n > 64) {
-    nbdkit_error ("disk: name '%s' must be 1 to 64 characters", name);
-    return -1;
-  }
-  for (const char *c = name; *c; c++)
-    if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z')
-          || (*c >= '0' && *c <= '9') || strchr ("._-", *c))) {
-      nbdkit_error ("disk: name '%s' may hold only letters, digits, '.', "
-                    "'_' and '-'", name);
-      return -1;
-    }
-  return 0;
-}
-
 /* The disk that per-disk keys apply to now. */
 static struct disk_entry *
 current (const char *key)
@@ -138,8 +116,10 @@ current (const char *key)
 static int
 new_disk (const char *name)
 {
-  if (check_disk_name (name) == -1)
+  if (cow_service_check_name (name) == -1) {
+    nbdkit_error ("disk: %s", cow_last_error ());
     return -1;
+  }
   if (n_disks > 0 && !named_disks) {
     nbdkit_error ("disk=%s: per-disk keys were given before the first "
                   "disk=; put disk= first", name);
@@ -425,7 +405,7 @@ cowchain_get_ready (void)
 {
   /* The control socket starts after the fork; refuse a bad path now,
    * while nbdkit can still exit with an error. */
-  if (control_path && control_check_path (control_path) == -1) {
+  if (control_path && cow_control_check_path (control_path) == -1) {
     nbdkit_error ("%s", cow_last_error ());
     return -1;
   }
@@ -453,312 +433,22 @@ cowchain_get_ready (void)
       return -1;
     }
   }
-  return 0;
-}
-
-/* The disk a name chooses; "" or NULL is the default one.  Lenient (NBD
- * clients): a server without disk= keys serves its one disk under any
- * export name.  Strict (the control socket): only the real names. */
-static struct disk_entry *
-find_disk (const char *name, bool lenient)
-{
-  if (name == NULL || name[0] == '\0') {
-    if (default_export)
-      name = default_export;
-    else
-      return &disks[0];
+  service = cow_service_new ();
+  if (service == NULL) {
+    nbdkit_error ("%s", cow_last_error ());
+    return -1;
   }
   for (size_t i = 0; i < n_disks; i++)
-    if (strcmp (disks[i].name, name) == 0)
-      return &disks[i];
-  if (lenient && !named_disks)
-    return &disks[0];
-  return NULL;
-}
-
-/* Control socket commands (see cow/control.h). */
-static int
-reply_layers (struct disk_entry *e, struct control_reply *r)
-{
-  struct cow_layer_info *v;
-  size_t n;
-
-  if (cow_disk_layers (e->disk, &v, &n) == -1)
+    if (cow_service_add (service, disks[i].name, disks[i].disk) == NULL) {
+      nbdkit_error ("%s", cow_last_error ());
+      return -1;
+    }
+  if (default_export && cow_service_set_default (service,
+                                                 default_export) == -1) {
+    nbdkit_error ("%s", cow_last_error ());
     return -1;
-  for (size_t i = 0; i < n; i++) {
-    char *p = word_encode (v[i].path);
-    char *s = word_encode (v[i].snapshot ? v[i].snapshot : "");
-    char *d = word_encode (v[i].description ? v[i].description : "");
-    if (p && s && d)
-      control_reply_line (r, "layer %s %" PRId64 " %s %s %s", p, v[i].created,
-                          s, d, v[i].active ? "active" : "frozen");
-    free (p);
-    free (s);
-    free (d);
-  }
-  cow_layer_info_free (v, n);
-  return 0;
-}
-
-static const char *
-active_path (struct disk_entry *e, struct cow_layer_info **v, size_t *n)
-{
-  if (cow_disk_layers (e->disk, v, n) == -1)
-    return NULL;
-  return (*v)[*n - 1].path;
-}
-
-/* A control word that must be a decimal number: digits only, no sign,
- * no blanks, no overflow. */
-static int
-parse_number (const char *what, const char *word, uint64_t *out)
-{
-  uint64_t v = 0;
-
-  if (word[0] == '\0')
-    goto bad;
-  for (const char *c = word; *c; c++) {
-    if (*c < '0' || *c > '9')
-      goto bad;
-    if (v > (UINT64_MAX - (uint64_t) (*c - '0')) / 10) {
-      cow_error_set (ERANGE, "%s: '%.32s' is too large", what, word);
-      return -1;
-    }
-    v = v * 10 + (uint64_t) (*c - '0');
-  }
-  *out = v;
-  return 0;
- bad:
-  cow_error_set (EINVAL, "%s: '%.32s' is not a decimal number", what, word);
-  return -1;
-}
-
-/* FLAGS of commit and pull: "" or a comma list of allow-base-write and
- * force. */
-static int
-parse_job_flags (const char *word, struct cow_job_opts *o)
-{
-  const char *p = word;
-
-  while (*p) {
-    size_t len = strcspn (p, ",");
-    if (len == 16 && strncmp (p, "allow-base-write", len) == 0)
-      o->allow_base_write = true;
-    else if (len == 5 && strncmp (p, "force", len) == 0)
-      o->force = true;
-    else {
-      cow_error_set (EINVAL, "FLAGS: '%.*s' is not allow-base-write or force",
-                     (int) (len < 32 ? len : 32), p);
-      return -1;
-    }
-    p += len;
-    if (*p == ',' && *++p == '\0') {
-      cow_error_set (EINVAL, "FLAGS: '%.64s' ends with a comma", word);
-      return -1;
-    }
   }
   return 0;
-}
-
-/* One "job" line of the jobs command. */
-static int
-reply_job (struct disk_entry *e, struct control_reply *r)
-{
-  struct cow_job_info ji;
-  char *name, *top, *base, *msg;
-  bool ran;
-
-  if (cow_disk_job_info (e->disk, &ji) == -1)
-    return -1;
-  ran = ji.state != COW_JOB_NONE;
-  name = word_encode (e->name);
-  top = word_encode (ran && ji.top ? ji.top : "");
-  base = word_encode (ran && ji.base ? ji.base : "");
-  msg = word_encode (ji.message ? ji.message : "");
-  if (name && top && base && msg)
-    control_reply_line (r, "job %s %s %s %s %s %" PRIu64 " %" PRIu64
-                        " %" PRIu64 " %" PRIu64 " %" PRId64 " %" PRId64
-                        " %d %s", name,
-                        ran ? cow_job_kind_name (ji.kind) : "-",
-                        cow_job_state_name (ji.state), top, base, ji.done,
-                        ji.total, ji.speed, ji.rate, ji.started, ji.ended,
-                        ji.error, msg);
-  free (name);
-  free (top);
-  free (base);
-  free (msg);
-  cow_job_info_clear (&ji);
-  return 0;
-}
-
-static int
-control_handler_fn (void *opaque, char **w, int n, struct control_reply *r)
-{
-  struct cow_job_opts o = { 0 };
-  struct disk_entry *e = NULL;
-  const char *cmd = w[0];
-
-#define NEED(k) do { if (n != (k)) goto usage; } while (0)
-#define DISK(word) do {                                                 \
-    e = find_disk (word, false);                                        \
-    if (e == NULL) {                                                    \
-      cow_error_set (ENOENT, "no disk named '%.64s'", word);     \
-      return -1;                                                        \
-    }                                                                   \
-  } while (0)
-
-  if (strcmp (cmd, "status") == 0 || strcmp (cmd, "blklist") == 0) {
-    NEED (1);
-    for (size_t i = 0; i < n_disks; i++) {
-      struct cow_layer_info *v;
-      size_t k;
-      const char *ap = active_path (&disks[i], &v, &k);
-      char *name, *path, *base, *why = NULL, *ewhy;
-      int health;
-      if (ap == NULL)
-        return -1;
-      health = cow_disk_health (disks[i].disk, &why);
-      name = word_encode (disks[i].name);
-      path = word_encode (ap);
-      base = word_encode (cow_disk_base (disks[i].disk));
-      ewhy = word_encode (health ? (why ? why : "unknown") : "");
-      if (name && path && base && ewhy) {
-        if (cmd[0] == 's') {
-          /* Before its disk line: older tools skip it. */
-          control_reply_line (r, "clients %s %u", name,
-                              atomic_load (&disks[i].clients));
-          control_reply_line (r, "disk %s %s %s %zu %s %s", name, path, base,
-                              k, health ? "degraded" : "ok", ewhy);
-        }
-        else
-          control_reply_line (r, "disk %s %s", name, path);
-      }
-      free (name);
-      free (path);
-      free (base);
-      free (why);
-      free (ewhy);
-      cow_layer_info_free (v, k);
-    }
-    return 0;
-  }
-  if (strcmp (cmd, "list") == 0) {
-    NEED (2);
-    DISK (w[1]);
-    return reply_layers (e, r);
-  }
-  if (strcmp (cmd, "snapshot") == 0) {
-    NEED (4);
-    DISK (w[1]);
-    if (cow_disk_snapshot (e->disk, w[2], w[3]) == -1)
-      return -1;
-    control_reply_line (r, "pause-ns %" PRIu64,
-                        cow_disk_last_pause_ns (e->disk));
-    return 0;
-  }
-  if (strcmp (cmd, "snapshot-atomic") == 0) {
-    struct cow_disk *all[MAX_DISKS];
-    NEED (3);
-    for (size_t i = 0; i < n_disks; i++)
-      all[i] = disks[i].disk;
-    if (cow_disk_snapshot_group (all, n_disks, w[1], w[2]) == -1)
-      return -1;
-    control_reply_line (r, "pause-ns %" PRIu64,
-                        cow_disk_last_pause_ns (all[0]));
-    return 0;
-  }
-  if (strcmp (cmd, "revert") == 0) {
-    bool force;
-    unsigned clients;
-    NEED (4);
-    DISK (w[1]);
-    if (strcmp (w[3], "force") != 0 && w[3][0] != '\0')
-      goto usage;
-    force = w[3][0] != '\0';
-    /* A client's page cache would go on holding the old disk: refused
-     * unless forced.  The count is read once, not held: a client that
-     * connects while the revert runs (a few milliseconds) is not
-     * counted, and may read some of the old disk before the switch. */
-    clients = atomic_load (&e->clients);
-    if (clients > 0 && !force) {
-      cow_error_set (EBUSY, "%u NBD client%s %s connected to disk %s; "
-                     "reverting changes the disk under %s; stop %s or use "
-                     "--force", clients, clients == 1 ? "" : "s",
-                     clients == 1 ? "is" : "are",
-                     e->name[0] ? e->name : "(default)",
-                     clients == 1 ? "it" : "them",
-                     clients == 1 ? "it" : "them");
-      return -1;
-    }
-    return cow_disk_revert (e->disk, w[2], force);
-  }
-  if (strcmp (cmd, "commit") == 0) {
-    NEED (6);
-    DISK (w[1]);
-    o.top = w[2];
-    o.base = w[3][0] ? w[3] : NULL;
-    if (parse_job_flags (w[4], &o) == -1
-        || parse_number ("SPEED", w[5], &o.speed) == -1)
-      return -1;
-    return cow_disk_commit (e->disk, &o);
-  }
-  if (strcmp (cmd, "pull") == 0) {
-    NEED (5);
-    DISK (w[1]);
-    o.base = w[2][0] ? w[2] : NULL;
-    if (parse_job_flags (w[3], &o) == -1
-        || parse_number ("SPEED", w[4], &o.speed) == -1)
-      return -1;
-    return cow_disk_pull (e->disk, &o);
-  }
-  if (strcmp (cmd, "delete") == 0) {
-    NEED (4);
-    DISK (w[1]);
-    if (parse_number ("SPEED", w[3], &o.speed) == -1)
-      return -1;
-    return cow_disk_delete (e->disk, w[2], &o);
-  }
-  if (strcmp (cmd, "jobs") == 0) {
-    if (n == 2) {
-      DISK (w[1]);
-      return reply_job (e, r);
-    }
-    NEED (1);
-    for (size_t i = 0; i < n_disks; i++)
-      if (reply_job (&disks[i], r) == -1)
-        return -1;
-    return 0;
-  }
-  if (strcmp (cmd, "job-pause") == 0) {
-    NEED (2);
-    DISK (w[1]);
-    return cow_disk_job_pause (e->disk);
-  }
-  if (strcmp (cmd, "job-resume") == 0) {
-    NEED (2);
-    DISK (w[1]);
-    return cow_disk_job_resume (e->disk);
-  }
-  if (strcmp (cmd, "job-cancel") == 0) {
-    NEED (2);
-    DISK (w[1]);
-    return cow_disk_job_cancel (e->disk);
-  }
-  if (strcmp (cmd, "job-speed") == 0) {
-    uint64_t speed;
-    NEED (3);
-    DISK (w[1]);
-    if (parse_number ("SPEED", w[2], &speed) == -1)
-      return -1;
-    return cow_disk_job_set_speed (e->disk, speed);
-  }
-  cow_error_set (EINVAL, "unknown command '%.32s'", cmd);
-  return -1;
- usage:
-  cow_error_set (EINVAL, "wrong number of arguments for '%.32s'", cmd);
-  return -1;
-#undef NEED
-#undef DISK
 }
 
 /* Each control request and its outcome.  nbdkit_error is nbdkit's only
@@ -784,9 +474,9 @@ cowchain_after_fork (void)
       cow_disk_set_max_depth (disks[i].disk, disks[i].max_depth);
   }
   if (control_path) {
-    control = control_start (control_path, allow_uids, n_allow_uids,
-                             control_handler_fn, control_log_fn, NULL);
-    if (control == NULL) {
+    if (cow_service_start_control (service, control_path, allow_uids,
+                                   n_allow_uids, control_log_fn,
+                                   NULL) == -1) {
       nbdkit_error ("%s", cow_last_error ());
       return -1;
     }
@@ -812,30 +502,28 @@ cowchain_default_export (int readonly, int is_tls)
   return disks[0].name;
 }
 
+/* The handle of a connection is the served disk its export name
+ * reaches, counted as one client of it until the connection closes. */
 static void *
 cowchain_open (int readonly)
 {
-  const char *name = nbdkit_export_name ();
-  struct disk_entry *e = find_disk (name, true);
+  struct cow_export *e = cow_service_lookup (service, nbdkit_export_name ());
 
   if (e == NULL) {
-    nbdkit_error ("no disk (export) named '%s'", name);
+    nbdkit_error ("%s", cow_last_error ());
     return NULL;
   }
-  atomic_fetch_add (&e->clients, 1);
+  cow_export_attach (e);
   return e;
 }
 
 static void
 cowchain_close (void *h)
 {
-  struct disk_entry *e = h;
-
-  atomic_fetch_sub (&e->clients, 1);
+  cow_export_detach (h);
 }
 
-/* The handle of a connection is its disk entry. */
-#define DISK_OF(h) (((struct disk_entry *) (h))->disk)
+#define DISK_OF(h) cow_export_disk (h)
 
 static void
 report (void)
