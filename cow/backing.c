@@ -146,13 +146,13 @@ backing_allowed (const char *const *allow, const char *base_dir,
   return false;
 }
 
-/* Where the backing name of the layer at 'from' leads; NULL if it may not
- * be followed. */
+/* The path a backing name stands for (backing.h); the rules every
+ * reader of backing names shares: the engine's, and `cowchain info`. */
 char *
-backing_resolve (const char *const *allow, const char *base_dir,
-                 const char *from, const char *name)
+backing_path (const char *from, const char *name)
 {
-  char *joined = NULL, real[PATH_MAX];
+  const char *slash = strrchr (from, '/');
+  char *joined;
 
   if (strncmp (name, "json:", 5) == 0) {
     cow_error_set (EPERM, "%s: backing file name '%.64s' is a json: "
@@ -164,18 +164,28 @@ backing_resolve (const char *const *allow, const char *base_dir,
                    "remote base as base= instead", from, name);
     return NULL;
   }
-  if (name[0] == '/')
+  /* As qemu-img shows it: from's directory (with its slash) and name;
+   * name alone when it is absolute or from has no directory. */
+  if (name[0] == '/' || slash == NULL)
     joined = strdup (name);
-  else {
-    const char *slash = strrchr (from, '/');
-    if (asprintf (&joined, "%.*s/%s", slash ? (int) (slash - from) : 1,
-                  slash ? from : ".", name) == -1)
-      joined = NULL;
-  }
-  if (joined == NULL) {
+  else if (asprintf (&joined, "%.*s%s", (int) (slash - from) + 1, from,
+                     name) == -1)
+    joined = NULL;
+  if (joined == NULL)
     cow_error_errno ("backing name");
+  return joined;
+}
+
+/* Where the backing name of the layer at 'from' leads; NULL if it may not
+ * be followed. */
+char *
+backing_resolve (const char *const *allow, const char *base_dir,
+                 const char *from, const char *name)
+{
+  char *joined = backing_path (from, name), real[PATH_MAX];
+
+  if (joined == NULL)
     return NULL;
-  }
   if (realpath (joined, real) == NULL) {
     cow_error_errno ("%s: backing file '%s' cannot be opened", from, name);
     free (joined);

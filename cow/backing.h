@@ -17,6 +17,12 @@ char *backing_name_for (const char *overlay, const char *base);
  * with base_format, or the same NBD URI); else -1 with the reason. */
 int backing_check (struct layer *top, const char *overlay, const char *base,
                    const char *base_format);
+/* The path the backing name 'name' stored in the image 'from' stands
+ * for, not resolved: name if it is absolute or from has no directory,
+ * else from's directory joined with name (as qemu-img shows it).  NULL
+ * with the last error: EPERM for json: names and URLs, which are never
+ * opened as files; ENOMEM. */
+char *backing_path (const char *from, const char *name);
 /* Where the backing name 'name' stored in the image 'from' leads: a
  * resolved path inside base_dir or listed in allow (NULL-terminated, may
  * be NULL).  NULL with the last error (EPERM for json: names, URLs and

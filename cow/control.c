@@ -61,16 +61,6 @@ control_split (char *line, char **words, int max)
   return n;
 }
 
-void
-control_free_lines (char **lines)
-{
-  if (lines == NULL)
-    return;
-  for (char **l = lines; *l; l++)
-    free (*l);
-  free (lines);
-}
-
 /*----------------------------------------------------------------------
  * Deadlines, shared by both ends.  A deadline is a CLOCK_MONOTONIC time
  * in milliseconds, or -1 for none.
@@ -319,17 +309,54 @@ read_reply (int fd, const char *path, const char *cmd, int timeout_ms,
   return NULL;
 }
 
+void
+cow_control_free_reply (struct cow_control_reply *reply)
+{
+  for (size_t i = 0; i < reply->n; i++)
+    free (reply->lines[i].words);
+  free (reply->lines);
+  reply->lines = NULL;
+  reply->n = 0;
+}
+
+/* Append the payload line to reply, split into its decoded words: one
+ * allocation holding the word pointers, then the text they point into. */
+static int
+add_line (struct cow_control_reply *reply, const char *line)
+{
+  struct cow_control_line *nl, *l;
+  size_t len = strlen (line), max = 1;
+  char *text;
+
+  for (const char *p = line; *p; p++)
+    max += *p == ' ';
+  nl = realloc (reply->lines, (reply->n + 1) * sizeof *nl);
+  if (nl == NULL)
+    return -1;
+  reply->lines = nl;
+  l = &nl[reply->n];
+  l->words = malloc ((max + 1) * sizeof *l->words + len + 1);
+  if (l->words == NULL)
+    return -1;
+  text = (char *) (l->words + max + 1);
+  memcpy (text, line, len + 1);
+  l->n = control_split (text, l->words, (int) max);
+  reply->n++;
+  return 0;
+}
+
 int
-control_request (const char *socket_path, const char *const *argv, int argc,
-                 int timeout_ms, char ***payload)
+cow_control_request (const char *socket_path, const char *const *argv,
+                     int argc, int timeout_ms, struct cow_control_reply *reply)
 {
   int64_t deadline = deadline_in (timeout_ms);
   char *req, *buf = NULL, *line, *save, t[32];
-  size_t len = 0, n_lines = 0;
-  char **lines = NULL;
+  size_t len = 0;
+  struct cow_control_reply lines = { 0 };
   int fd, ret = -1, send_errno = 0;
 
-  *payload = NULL;
+  reply->n = 0;
+  reply->lines = NULL;
   req = encode_request (argv, argc, &len);
   if (req == NULL)
     return -1;
@@ -379,32 +406,23 @@ control_request (const char *socket_path, const char *const *argv, int argc,
     cow_error_set (EPROTO, "%s: malformed reply", socket_path);
     goto out;
   }
-  lines = calloc (1, sizeof *lines);
-  if (lines == NULL)
-    goto oom;
   while ((line = strtok_r (NULL, "\n", &save)) != NULL) {
-    char **nl;
     if (strcmp (line, ".") == 0) {
-      *payload = lines;
-      lines = NULL;
+      *reply = lines;
+      lines.lines = NULL;
+      lines.n = 0;
       ret = 0;
       goto out;
     }
-    nl = realloc (lines, (n_lines + 2) * sizeof *lines);
-    if (nl == NULL)
+    if (add_line (&lines, line) == -1)
       goto oom;
-    lines = nl;
-    lines[n_lines] = strdup (line);
-    if (lines[n_lines] == NULL)
-      goto oom;
-    lines[++n_lines] = NULL;
   }
   cow_error_set (EPROTO, "%s: truncated reply", socket_path);
   goto out;
  oom:
   cow_error_errno ("reply");
  out:
-  control_free_lines (lines);
+  cow_control_free_reply (&lines);
   free (buf);
   free (req);
   close (fd);

@@ -44,14 +44,8 @@
 /* Split a line into at most max words (in place, decoded). */
 int control_split (char *line, char **words, int max);
 
-/* Client: send argv as a request, read the reply, all within timeout_ms
- * (0 = no limit).  Returns 0 with the payload lines (a NULL-terminated
- * array, each line still encoded, free with control_free_lines) or -1
- * with the server's or the local error as the last error (ETIMEDOUT,
- * saying what it waited for, when the time ran out). */
-int control_request (const char *socket_path, const char *const *argv,
-                     int argc, int timeout_ms, char ***payload);
-void control_free_lines (char **lines);
+/* The client, cow_control_request and cow_control_free_reply, is public
+ * (cowchain.h). */
 
 /* Server side.  A handler runs one request (words[0] the command,
  * decoded) and adds the reply's payload lines (encoded words) with

@@ -111,7 +111,7 @@ free_job (struct cow_job *j)
 
 /* A layer word: "active", "base", a layer file name or a snapshot name,
  * in that order, so that no snapshot name shadows another meaning (new
- * names cannot look like the others; see manifest_name_reserved, and
+ * names cannot look like the others; see cow_snapshot_name_reserved, and
  * an older manifest's snapshot reaches its layer by the file name). */
 static int
 resolve (struct cow_disk *d, const char *word, long *idx)

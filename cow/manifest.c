@@ -219,7 +219,7 @@ check_name_chars (const char *name)
 }
 
 const char *
-manifest_name_reserved (const char *name)
+cow_snapshot_name_reserved (const char *name)
 {
   if (strcasecmp (name, "active") == 0)
     return "it names the active layer";
@@ -237,7 +237,7 @@ manifest_check_name (const char *name)
 
   if (check_name_chars (name) == -1)
     return -1;
-  why = manifest_name_reserved (name);
+  why = cow_snapshot_name_reserved (name);
   if (why) {
     cow_error_set (EINVAL, "snapshot name '%s' is reserved: %s, and "
                    "commands that take a layer (commit --top/--base, delete) "
@@ -283,14 +283,14 @@ manifest_check_description (const char *desc)
   }
   for (size_t i = 0; i < n; ) {
     size_t len;
-    long cp = utf8_decode (s + i, &len);
+    long cp = cow_utf8_decode (s + i, &len);
     if (cp == -1) {
       cow_error_set (EINVAL, "description: byte %zu (0x%02x) is not valid "
                      "UTF-8; a description is printable UTF-8 text",
                      i + 1, s[i]);
       return -1;
     }
-    if (text_is_control (cp)) {
+    if (cow_text_is_control (cp)) {
       cow_error_set (EINVAL, "description: byte %zu is U+%04lX, %s; a "
                      "description is printable UTF-8 text on one line, "
                      "without control characters", i + 1, cp,

@@ -21,10 +21,11 @@
 #include <stdint.h>
 #include <stddef.h>
 
+#include "cowchain.h"          /* COW_NAME_MAX, cow_snapshot_name_reserved */
+
 #define MANIFEST_NAME "manifest"
 /* A chain's layers (the disk's depth limit; a longer list is refused). */
 #define MANIFEST_MAX_LAYERS 128
-#define COW_NAME_MAX 128            /* snapshot names */
 #define COW_DESC_MAX 1024           /* descriptions */
 
 struct manifest_layer {
@@ -74,11 +75,6 @@ int manifest_copy (struct manifest *dst, const struct manifest *src);
  * C0 but tab), so that manifests of older versions still open. */
 int manifest_check_name (const char *name);
 int manifest_check_description (const char *desc);
-/* Why a snapshot name is reserved, or NULL if it is not: "active" and
- * "base" (any case) and names starting with "layer-" mean a
- * layer where a command takes one.  A reserved name that an older
- * version recorded still works where only snapshot names are read
- * (revert); elsewhere its layer file name reaches that snapshot. */
-const char *manifest_name_reserved (const char *name);
+/* cow_snapshot_name_reserved: public (cowchain.h). */
 
 #endif /* COW_MANIFEST_H */

@@ -72,7 +72,7 @@ word_decode (char *s)
 }
 
 long
-utf8_decode (const unsigned char *s, size_t *len)
+cow_utf8_decode (const unsigned char *s, size_t *len)
 {
   unsigned char c = s[0];
   size_t n;
@@ -117,14 +117,14 @@ text_is_bidi (long cp)
 }
 
 bool
-text_is_control (long cp)
+cow_text_is_control (long cp)
 {
   return cp < 0x20 || cp == 0x7f || (cp >= 0x80 && cp <= 0x9f)
     || text_is_bidi (cp);
 }
 
 char *
-text_printable (const char *s)
+cow_text_printable (const char *s)
 {
   const unsigned char *p = (const unsigned char *) s;
   /* Worst case: every byte becomes a 6-byte escape. */
@@ -134,14 +134,14 @@ text_printable (const char *s)
     return NULL;
   while (*p) {
     size_t len;
-    long cp = utf8_decode (p, &len);
+    long cp = cow_utf8_decode (p, &len);
     if (cp == -1)
       o += sprintf (o, "\\x%02x", *p);
     else if (cp == '\\')
       o += sprintf (o, "\\\\");
     else if (cp == '\t' || cp == '\n' || cp == '\r')
       o += sprintf (o, "\\%c", cp == '\t' ? 't' : cp == '\n' ? 'n' : 'r');
-    else if (text_is_control (cp))
+    else if (cow_text_is_control (cp))
       o += sprintf (o, "\\u%04lx", cp);
     else {
       memcpy (o, p, len);

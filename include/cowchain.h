@@ -293,6 +293,127 @@ void cow_service_stop_control (struct cow_service *s);
  * server forks into the background. */
 int cow_control_check_path (const char *path);
 
+/* Images: what `cowchain info` and `cowchain check` show, for any qcow2
+ * or raw file (not only a disk's layers).
+ *
+ * cow_image_info describes the image at path.  format: "qcow2" or "raw"
+ * as declared by the image above it, or NULL to recognise it by its
+ * magic.  referrer: the image that names path as its backing file, for
+ * the error message when path cannot be found (NULL: none).  Flags:
+ * COW_IMAGE_FORCE_SHARE reads an image that a running server or QEMU
+ * holds (as qemu-img -U).  The backing name is not opened; full_backing
+ * is the path it stands for, by the engine's rules: relative to the
+ * directory of the image that names it, never for json: names or URLs
+ * (then NULL).  Free with cow_image_info_clear. */
+#define COW_IMAGE_FORCE_SHARE 0x1u
+
+struct cow_image_info {
+  char *filename;             /* path as given */
+  const char *format;         /* "qcow2" or "raw" */
+  uint64_t virtual_size;
+  uint64_t actual_size;       /* bytes the file takes on its file system */
+  uint64_t dev, ino;          /* of the file (to find a loop in a chain) */
+  /* qcow2 only */
+  uint64_t cluster_size;
+  unsigned version;           /* 2 (compat 0.10) or 3 (compat 1.1) */
+  unsigned refcount_bits;
+  bool lazy_refcounts, corrupt, dirty;
+  char *backing_file;         /* as stored; NULL if none */
+  char *backing_format;       /* header extension; NULL if none */
+  char *full_backing;         /* the path it stands for; NULL if not a file */
+};
+int cow_image_info (const char *path, const char *format,
+                    const char *referrer, unsigned flags,
+                    struct cow_image_info *out);
+void cow_image_info_clear (struct cow_image_info *ii);
+
+/* Consistency check of a qcow2 image, in the manner of qemu-img check:
+ * the reference count of every host cluster is rebuilt from the metadata
+ * and compared with the stored refcounts.  With repair_leaks, leaks (and
+ * nothing else) are repaired, only when the image has no other error;
+ * refused for an image marked corrupt or dirty.  No other process may
+ * write the image meanwhile.
+ *
+ * Returns 0 when the check ran to its end: *res holds the verdict (which
+ * may still count check_errors, such as an unreadable L2 table).  Returns
+ * -1 when it could not be done at all (the file cannot be opened, is not
+ * a qcow2 image, has internal snapshots or persistent bitmaps, memory
+ * runs out); then the last error says why and res->check_errors is at
+ * least 1. */
+#define COW_CHECK_MAX_MESSAGES 100
+#define COW_CHECK_MESSAGE_LEN 256
+
+struct cow_check_result {
+  /* The verdict, in qemu-img check's terms. */
+  uint64_t corruptions;        /* errors: data may be at risk */
+  uint64_t leaks;              /* clusters whose refcount is too high */
+  uint64_t check_errors;       /* the check itself failed somewhere */
+  uint64_t leaks_fixed;        /* with repair_leaks */
+  uint64_t corruptions_fixed;  /* always 0: corruptions are never repaired */
+  bool repair_refused;         /* leaks not repaired: the image has errors */
+  /* Guest clusters of the virtual size, and those the image holds (data,
+   * compressed, or zero with a host cluster kept). */
+  uint64_t total_clusters;
+  uint64_t allocated_clusters;
+  uint64_t fragmented_clusters;
+  uint64_t compressed_clusters;
+  /* End of the last host cluster that is referenced or has a refcount. */
+  uint64_t image_end_offset;
+  uint64_t cluster_size;
+  /* What was found, in order; later findings are counted, not kept. */
+  size_t n_messages;
+  uint64_t messages_dropped;
+  char messages[COW_CHECK_MAX_MESSAGES][COW_CHECK_MESSAGE_LEN];
+};
+int cow_image_check (const char *path, bool repair_leaks,
+                     struct cow_check_result *res);
+
+/* The control client: one request to a running server's control socket
+ * (the protocol and its commands: cow/control.h).  Each payload line of
+ * the reply comes split into its words, decoded. */
+struct cow_control_line {
+  int n;                       /* words; -1: the line does not decode */
+  char **words;
+};
+struct cow_control_reply {
+  size_t n;                    /* payload lines */
+  struct cow_control_line *lines;
+};
+/* Send argv (argc words) as a request and read the reply, all within
+ * timeout_ms (0 = no limit).  Returns 0 with the payload in *reply (free
+ * with cow_control_free_reply), or -1 with the server's or the local
+ * error as the last error (ETIMEDOUT, saying what it waited for, when the
+ * time ran out). */
+int cow_control_request (const char *socket_path, const char *const *argv,
+                         int argc, int timeout_ms,
+                         struct cow_control_reply *reply);
+void cow_control_free_reply (struct cow_control_reply *reply);
+
+/* Text shown to people (snapshot names, descriptions, paths).
+ *
+ * cow_utf8_decode: the code point of the UTF-8 sequence at s, its length
+ * in *len; -1 (and *len 1) if s does not start a valid sequence (a stray
+ * continuation byte, an overlong form, a surrogate, beyond U+10FFFF, a
+ * truncated sequence).  s must not be at its terminating NUL. */
+long cow_utf8_decode (const unsigned char *s, size_t *len);
+/* A character a terminal acts on instead of showing it: C0 (U+0000 to
+ * U+001F), DEL (U+007F), C1 (U+0080 to U+009F), or a bidirectional
+ * formatting character. */
+bool cow_text_is_control (long cp);
+/* A copy of s that shows every control character as \uNNNN (\t, \n,
+ * \r for those three), every invalid byte as \xNN, and '\' as "\\";
+ * valid printable UTF-8 is kept as it is.  NULL on ENOMEM. */
+char *cow_text_printable (const char *s);
+
+/* Snapshot names: at most COW_NAME_MAX bytes (see cow_disk_snapshot). */
+#define COW_NAME_MAX 128
+/* Why a snapshot name is reserved, or NULL if it is not: "active" and
+ * "base" (any case) and names starting with "layer-" mean a layer where
+ * a command takes one.  A reserved name that an older version recorded
+ * still works where only snapshot names are read (revert); elsewhere its
+ * layer file name reaches that snapshot. */
+const char *cow_snapshot_name_reserved (const char *name);
+
 /* Last error of the calling thread. */
 const char *cow_last_error (void);
 int cow_last_errno (void);

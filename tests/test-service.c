@@ -721,7 +721,8 @@ test_socket (void **state)
 {
   struct fx *f = *state;
   char *path = tu_path (f->dir, "ctl"), *file = tu_path (f->dir, "file");
-  char *nodir = tu_path (f->dir, "nodir/ctl"), **lines, want[256];
+  char *nodir = tu_path (f->dir, "nodir/ctl"), want[256];
+  struct cow_control_reply reply;
   const char *status[] = { "status" }, *bad[] = { "list", "nosuch" };
 
   assert_int_equal (cow_control_check_path (path), 0);
@@ -742,14 +743,21 @@ test_socket (void **state)
   assert_int_equal (cow_control_check_path (path), -1);
   assert_int_equal (cow_last_errno (), EADDRINUSE);
 
-  assert_int_equal (control_request (path, status, 1, 5000, &lines), 0);
-  assert_non_null (lines[0]);
-  assert_string_equal (lines[0], "clients vm1 0");
-  assert_true (strncmp (lines[1], "disk vm1 ", 9) == 0);
-  assert_string_equal (lines[2], "clients vm2 0");
-  assert_null (lines[4]);
-  control_free_lines (lines);
-  assert_int_equal (control_request (path, bad, 2, 5000, &lines), -1);
+  assert_int_equal (cow_control_request (path, status, 1, 5000, &reply), 0);
+  assert_true (reply.n == 4);
+  assert_int_equal (reply.lines[0].n, 3);
+  assert_string_equal (reply.lines[0].words[0], "clients");
+  assert_string_equal (reply.lines[0].words[1], "vm1");
+  assert_string_equal (reply.lines[0].words[2], "0");
+  assert_true (reply.lines[1].n >= 2);
+  assert_string_equal (reply.lines[1].words[0], "disk");
+  assert_string_equal (reply.lines[1].words[1], "vm1");
+  assert_int_equal (reply.lines[2].n, 3);
+  assert_string_equal (reply.lines[2].words[0], "clients");
+  assert_string_equal (reply.lines[2].words[1], "vm2");
+  assert_string_equal (reply.lines[2].words[2], "0");
+  cow_control_free_reply (&reply);
+  assert_int_equal (cow_control_request (path, bad, 2, 5000, &reply), -1);
   assert_int_equal (cow_last_errno (), ENOENT);
   assert_string_equal (cow_last_error (), "no disk named 'nosuch'");
 

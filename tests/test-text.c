@@ -20,7 +20,7 @@
 static long
 decode (const char *s, size_t *len)
 {
-  return utf8_decode ((const unsigned char *) s, len);
+  return cow_utf8_decode ((const unsigned char *) s, len);
 }
 
 static void
@@ -53,7 +53,7 @@ test_utf8_decode (void **state)
 static void
 expect_printable (const char *in, const char *want)
 {
-  char *got = text_printable (in);
+  char *got = cow_text_printable (in);
 
   assert_non_null (got);
   assert_string_equal (got, want);
@@ -99,11 +99,11 @@ test_names (void **state)
   };
 
   for (size_t i = 0; i < sizeof reserved / sizeof reserved[0]; i++) {
-    assert_non_null (manifest_name_reserved (reserved[i]));
+    assert_non_null (cow_snapshot_name_reserved (reserved[i]));
     expect_refused (manifest_check_name (reserved[i]), "is reserved");
   }
   for (size_t i = 0; i < sizeof fine / sizeof fine[0]; i++) {
-    assert_null (manifest_name_reserved (fine[i]));
+    assert_null (cow_snapshot_name_reserved (fine[i]));
     assert_int_equal (manifest_check_name (fine[i]), 0);
   }
   expect_refused (manifest_check_name (""), "empty");

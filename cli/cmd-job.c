@@ -17,7 +17,6 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "control.h"
 #include "cowchain.h"
 
 /* How often wait and the progress bar look at a job. */
@@ -174,14 +173,14 @@ parse_i64 (const char *s, int64_t *out)
 }
 
 /* "job DISK KIND STATE TOP BASE DONE TOTAL SPEED RATE STARTED ENDED
- * ERRNO MESSAGE" (control.h). */
+ * ERRNO MESSAGE" (the control protocol). */
 static bool
-parse_job_line (char *line, struct job_row *j)
+parse_job_line (const struct cow_control_line *line, struct job_row *j)
 {
-  char *w[15];
+  char **w = line->words;
   int64_t err;
 
-  if (control_split (line, w, 15) != 14 || strcmp (w[0], "job") != 0
+  if (line->n != 14 || strcmp (w[0], "job") != 0
       || !parse_state (w[3], &j->state)
       || !parse_u64 (w[6], &j->done) || !parse_u64 (w[7], &j->total)
       || !parse_u64 (w[8], &j->speed) || !parse_u64 (w[9], &j->rate)
@@ -203,41 +202,40 @@ get_jobs (const struct cli_target *t, bool one_disk, struct job_row **out,
           size_t *n)
 {
   struct job_row *v;
-  char **lines;
-  size_t k = 0;
+  struct cow_control_reply reply;
+  size_t k;
   int r;
 
   *out = NULL;
   *n = 0;
-  r = one_disk ? cli_ask (t, &lines, 2, "jobs", t->disk)
-    : cli_ask (t, &lines, 1, "jobs");
+  r = one_disk ? cli_ask (t, &reply, 2, "jobs", t->disk)
+    : cli_ask (t, &reply, 1, "jobs");
   if (r != EXIT_OK)
     return r;
-  for (char **l = lines; *l; l++)
-    k++;
+  k = reply.n;
   v = calloc (k ? k : 1, sizeof *v);
   if (v == NULL) {
-    control_free_lines (lines);
+    cow_control_free_reply (&reply);
     cli_error ("out of memory");
     return EXIT_ERROR;
   }
   for (size_t i = 0; i < k; i++) {
     struct job_row *j = &v[i];
-    if (!parse_job_line (lines[i], j)) {
+    if (!parse_job_line (&reply.lines[i], j)) {
       cli_error ("%s: malformed reply to 'jobs' (line %zu)", t->control,
                  i + 1);
       free_job_rows (v, k);
-      control_free_lines (lines);
+      cow_control_free_reply (&reply);
       return EXIT_ERROR;
     }
     if (!j->disk || !j->kind || !j->top || !j->base || !j->message) {
       cli_error ("out of memory");
       free_job_rows (v, k);
-      control_free_lines (lines);
+      cow_control_free_reply (&reply);
       return EXIT_ERROR;
     }
   }
-  control_free_lines (lines);
+  cow_control_free_reply (&reply);
   *out = v;
   *n = k;
   return EXIT_OK;
@@ -599,7 +597,7 @@ start_online (const struct cli_target *t, enum cow_job_kind kind,
               const char *name, const struct cow_job_opts *o)
 {
   char speed[32], flags[32] = "";
-  char **lines;
+  struct cow_control_reply reply;
   int r;
 
   snprintf (speed, sizeof speed, "%" PRIu64, o->speed);
@@ -608,15 +606,15 @@ start_online (const struct cli_target *t, enum cow_job_kind kind,
   if (o->force)
     strcat (flags, flags[0] ? ",force" : "force");
   if (kind == COW_JOB_COMMIT)
-    r = cli_ask (t, &lines, 6, "commit", t->disk, o->top,
+    r = cli_ask (t, &reply, 6, "commit", t->disk, o->top,
                  o->base ? o->base : "", flags, speed);
   else if (kind == COW_JOB_PULL)
-    r = cli_ask (t, &lines, 5, "pull", t->disk, o->base ? o->base : "",
+    r = cli_ask (t, &reply, 5, "pull", t->disk, o->base ? o->base : "",
                  flags, speed);
   else
-    r = cli_ask (t, &lines, 4, "delete", t->disk, name, speed);
+    r = cli_ask (t, &reply, 4, "delete", t->disk, name, speed);
   if (r == EXIT_OK)
-    control_free_lines (lines);
+    cow_control_free_reply (&reply);
   return r;
 }
 
@@ -725,39 +723,34 @@ const char jobs_help[] =
   "                        sizes in bytes, rates in bytes/s, times in\n"
   "                        seconds since the epoch)\n";
 
-/* "" (none) is null. */
-static void
-json_string_or_null (const char *s)
-{
-  if (s[0])
-    cli_json_string (stdout, s);
-  else
-    printf ("null");
-}
-
 static void
 print_jobs_json (const struct job_row *v, size_t n)
 {
-  printf ("[");
+  struct cli_json j;
+
+  cli_json_init (&j, stdout, 2);
+  cli_json_open (&j, '[');
   for (size_t i = 0; i < n; i++) {
-    const struct job_row *j = &v[i];
-    printf ("%s\n  {\"disk\": ", i ? "," : "");
-    cli_json_string (stdout, j->disk);
-    printf (", \"kind\": ");
-    json_string_or_null (j->kind);
-    printf (", \"state\": \"%s\", \"top\": ", cow_job_state_name (j->state));
-    json_string_or_null (j->top);
-    printf (", \"base\": ");
-    json_string_or_null (j->base);
-    printf (", \"done\": %" PRIu64 ", \"total\": %" PRIu64
-            ", \"speed\": %" PRIu64 ", \"rate\": %" PRIu64
-            ", \"started\": %" PRId64 ", \"ended\": %" PRId64
-            ", \"errno\": %d, \"message\": ", j->done, j->total, j->speed,
-            j->rate, j->started, j->ended, j->error);
-    json_string_or_null (j->message);
-    printf ("}");
+    const struct job_row *r = &v[i];
+    cli_json_next (&j);
+    cli_json_open_inline (&j, '{');
+    cli_json_str (&j, "disk", r->disk);
+    /* "" (none) is null. */
+    cli_json_str_or_null (&j, "kind", r->kind);
+    cli_json_str (&j, "state", cow_job_state_name (r->state));
+    cli_json_str_or_null (&j, "top", r->top);
+    cli_json_str_or_null (&j, "base", r->base);
+    cli_json_u64 (&j, "done", r->done);
+    cli_json_u64 (&j, "total", r->total);
+    cli_json_u64 (&j, "speed", r->speed);
+    cli_json_u64 (&j, "rate", r->rate);
+    cli_json_i64 (&j, "started", r->started);
+    cli_json_i64 (&j, "ended", r->ended);
+    cli_json_i64 (&j, "errno", r->error);
+    cli_json_str_or_null (&j, "message", r->message);
+    cli_json_close (&j, '}');
   }
-  printf ("%s]\n", n ? "\n" : "");
+  cli_json_close (&j, ']');
 }
 
 static void
@@ -807,7 +800,8 @@ cmd_jobs (int argc, char **argv)
   };
   struct cli_target t = { 0 };
   struct job_row *v;
-  bool json = false, one_disk;
+  enum cli_output output = CLI_OUTPUT_HUMAN;
+  bool one_disk;
   size_t n;
   int c, r;
 
@@ -816,11 +810,8 @@ cmd_jobs (int argc, char **argv)
       continue;
     switch (c) {
     case 'o':
-      if (strcmp (optarg, "json") == 0)
-        json = true;
-      else if (strcmp (optarg, "human") != 0)
-        return cli_usage_error ("jobs", "--output must be 'human' or "
-                                "'json', not '%s'", optarg);
+      if ((r = cli_parse_output ("jobs", optarg, &output)) != EXIT_OK)
+        return r;
       break;
     case 'h': fputs (jobs_help, stdout); return cli_finish_output (EXIT_OK);
     default: return EXIT_ERROR;
@@ -836,7 +827,7 @@ cmd_jobs (int argc, char **argv)
     return r;
   if (get_jobs (&t, one_disk, &v, &n) != EXIT_OK)
     return EXIT_ERROR;
-  if (json)
+  if (output == CLI_OUTPUT_JSON)
     print_jobs_json (v, n);
   else
     print_jobs_table (v, n);
@@ -939,7 +930,8 @@ steer_command (const char *cmd, const char *request, const char *help,
   struct cli_target t = { 0 };
   bool is_speed = strcmp (cmd, "speed") == 0;
   uint64_t speed = 0;
-  char rate[40], **lines;
+  struct cow_control_reply reply;
+  char rate[40];
   int c, r;
 
   while ((c = cli_next_option (cmd, argc, argv, "c:s:d:h", opts)) != -1) {
@@ -965,11 +957,11 @@ steer_command (const char *cmd, const char *request, const char *help,
   if (r != EXIT_OK)
     return r;
   snprintf (rate, sizeof rate, "%" PRIu64, speed);
-  r = is_speed ? cli_ask (&t, &lines, 3, request, t.disk, rate)
-    : cli_ask (&t, &lines, 2, request, t.disk);
+  r = is_speed ? cli_ask (&t, &reply, 3, request, t.disk, rate)
+    : cli_ask (&t, &reply, 2, request, t.disk);
   if (r != EXIT_OK)
     return r;
-  control_free_lines (lines);
+  cow_control_free_reply (&reply);
   if (!is_speed)
     printf ("Job %s\n", strcmp (cmd, "pause") == 0 ? "paused"
             : strcmp (cmd, "resume") == 0 ? "resumed"

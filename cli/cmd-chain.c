@@ -1,9 +1,7 @@
 /* The chain commands of `cowchain`: snapshot, list, revert, blklist,
- * status, and how every disk command finds its disk (cli_target_*).
- * Online they talk to a running server through its control socket
- * (--control PATH or COWCHAIN_CONTROL); offline (--state DIR) they open
- * the disk's state directory themselves, which the directory's lock
- * refuses while a server holds it. */
+ * status.  Online they talk to a running server through its control
+ * socket; offline (--state DIR) they open the disk's state directory
+ * themselves (target.c). */
 #include <config.h>
 
 #include <errno.h>
@@ -17,141 +15,7 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "control.h"
 #include "cowchain.h"
-#include "manifest.h"
-
-/*----------------------------------------------------------------------
- * Finding the disk (cli.h).
- */
-
-int
-cli_target_option (struct cli_target *t, int c, const char *arg)
-{
-  switch (c) {
-  case 'c': t->control = arg; return 1;
-  case 's': t->state = arg; return 1;
-  case 'd': t->disk = arg; return 1;
-  case CLI_OPT_TIMEOUT: t->timeout = arg; return 1;
-  }
-  return 0;
-}
-
-int cli_timeout_ms = -1;
-
-/* A bad timeout value, reported for cmd (NULL: before the command). */
-static int
-bad_timeout (const char *cmd, const char *what, const char *arg)
-{
-  char msg[256];
-
-  if (arg[0] == '\0')
-    snprintf (msg, sizeof msg, "%s: the number of seconds is missing "
-              "(0 = no limit)", what);
-  else
-    snprintf (msg, sizeof msg, "%s: '%.32s' is not a whole number of "
-              "seconds up to 1000000 (0 = no limit)", what, arg);
-  if (cmd)
-    return cli_usage_error (cmd, "%s", msg);
-  cli_error ("%s; try 'cowchain --help'", msg);
-  return EXIT_ERROR;
-}
-
-int
-cli_timeout_set (const char *cmd, const char *arg)
-{
-  const char *what = "--timeout";
-  unsigned long v = 0;
-
-  if (arg == NULL && cli_timeout_ms >= 0)
-    return EXIT_OK;
-  if (arg == NULL) {
-    /* Unset or empty: the default. */
-    arg = getenv ("COWCHAIN_TIMEOUT");
-    what = "COWCHAIN_TIMEOUT";
-    if (arg == NULL || arg[0] == '\0') {
-      cli_timeout_ms = CLI_DEFAULT_TIMEOUT * 1000;
-      return EXIT_OK;
-    }
-  }
-  if (arg[0] == '\0')
-    return bad_timeout (cmd, what, arg);
-  for (const char *c = arg; *c; c++) {
-    if (*c < '0' || *c > '9' || v > 1000000)
-      return bad_timeout (cmd, what, arg);
-    v = v * 10 + (unsigned long) (*c - '0');
-  }
-  if (v > 1000000)
-    return bad_timeout (cmd, what, arg);
-  cli_timeout_ms = (int) v * 1000;
-  return EXIT_OK;
-}
-
-int
-cli_target_done (const char *cmd, struct cli_target *t)
-{
-  if (t->control && t->state)
-    return cli_usage_error (cmd, "give --control or --state, not both");
-  if (!t->control && !t->state)
-    t->control = getenv ("COWCHAIN_CONTROL");
-  if (!t->control && !t->state)
-    return cli_usage_error (cmd, "give --control=SOCKET (or set "
-                            "COWCHAIN_CONTROL) for a running server, or "
-                            "--state=DIR for a stopped disk");
-  if (t->state && t->disk)
-    return cli_usage_error (cmd, "--disk names a disk of a running server; "
-                            "offline, --state names the disk");
-  if (!t->disk)
-    t->disk = "";
-  if (t->control)
-    return cli_timeout_set (cmd, t->timeout);
-  return EXIT_OK;
-}
-
-struct cow_disk *
-cli_open_offline (const struct cli_target *t, bool readonly)
-{
-  struct cow_disk_config cfg = { .state_dir = t->state, .readonly = readonly };
-  struct cow_disk *d;
-
-  if (access (t->state, F_OK) == -1) {
-    cli_error ("%s: %s", t->state, strerror (errno));
-    return NULL;
-  }
-  d = cow_disk_open (&cfg);
-  if (d == NULL)
-    cli_error ("%s", cow_last_error ());
-  return d;
-}
-
-int
-cli_close_offline (struct cow_disk *d, int status)
-{
-  if (cow_disk_close (d) == -1 && status == EXIT_OK) {
-    cli_error ("%s", cow_last_error ());
-    return EXIT_ERROR;
-  }
-  return status;
-}
-
-int
-cli_ask (const struct cli_target *t, char ***out, int argc, ...)
-{
-  const char *argv[CONTROL_MAX_WORDS];
-  va_list ap;
-
-  va_start (ap, argc);
-  for (int i = 0; i < argc; i++)
-    argv[i] = va_arg (ap, const char *);
-  va_end (ap);
-  if (cli_timeout_set (NULL, NULL) != EXIT_OK)
-    return EXIT_ERROR;
-  if (control_request (t->control, argv, argc, cli_timeout_ms, out) == -1) {
-    cli_error ("%s", cow_last_error ());
-    return EXIT_ERROR;
-  }
-  return EXIT_OK;
-}
 
 /*----------------------------------------------------------------------
  * snapshot
@@ -183,7 +47,7 @@ cmd_snapshot (int argc, char **argv)
   struct cli_target t = { 0 };
   const char *desc = "", *name;
   bool atomic = false;
-  char **lines = NULL;
+  struct cow_control_reply reply;
   int c, r;
 
   while ((c = cli_next_option ("snapshot", argc, argv, "c:s:d:aD:h", opts)) != -1) {
@@ -219,18 +83,20 @@ cmd_snapshot (int argc, char **argv)
       printf ("Snapshot %s created\n", cli_text (name));
     return cli_finish_output (r);
   }
-  r = atomic ? cli_ask (&t, &lines, 3, "snapshot-atomic", name, desc)
-    : cli_ask (&t, &lines, 4, "snapshot", t.disk, name, desc);
+  r = atomic ? cli_ask (&t, &reply, 3, "snapshot-atomic", name, desc)
+    : cli_ask (&t, &reply, 4, "snapshot", t.disk, name, desc);
   if (r != EXIT_OK)
     return r;
   printf ("Snapshot %s created", cli_text (name));
-  for (char **l = lines; *l; l++) {
+  for (size_t i = 0; i < reply.n; i++) {
+    const struct cow_control_line *l = &reply.lines[i];
     unsigned long long ns;
-    if (sscanf (*l, "pause-ns %llu", &ns) == 1)
+    if (l->n >= 2 && strcmp (l->words[0], "pause-ns") == 0
+        && sscanf (l->words[1], "%llu", &ns) == 1)
       printf (" (guest I/O paused %.3f ms)", ns / 1e6);
   }
   printf ("\n");
-  control_free_lines (lines);
+  cow_control_free_reply (&reply);
   return cli_finish_output (EXIT_OK);
 }
 
@@ -295,16 +161,13 @@ get_layers (const struct cli_target *t, struct layer_row **out, size_t *n)
     return cli_close_offline (d, EXIT_OK);
   }
   else {
-    char **lines;
-    if (cli_ask (t, &lines, 2, "list", t->disk) != EXIT_OK)
+    struct cow_control_reply reply;
+    if (cli_ask (t, &reply, 2, "list", t->disk) != EXIT_OK)
       return EXIT_ERROR;
-    for (char **l = lines; *l; l++)
-      k++;
-    v = calloc (k ? k : 1, sizeof *v);
-    k = 0;
-    for (char **l = lines; v && *l; l++) {
-      char *w[6];
-      if (control_split (*l, w, 6) != 6 || strcmp (w[0], "layer") != 0)
+    v = calloc (reply.n ? reply.n : 1, sizeof *v);
+    for (size_t i = 0; v && i < reply.n; i++) {
+      char **w = reply.lines[i].words;
+      if (reply.lines[i].n != 6 || strcmp (w[0], "layer") != 0)
         continue;
       v[k].path = strdup (w[1]);
       v[k].created = strtoll (w[2], NULL, 10);
@@ -313,7 +176,7 @@ get_layers (const struct cli_target *t, struct layer_row **out, size_t *n)
       v[k].active = strcmp (w[5], "active") == 0;
       k++;
     }
-    control_free_lines (lines);
+    cow_control_free_reply (&reply);
     if (v == NULL) {
       cli_error ("out of memory");
       return EXIT_ERROR;
@@ -333,7 +196,7 @@ list_name (const struct layer_row *r)
   static char buf[COW_NAME_MAX + 64];
   const char *file = strrchr (r->path, '/');
 
-  if (!manifest_name_reserved (r->snapshot))
+  if (!cow_snapshot_name_reserved (r->snapshot))
     return cli_text (r->snapshot);
   snprintf (buf, sizeof buf, "%s (%s)", r->snapshot, file ? file + 1 : r->path);
   return cli_text (buf);
@@ -369,7 +232,8 @@ cmd_list (int argc, char **argv)
   };
   struct cli_target t = { 0 };
   struct layer_row *v;
-  bool tree = false, json = false;
+  enum cli_output output = CLI_OUTPUT_HUMAN;
+  bool tree = false;
   const char *parent = NULL;
   size_t n, depth = 0;
   int c, r;
@@ -380,11 +244,8 @@ cmd_list (int argc, char **argv)
     switch (c) {
     case 't': tree = true; break;
     case 'o':
-      if (strcmp (optarg, "json") == 0)
-        json = true;
-      else if (strcmp (optarg, "human") != 0)
-        return cli_usage_error ("list", "--output must be 'human' or "
-                                "'json', not '%s'", optarg);
+      if ((r = cli_parse_output ("list", optarg, &output)) != EXIT_OK)
+        return r;
       break;
     case 'h': fputs (list_help, stdout); return cli_finish_output (EXIT_OK);
     default: return EXIT_ERROR;
@@ -398,29 +259,26 @@ cmd_list (int argc, char **argv)
   if (get_layers (&t, &v, &n) != EXIT_OK)
     return EXIT_ERROR;
 
-  if (json) {
-    bool first = true;
-    printf ("[");
+  if (output == CLI_OUTPUT_JSON) {
+    struct cli_json j;
+    cli_json_init (&j, stdout, 2);
+    cli_json_open (&j, '[');
     for (size_t i = 0; i < n; i++) {
       if (!v[i].snapshot)
         continue;
-      printf ("%s\n  {\"name\": ", first ? "" : ",");
-      cli_json_string (stdout, v[i].snapshot);
-      printf (", \"creation-time\": %" PRId64 ", \"state\": \"disk-snapshot\""
-              ", \"description\": ", v[i].created);
-      cli_json_string (stdout, v[i].description ? v[i].description : "");
-      printf (", \"file\": ");
-      cli_json_string (stdout, v[i].path);
-      printf (", \"parent\": ");
-      if (parent)
-        cli_json_string (stdout, parent);
-      else
-        printf ("null");
-      printf ("}");
+      cli_json_next (&j);
+      cli_json_open_inline (&j, '{');
+      cli_json_str (&j, "name", v[i].snapshot);
+      cli_json_i64 (&j, "creation-time", v[i].created);
+      cli_json_str (&j, "state", "disk-snapshot");
+      cli_json_str (&j, "description",
+                    v[i].description ? v[i].description : "");
+      cli_json_str (&j, "file", v[i].path);
+      cli_json_str_or_null (&j, "parent", parent);
+      cli_json_close (&j, '}');
       parent = v[i].snapshot;
-      first = false;
     }
-    printf ("%s]\n", first ? "" : "\n");
+    cli_json_close (&j, ']');
   }
   else if (tree) {
     for (size_t i = 0; i < n; i++) {
@@ -483,7 +341,7 @@ cmd_revert (int argc, char **argv)
   };
   struct cli_target t = { 0 };
   bool force = false;
-  char **lines;
+  struct cow_control_reply reply;
   int c, r;
 
   while ((c = cli_next_option ("revert", argc, argv, "c:s:d:fh", opts)) != -1) {
@@ -512,10 +370,10 @@ cmd_revert (int argc, char **argv)
     r = cli_close_offline (d, EXIT_OK);
   }
   else {
-    r = cli_ask (&t, &lines, 4, "revert", t.disk, argv[optind],
+    r = cli_ask (&t, &reply, 4, "revert", t.disk, argv[optind],
                  force ? "force" : "");
     if (r == EXIT_OK)
-      control_free_lines (lines);
+      cow_control_free_reply (&reply);
   }
   if (r == EXIT_OK)
     printf ("Reverted to snapshot %s\n", cli_text (argv[optind]));
@@ -563,7 +421,8 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   struct cli_target t = { 0 };
   bool details = false, status = strcmp (cmd, "status") == 0;
   bool degraded = false;
-  char **lines, clients[16] = "-";
+  struct cow_control_reply reply;
+  char clients[16] = "-";
   int c, r;
 
   while ((c = cli_next_option (cmd, argc, argv, "c:h", opts)) != -1) {
@@ -588,7 +447,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
                             "COWCHAIN_CONTROL)");
   if ((r = cli_timeout_set (cmd, t.timeout)) != EXIT_OK)
     return r;
-  r = cli_ask (&t, &lines, 1, status ? "status" : "blklist");
+  r = cli_ask (&t, &reply, 1, status ? "status" : "blklist");
   if (r != EXIT_OK)
     return r;
   if (status)
@@ -602,9 +461,10 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   printf ("%s\n", status ? "-------------------------------------------"
           "-------------------------------------------"
           : "------------------------------------------------------------");
-  for (char **l = lines; *l; l++) {
-    char *w[7];
-    int k = control_split (*l, w, 7);
+  for (size_t i = 0; i < reply.n; i++) {
+    char **w = reply.lines[i].words;
+    /* Lines of more than 7 words are not ours to read. */
+    int k = reply.lines[i].n > 7 ? -1 : reply.lines[i].n;
     const char *name;
     /* "clients NAME N" comes before its disk's line (an older server
      * sends none: "-"). */
@@ -630,7 +490,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
     else if (!status)
       printf (" %-10s %s\n", name, cli_text (w[2]));
   }
-  control_free_lines (lines);
+  cow_control_free_reply (&reply);
   /* Like a failed check: scripts see a degraded disk in the status. */
   return cli_finish_output (degraded ? EXIT_ERROR : EXIT_OK);
 }

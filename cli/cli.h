@@ -1,39 +1,93 @@
-/* Shared pieces of the `cowchain` tool (cowchain.c), its chain commands
- * (cli-chain.c) and its job commands (cli-job.c). */
-#ifndef COW_CLI_H
-#define COW_CLI_H
+/* The shared pieces of the `cowchain` tool: output.c (messages, text,
+ * sizes, --output, options, JSON), target.c (where a disk command finds
+ * its disk), and the commands of cmd-image.c, cmd-chain.c and
+ * cmd-job.c, which main.c dispatches.  The tool uses the engine only
+ * through cowchain.h. */
+#ifndef COWCHAIN_CLI_H
+#define COWCHAIN_CLI_H
 
 #include <getopt.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
+#include "cowchain.h"
+
 #define EXIT_OK 0
 #define EXIT_ERROR 1            /* error, bad usage, check not completed */
 #define EXIT_CORRUPT 2          /* check: the image has errors */
 #define EXIT_LEAKS 3            /* check: leaked clusters, nothing worse */
 
+/*----------------------------------------------------------------------
+ * output.c
+ */
+
+/* "cowchain: MESSAGE" on stderr, its control characters escaped. */
 void cli_error (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+/* A usage error of command cmd, with a pointer to its --help;
+ * EXIT_ERROR. */
 int cli_usage_error (const char *cmd, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
+/* Flush stdout and report a failed write (a full disk, a closed pipe):
+ * status, or EXIT_ERROR. */
 int cli_finish_output (int status);
+/* getopt_long over a command's own argv, with our own error messages.
+ * Returns the option, -1 at the end, or '?' after reporting an error. */
 int cli_next_option (const char *cmd, int argc, char **argv,
                      const char *shortopts, const struct option *longopts);
-/* Print s as a JSON string: quoted; control characters (C0, DEL, C1)
- * and U+2028/U+2029 escaped as \uNNNN; a byte that is not valid UTF-8
- * (a manifest or header written by something else) becomes U+FFFD, so
- * the output is always valid JSON in valid UTF-8. */
-void cli_json_string (FILE *f, const char *s);
-/* s made safe for a terminal (text_printable: control characters and
- * invalid bytes escaped visibly).  The result lives until 16 more calls;
- * for text output only, never for JSON. */
+
+/* --output=human|json of every command that has it. */
+enum cli_output { CLI_OUTPUT_HUMAN, CLI_OUTPUT_JSON };
+int cli_parse_output (const char *cmd, const char *arg, enum cli_output *out);
+
+/* s made safe for a terminal (cow_text_printable: control characters
+ * and invalid bytes escaped visibly).  The result lives until 16 more
+ * calls; for text output only, never for JSON. */
 const char *cli_text (const char *s);
 /* A size like qemu-img prints it ("1.5 GiB"). */
 void cli_human_size (uint64_t v, char *buf, size_t len);
 
+/* The JSON writer.  Strings are quoted with control characters (C0,
+ * DEL, C1) and U+2028/U+2029 escaped as \uNNNN, and a byte that is not
+ * valid UTF-8 (a manifest or header written by something else) written
+ * as U+FFFD, so the output is always valid JSON in valid UTF-8.
+ * A container opened with cli_json_open has one element per line,
+ * indented by indent spaces a level (qemu-img's layout: 4); one opened
+ * with cli_json_open_inline has its elements on one line, separated by
+ * ", ".  The outermost value ends with a newline. */
+struct cli_json {
+  FILE *f;
+  unsigned indent;
+  unsigned depth;
+  bool need_comma;
+  uint32_t inline_levels;       /* bit d: the container at depth d + 1 */
+};
+void cli_json_init (struct cli_json *j, FILE *f, unsigned indent);
+void cli_json_open (struct cli_json *j, char c);         /* '{' or '[' */
+void cli_json_open_inline (struct cli_json *j, char c);
+void cli_json_close (struct cli_json *j, char c);        /* '}' or ']' */
+/* Start the next element of an array (members start with a key). */
+void cli_json_next (struct cli_json *j);
+/* Start a member: its key; the value follows. */
+void cli_json_key (struct cli_json *j, const char *key);
+/* A string value. */
+void cli_json_string (struct cli_json *j, const char *s);
+/* Members. */
+void cli_json_str (struct cli_json *j, const char *key, const char *v);
+/* v, or null if v is NULL or "". */
+void cli_json_str_or_null (struct cli_json *j, const char *key,
+                           const char *v);
+void cli_json_u64 (struct cli_json *j, const char *key, uint64_t v);
+void cli_json_i64 (struct cli_json *j, const char *key, int64_t v);
+void cli_json_bool (struct cli_json *j, const char *key, bool v);
+
+/*----------------------------------------------------------------------
+ * target.c
+ */
+
 struct cow_disk;
 
-/* Where a disk command finds the disk (cli-chain.c). */
+/* Where a disk command finds the disk. */
 struct cli_target {
   const char *control;        /* online */
   const char *state;          /* offline */
@@ -81,11 +135,23 @@ int cli_target_done (const char *cmd, struct cli_target *t);
 struct cow_disk *cli_open_offline (const struct cli_target *t, bool readonly);
 /* Close it; status, or EXIT_ERROR if closing failed. */
 int cli_close_offline (struct cow_disk *d, int status);
-/* Online: one request of argc words to the server, payload lines in
- * *out (free with control_free_lines); errors reported. */
-int cli_ask (const struct cli_target *t, char ***out, int argc, ...);
+/* Online: one request of argc words (at most CLI_MAX_WORDS) to the
+ * server, the payload in *reply (free with cow_control_free_reply);
+ * errors reported. */
+#define CLI_MAX_WORDS 16
+int cli_ask (const struct cli_target *t, struct cow_control_reply *reply,
+             int argc, ...);
 
-/* The active layer of a disk of a running server (for info --disk). */
+/*----------------------------------------------------------------------
+ * The commands: cmd-image.c, cmd-chain.c, cmd-job.c.
+ */
+
+extern const char info_help[], check_help[];
+int cmd_info (int argc, char **argv);
+int cmd_check (int argc, char **argv);
+
+/* The active layer of a disk of a running server (cmd-chain.c, for info
+ * --disk). */
 char *cli_active_layer (const char *control, const char *disk);
 
 extern const char snapshot_help[], list_help[], revert_help[],
@@ -108,4 +174,4 @@ int cmd_resume (int argc, char **argv);
 int cmd_cancel (int argc, char **argv);
 int cmd_speed (int argc, char **argv);
 
-#endif /* COW_CLI_H */
+#endif /* COWCHAIN_CLI_H */
