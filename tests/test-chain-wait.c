@@ -35,6 +35,7 @@
 #include "cowchain.h"
 #include "error.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 #define MIB (1u << 20)
@@ -74,8 +75,7 @@ static int
 group_setup (void **state)
 {
   (void) state;
-  ops = io_real_ops;
-  ops.fsync = tu_nosync;
+  ops = *fio_quick_ops ();
   ops.pread = holding_pread;
   io_set_ops (&ops);
   return 0;

@@ -20,23 +20,21 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 static char *dir;
 
 /* Copy-on-write is under test here, not durability (test-powerloss.c):
  * fsync is a no-op through the seam, except in the concurrent tests,
- * where slow real flushes widen the windows for races. */
-static struct io_ops fast_ops;
+ * where slow real flushes widen the windows for races: fio_quick_ops. */
 
 static int
 group_setup (void **state)
 {
   (void) state;
   dir = tu_mkdtemp ("test-cow");
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   return 0;
 }
 
@@ -695,7 +693,7 @@ concurrent (uint32_t cs, uint64_t size, int rounds, int n_writers,
   free (c.pieces);
   free (c.owner);
   disk_fini (&k);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
 }
 
 static void
@@ -837,7 +835,7 @@ chaos (uint32_t cs, uint64_t size, uint64_t cache, int n_threads, int ops,
   free (before);
   free (after);
   disk_fini (&k);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
 }
 
 static void

@@ -33,6 +33,7 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 #define SIZE (16u << 20)
@@ -47,7 +48,7 @@
  * first read of a whole header cluster of the active layer file through
  * a descriptor while armed is the cue. */
 
-static struct io_ops fast_ops, cue_ops;
+static struct io_ops cue_ops;
 static char active_path[PATH_MAX];
 static int armed;               /* atomic */
 
@@ -70,7 +71,7 @@ is_active_file (int fd)
 static ssize_t
 cue_pread (int fd, void *buf, size_t count, off_t off)
 {
-  ssize_t r = fast_ops.pread (fd, buf, count, off);
+  ssize_t r = io_real_ops.pread (fd, buf, count, off);
 
   if (off == 0 && count == CS && is_active_file (fd)
       && __atomic_exchange_n (&armed, 0, __ATOMIC_SEQ_CST)) {
@@ -233,7 +234,7 @@ run (enum kind kind, const char *tag, uint64_t seed)
   assert_non_null (f.model);
   tu_fill_random (f.model, SIZE, &f.seed);
   tu_write_file (f.base, f.model, SIZE);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   f.d = open_disk (&f, f.base);
 
   /* s1 and s2 with a little each; the active layer filled to a little
@@ -282,7 +283,7 @@ run (enum kind kind, const char *tag, uint64_t seed)
   pthread_cond_broadcast (&cv);
   pthread_mutex_unlock (&mu);
   pthread_join (t, NULL);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   __atomic_store_n (&armed, 0, __ATOMIC_SEQ_CST);
   if (f.error[0])
     print_error ("%s: the guest thread: %s\n", tag, f.error);
@@ -347,9 +348,7 @@ main (int argc, char **argv)
     cmocka_unit_test (test_delete_newest_snapshot),
   };
 
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
-  cue_ops = fast_ops;
+  cue_ops = *fio_quick_ops ();
   cue_ops.pread = cue_pread;
   if (argc > 1)
     cmocka_set_test_filter (argv[1]);

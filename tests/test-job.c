@@ -24,6 +24,7 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 #define MIB (1u << 20)
@@ -32,15 +33,11 @@
 
 /* Merging is under test here, not durability (test-job-crash.c): fsync
  * is a no-op through the seam. */
-static struct io_ops fast_ops;
-
 static int
 group_setup (void **state)
 {
   (void) state;
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   return 0;
 }
 
