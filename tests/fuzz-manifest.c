@@ -2,8 +2,8 @@
  * bytes.
  *
  * Each input is the whole content of a state directory's manifest.  It
- * is written to DIR/manifest (DIR a fresh directory under $TMPDIR, made
- * once) and loaded.  A manifest that loads must also come back the same
+ * is written to DIR/manifest (DIR a fresh directory under $TMPDIR, or
+ * /dev/shm, made once) and loaded.  A manifest that loads must also come back the same
  * from manifest_save: saved, loaded again, equal field by field, and
  * saving that gives the same bytes.  Anything else (a refusal) must leave
  * nothing to free.
@@ -42,6 +42,10 @@ static void
 setup (void)
 {
   const char *tmp = getenv ("TMPDIR");
+
+  /* Memory, if there is some to write to: the inputs go to a file. */
+  if (tmp == NULL && access ("/dev/shm", W_OK) == 0)
+    tmp = "/dev/shm";
 
   snprintf (dir, sizeof dir, "%s/fuzz-manifest.XXXXXX", tmp ? tmp : "/tmp");
   if (mkdtemp (dir) == NULL) {

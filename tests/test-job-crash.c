@@ -37,6 +37,7 @@
 #include "cowchain.h"
 #include "io.h"
 #include "faultio.h"
+#include "model.h"
 #include "testutil.h"
 
 #define SIZE (3u << 20)
@@ -90,18 +91,10 @@ fail_writes (int err)
 /*----------------------------------------------------------------------
  * A disk, its model, and its chain. */
 
-struct snap {
-  char name[16];
-  uint8_t *data;
-};
-
 struct fx {
   char *dir, *base, *st, *scratch;
   uint8_t *base_data;
-  uint8_t *model;
-  uint64_t seed;
-  struct snap snaps[8];
-  int n_snaps;
+  struct tu_model m;            /* and a copy per snapshot s1..sN */
 };
 
 static bool
@@ -140,42 +133,28 @@ fx_init (struct fx *f, const char *tag, uint64_t seed)
   f->st = tu_path (f->dir, "st");
   f->scratch = tu_path (f->dir, "scratch.raw");
   f->base_data = malloc (SIZE);
-  f->model = malloc (SIZE);
   assert_non_null (f->base_data);
-  assert_non_null (f->model);
-  f->seed = seed;
-  tu_fill_random (f->base_data, SIZE, &f->seed);
+  tu_model_init (&f->m, SIZE, cs, seed);
+  tu_fill_random (f->base_data, SIZE, &f->m.seed);
   memset (f->base_data + SIZE / 3, 0, 65536 + 511);
 }
 
 static void
 fx_fini (struct fx *f)
 {
-  for (size_t i = 0; i < sizeof f->snaps / sizeof f->snaps[0]; i++)
-    free (f->snaps[i].data);
   tu_rmtree (f->dir);
   free (f->dir);
   free (f->base);
   free (f->st);
   free (f->scratch);
   free (f->base_data);
-  free (f->model);
+  tu_model_fini (&f->m);
 }
 
 static void
 disk_write (struct cow_disk *d, struct fx *f, uint64_t off, uint32_t len)
 {
-  uint8_t *buf = malloc (len);
-  int r;
-
-  assert_non_null (buf);
-  tu_fill_random (buf, len, &f->seed);
-  r = cow_disk_pwrite (d, buf, len, off, 0);
-  if (r == -1)
-    print_error ("pwrite %u@%" PRIu64 ": %s\n", len, off, cow_last_error ());
-  assert_int_equal (r, 0);
-  memcpy (f->model + off, buf, len);
-  free (buf);
+  tu_model_write (&f->m, d, off, len, 0);
 }
 
 /* A few hundred KiB: writes, a zeroed cluster over older data, a
@@ -186,40 +165,30 @@ workload (struct cow_disk *d, struct fx *f, int writes)
   uint64_t off;
 
   for (int i = 0; i < writes; i++) {
-    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->seed, 96 * 1024));
-    disk_write (d, f, tu_rand_below (&f->seed, SIZE - len + 1), len);
+    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->m.seed, 96 * 1024));
+    disk_write (d, f, tu_rand_below (&f->m.seed, SIZE - len + 1), len);
   }
-  off = tu_rand_below (&f->seed, SIZE / cs) * cs;
-  assert_int_equal (cow_disk_zero (d, cs, off, COW_FLAG_MAY_TRIM), 0);
-  memset (f->model + off, 0, cs);
-  off = tu_rand_below (&f->seed, SIZE - 5000);
-  assert_int_equal (cow_disk_zero (d, 5000, off, 0), 0);
-  memset (f->model + off, 0, 5000);
-  off = tu_rand_below (&f->seed, SIZE / cs) * cs;
-  assert_int_equal (cow_disk_trim (d, cs, off, 0), 0);
-  memset (f->model + off, 0, cs);
+  off = tu_rand_below (&f->m.seed, SIZE / cs) * cs;
+  tu_model_zero (&f->m, d, off, cs, COW_FLAG_MAY_TRIM);
+  off = tu_rand_below (&f->m.seed, SIZE - 5000);
+  tu_model_zero (&f->m, d, off, 5000, 0);
+  off = tu_rand_below (&f->m.seed, SIZE / cs) * cs;
+  tu_model_trim (&f->m, d, off, cs, 0);
 }
 
 static void
 snapshot (struct cow_disk *d, struct fx *f, int i)
 {
-  struct snap *s = &f->snaps[f->n_snaps++];
+  char name[16];
 
-  snprintf (s->name, sizeof s->name, "s%d", i);
-  assert_int_equal (cow_disk_snapshot (d, s->name, NULL), 0);
-  if (s->data == NULL)
-    s->data = malloc (SIZE);
-  assert_non_null (s->data);
-  memcpy (s->data, f->model, SIZE);
+  snprintf (name, sizeof name, "s%d", i);
+  tu_model_snapshot (&f->m, d, name, NULL);
 }
 
-static struct snap *
+static struct tu_model_snap *
 fx_snap (struct fx *f, const char *name)
 {
-  for (int i = 0; i < f->n_snaps; i++)
-    if (strcmp (f->snaps[i].name, name) == 0)
-      return &f->snaps[i];
-  return NULL;
+  return tu_model_snap (&f->m, name);
 }
 
 /* A fresh state directory over a fresh base: 'layers' snapshots s1..sN,
@@ -231,9 +200,10 @@ fx_prepare (struct fx *f, int layers, uint64_t seed, int writes)
 
   tu_rmtree (f->st);
   tu_write_file (f->base, f->base_data, SIZE);
-  memcpy (f->model, f->base_data, SIZE);
-  f->seed = seed;
-  f->n_snaps = 0;
+  memcpy (f->m.data, f->base_data, SIZE);
+  f->m.seed = seed;
+  f->m.cs = cs;
+  tu_model_forget_all (&f->m);
   d = open_state (f->st, f->base);
   for (int i = 1; i <= layers; i++) {
     workload (d, f, writes);
@@ -247,16 +217,7 @@ fx_prepare (struct fx *f, int layers, uint64_t seed, int writes)
 static void
 verify (struct cow_disk *d, struct fx *f, const char *what)
 {
-  uint8_t *buf = malloc (SIZE);
-  int r;
-
-  assert_non_null (buf);
-  r = cow_disk_pread (d, buf, SIZE, 0);
-  if (r == -1)
-    print_error ("%s: pread: %s\n", what, cow_last_error ());
-  assert_int_equal (r, 0);
-  tu_assert_bytes_equal (buf, f->model, SIZE, 0, what);
-  free (buf);
+  tu_model_verify (&f->m, d, what);
 }
 
 /* Most files are the same from one kill to the next (the setup is the
@@ -709,18 +670,18 @@ guest_io_during (struct cow_disk *d, struct fx *f, const char *what)
   for (;;) {
     struct cow_job_info i;
     bool active;
-    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->seed, 64 * 1024));
-    uint64_t off = tu_rand_below (&f->seed, SIZE - len + 1);
+    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->m.seed, 64 * 1024));
+    uint64_t off = tu_rand_below (&f->m.seed, SIZE - len + 1);
     uint8_t buf[4096];
 
     disk_write (d, f, off, len);
-    off = tu_rand_below (&f->seed, SIZE - sizeof buf + 1);
+    off = tu_rand_below (&f->m.seed, SIZE - sizeof buf + 1);
     r = cow_disk_pread (d, buf, sizeof buf, off);
     if (r == -1)
       print_error ("%s: pread %zu@%" PRIu64 ": %s\n", what, sizeof buf, off,
                    cow_last_error ());
     assert_int_equal (r, 0);
-    tu_assert_bytes_equal (buf, f->model + off, sizeof buf, off, what);
+    tu_assert_bytes_equal (buf, f->m.data + off, sizeof buf, off, what);
     rounds++;
     r = cow_disk_job_info (d, &i);
     if (r == -1)
@@ -842,7 +803,7 @@ test_commit_eio_small_cache (void **state)
   cache_bytes = 4 * 512;
   fx_init (&f, "commit-eio-cache", 2005);
   tu_write_file (f.base, f.base_data, SIZE);
-  memcpy (f.model, f.base_data, SIZE);
+  memcpy (f.m.data, f.base_data, SIZE);
   d = open_state (f.st, f.base);
   disk_write (d, &f, 65536 * 20, 65536);
   snapshot (d, &f, 1);
@@ -852,7 +813,7 @@ test_commit_eio_small_cache (void **state)
   for (uint64_t i = 0; i < 8; i++) {
     assert_int_equal (cow_disk_zero (d, 512, i * region + 8192,
                                      COW_FLAG_MAY_TRIM), 0);
-    memset (f.model + i * region + 8192, 0, 512);
+    memset (f.m.data + i * region + 8192, 0, 512);
   }
   disk_write (d, &f, 40 * region, 4096);
   snapshot (d, &f, 3);
@@ -882,7 +843,7 @@ test_commit_eio_small_cache (void **state)
         print_error ("pread at %" PRIu64 " after the failed job: %s\n", off,
                      cow_last_error ());
       assert_int_equal (r, 0);
-      tu_assert_bytes_equal (buf, f.model + off, sizeof buf, off,
+      tu_assert_bytes_equal (buf, f.m.data + off, sizeof buf, off,
                              "after the failed job");
     }
   verify (d, &f, "after the failed job");
