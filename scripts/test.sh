@@ -195,14 +195,18 @@ if [ "$ONLY" != plain ]; then
     run_suite sanitizers "$SAN_BUILDDIR" "${san_args[@]}"
 fi
 
-# The qcow2 fuzzer, for a bounded time (COWCHAIN_FUZZ_SECONDS, default
-# 60; 0 skips it): any crash, leak or timeout fails the run.
+# The fuzzers (the qcow2 reader, the manifest parser, percent-encoding,
+# control requests), for a bounded time in all (COWCHAIN_FUZZ_SECONDS,
+# default 60, split among them by make fuzz-run; 0 skips them): any
+# crash, leak or timeout fails the run.
 FUZZ_SECONDS=${COWCHAIN_FUZZ_SECONDS:-60}
 if [ "$ONLY" != sanitizers ] && [ "$FUZZ_SECONDS" -gt 0 ]; then
-    cowchain_log "fuzzing the qcow2 reader for $FUZZ_SECONDS s"
+    cowchain_log "fuzzing the qcow2 reader and the text parsers for $FUZZ_SECONDS s"
     if make -C "$COWCHAIN_BUILDDIR" fuzz-run FUZZ_SECONDS="$FUZZ_SECONDS" \
             > "$COWCHAIN_BUILDDIR/fuzz.log" 2>&1; then
-        SUMMARY+=("fuzz:       OK    $(grep -E '^stat::number_of_executed_units' "$COWCHAIN_BUILDDIR/fuzz.log" | tail -n1)")
+        SUMMARY+=("fuzz:       OK    $(awk -F: '/^fuzz-[a-z0-9]+: [0-9]+ s$/ { t = $1 }
+            /^stat::number_of_executed_units/ { printf "%s%s%s runs", sep, t, $NF; sep = ", " }' \
+            "$COWCHAIN_BUILDDIR/fuzz.log")")
     else
         tail -n 60 "$COWCHAIN_BUILDDIR/fuzz.log"
         SUMMARY+=("fuzz:       FAILED (see $COWCHAIN_BUILDDIR/fuzz.log)")

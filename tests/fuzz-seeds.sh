@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Seed corpus for tests/fuzz-qcow2.c: small valid qcow2 images made by
-# QEMU's own tools, covering what the reader has to handle.
+# Seed corpora for the fuzz targets (see "Fuzzing" in Makefile.am).
 #
-#   tests/fuzz-seeds.sh OUTDIR
+#   tests/fuzz-seeds.sh OUTDIR [qcow2|manifest|words|protocol]
 #
+# manifest: valid manifests (base and nobase, snapshots, descriptions,
+# rebase records, escapes) and a few that are refused.  words: words
+# and strings with escapes, UTF-8 and control bytes.  protocol: request
+# lines of every command the server knows, and a few it refuses.
+#
+# qcow2 (the default): small valid qcow2 images made by QEMU's own
+# tools, covering what the reader has to handle:
 # compat 0.10 (v2) and 1.1 (v3); cluster sizes 512, 4K and 64K; data,
 # compressed clusters (qemu-img convert -c), zero clusters (qemu-io
 # write -z), discarded clusters, a backing file name with its format,
@@ -13,8 +19,68 @@
 set -e
 set -u
 
-out=${1:?usage: $0 OUTDIR}
+out=${1:?usage: $0 OUTDIR [qcow2|manifest|words|protocol]}
+target=${2:-qcow2}
 mkdir -p "$out"
+
+n=0
+seed ()                         # seed NAME TEXT (printf format, no args)
+{
+    printf "$2" > "$out/$1"
+    n=$((n + 1))
+}
+
+case $target in
+qcow2) ;;
+manifest)
+    m='cowchain-manifest 1\n'
+    seed base "${m}base /var/lib/images/base.raw raw\nlayer layer-000001.qcow2 1700000000 - -\n"
+    seed nobase "${m}nobase\nlayer layer-000001.qcow2 0 - -\n"
+    seed snapshots "${m}base /b%%20c/d.qcow2 qcow2\nlayer layer-000001.qcow2 1700000000 s1 before%%20upgrade\nlayer layer-000002.qcow2 1700000100 s2.b-c+d:e@f Gr%%C3%%BC%%C3%%9Fe%%09tab\nlayer layer-000003.qcow2 1700000200 - -\n"
+    seed rebase "${m}base /b raw\nlayer layer-000001.qcow2 1 s1 -\nlayer layer-000002.qcow2 2 - -\nrebase layer-000002.qcow2\nrebase layer-000001.qcow2\n"
+    seed escapes "${m}base %%2D%%25%%0A%%FF raw\nlayer %%2Dx%%20y 9223372036854775807 - %%2D\n\n   \nlayer z 2 - -\n"
+    seed refused-dup "${m}base /b raw\nlayer a 1 s -\nlayer a 2 - -\n"
+    seed refused-field "${m}base /b raw\nlayer a 1 - - x\n"
+    seed refused-snapshot-on-top "${m}nobase\nlayer a 1 s -\n"
+    echo "$0: $n seeds in $out"
+    exit 0 ;;
+words)
+    seed plain 'abc-def.ghi_j/k:l@m+n,o=p'
+    seed escapes 'a%%20b%%0A%%25%%2D%%ff%%FE'
+    seed dash '-'
+    seed bad-escape 'a%%2'
+    seed nul-escape 'a%%00b'
+    seed utf8 'Gr\303\274\303\237e \342\234\223 \360\237\230\200'
+    seed controls 'a\033[2Jb\tc\177d\302\205e\342\200\256f'
+    seed invalid-utf8 '\300\257\355\240\200\364\220\200\200\377\303'
+    echo "$0: $n seeds in $out"
+    exit 0 ;;
+protocol)
+    seed status 'status\n'
+    seed blklist 'blklist\n'
+    seed list 'list disk0\n'
+    seed snapshot 'snapshot - s1 before%%20upgrade\n'
+    seed snapshot-atomic 'snapshot-atomic s2 -\n'
+    seed revert 'revert disk0 s1 force\n'
+    seed commit 'commit disk0 s2 - allow-base-write,force 0\n'
+    seed pull 'pull - - - 1048576\n'
+    seed delete 'delete disk0 s1 0\n'
+    seed jobs 'jobs\n'
+    seed job-pause 'job-pause disk0\n'
+    seed job-speed 'job-speed %%2Dd 100\n'
+    seed max-words 'a b c d e f g h i j k l m n o p\n'
+    seed too-many-words 'a b c d e f g h i j k l m n o p q\n'
+    seed bad-escape 'list %%zz\n'
+    seed spaces '  list   disk0  \n'
+    seed no-newline 'status'
+    echo "$0: $n seeds in $out"
+    exit 0 ;;
+*)
+    echo "$0: unknown target '$target'" >&2
+    exit 1 ;;
+esac
+
+# qcow2.
 for t in qemu-img qemu-io; do
     command -v "$t" >/dev/null || { echo "$0: $t not found" >&2; exit 1; }
 done
@@ -22,7 +88,6 @@ done
 work=$(mktemp -d "${TMPDIR:-/tmp}/fuzz-seeds.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-n=0
 keep ()                         # keep FILE NAME
 {
     cp "$1" "$out/$2.qcow2"

@@ -41,6 +41,7 @@
 #include "cowchain.h"
 #include "error.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 #define MIB (1u << 20)
@@ -80,8 +81,7 @@ static int
 group_setup (void **state)
 {
   (void) state;
-  ops = io_real_ops;
-  ops.fsync = tu_nosync;
+  ops = *fio_quick_ops ();
   ops.pread = holding_pread;
   io_set_ops (&ops);
   return 0;

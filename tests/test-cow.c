@@ -20,23 +20,22 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
+#include "model.h"
 #include "testutil.h"
 
 static char *dir;
 
 /* Copy-on-write is under test here, not durability (test-powerloss.c):
  * fsync is a no-op through the seam, except in the concurrent tests,
- * where slow real flushes widen the windows for races. */
-static struct io_ops fast_ops;
+ * where slow real flushes widen the windows for races: fio_quick_ops. */
 
 static int
 group_setup (void **state)
 {
   (void) state;
   dir = tu_mkdtemp ("test-cow");
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   return 0;
 }
 
@@ -57,11 +56,10 @@ struct disk {
   char *base, *overlay, *model_path;
   struct cow_disk_config cfg;
   struct cow_disk *d;
-  uint8_t *model;
+  struct tu_model m;
   uint64_t size;
   uint32_t cs;
   int compat;
-  uint64_t seed;
 };
 
 static void
@@ -87,23 +85,21 @@ disk_init (struct disk *k, const char *name, uint64_t size, uint32_t cs,
   k->size = size;
   k->cs = cs;
   k->compat = compat ? compat : 3;
-  k->seed = seed;
+  tu_model_init (&k->m, size, cs, seed);
+  /* Version 2 overlays have no zero clusters: trim does nothing there. */
+  k->m.trim_zeroes = k->compat == 3;
   snprintf (n, sizeof n, "%s.base", name);
   k->base = tu_path (dir, n);
   snprintf (n, sizeof n, "%s.qcow2", name);
   k->overlay = tu_path (dir, n);
   snprintf (n, sizeof n, "%s.model", name);
   k->model_path = tu_path (dir, n);
-  k->model = malloc (size);
-  assert_non_null (k->model);
-  tu_fill_random (k->model, size, &k->seed);
-  /* Some zero runs in the base too. */
-  if (size > 3 * 65536)
-    memset (k->model + size / 3, 0, 65536 + 511);
+  /* Random, with a zero run in the base too. */
+  tu_model_fill_base (&k->m);
   if (qcow2_cs) {
     char *out = NULL;
     int st;
-    tu_write_file (k->model_path, k->model, size);
+    tu_write_file (k->model_path, k->m.data, size);
     st = tu_run (&out, "qemu-img convert -f raw -O qcow2 -o cluster_size=%u "
                  "'%s' '%s'", qcow2_cs, k->model_path, k->base);
     if (st != 0)
@@ -112,7 +108,7 @@ disk_init (struct disk *k, const char *name, uint64_t size, uint32_t cs,
     assert_int_equal (st, 0);
   }
   else
-    tu_write_file (k->base, k->model, size);
+    tu_write_file (k->base, k->m.data, size);
   unlink (k->overlay);
   k->cfg.base = k->base;
   k->cfg.base_format = qcow2_cs ? "qcow2" : "raw";
@@ -143,28 +139,14 @@ disk_reopen (struct disk *k)
 static void
 disk_verify_range (struct disk *k, uint64_t off, uint64_t len)
 {
-  const uint64_t chunk = 1u << 20;
-  uint8_t *buf = malloc (chunk);
-
-  assert_non_null (buf);
-  while (len > 0) {
-    uint32_t n = len > chunk ? (uint32_t) chunk : (uint32_t) len;
-    int r = cow_disk_pread (k->d, buf, n, off);
-    if (r == -1)
-      print_error ("pread %u@%" PRIu64 ": %s\n", n, off, cow_last_error ());
-    assert_int_equal (r, 0);
-    tu_assert_bytes_equal (buf, k->model + off, n, off, k->overlay);
-    off += n;
-    len -= n;
-  }
-  free (buf);
+  tu_model_verify_range (&k->m, k->d, off, len, k->overlay);
 }
 
 /* The whole disk, plus some unaligned reads of odd sizes. */
 static void
 disk_verify (struct disk *k)
 {
-  uint64_t s = k->seed ^ 0x5555;
+  uint64_t s = k->m.seed ^ 0x5555;
   uint8_t buf[70000];
 
   disk_verify_range (k, 0, k->size);
@@ -175,44 +157,21 @@ disk_verify (struct disk *k)
       n = (uint32_t) k->size;
     off = tu_rand_below (&s, k->size - n + 1);
     assert_int_equal (cow_disk_pread (k->d, buf, n, off), 0);
-    tu_assert_bytes_equal (buf, k->model + off, n, off, "unaligned read");
+    tu_assert_bytes_equal (buf, k->m.data + off, n, off, "unaligned read");
   }
-}
-
-static void
-disk_pwrite (struct disk *k, const void *buf, uint32_t count, uint64_t off,
-             unsigned flags)
-{
-  int r = cow_disk_pwrite (k->d, buf, count, off, flags);
-
-  if (r == -1)
-    print_error ("pwrite %u@%" PRIu64 ": %s\n", count, off,
-                 cow_last_error ());
-  assert_int_equal (r, 0);
-  memcpy (k->model + off, buf, count);
 }
 
 static void
 disk_write_random (struct disk *k, uint32_t count, uint64_t off,
                    unsigned flags)
 {
-  uint8_t *buf = malloc (count ? count : 1);
-
-  assert_non_null (buf);
-  tu_fill_random (buf, count, &k->seed);
-  disk_pwrite (k, buf, count, off, flags);
-  free (buf);
+  tu_model_write (&k->m, k->d, off, count, flags);
 }
 
 static void
 disk_zero (struct disk *k, uint32_t count, uint64_t off, unsigned flags)
 {
-  int r = cow_disk_zero (k->d, count, off, flags);
-
-  if (r == -1)
-    print_error ("zero %u@%" PRIu64 ": %s\n", count, off, cow_last_error ());
-  assert_int_equal (r, 0);
-  memset (k->model + off, 0, count);
+  tu_model_zero (&k->m, k->d, off, count, flags);
 }
 
 /* A fast zero: must either succeed, or fail with ENOTSUP having changed
@@ -223,7 +182,7 @@ disk_fast_zero (struct disk *k, uint32_t count, uint64_t off)
   int r = cow_disk_zero (k->d, count, off, COW_FLAG_FAST_ZERO);
 
   if (r == 0) {
-    memset (k->model + off, 0, count);
+    memset (k->m.data + off, 0, count);
     return true;
   }
   if (cow_last_errno () != ENOTSUP)
@@ -239,15 +198,7 @@ disk_fast_zero (struct disk *k, uint32_t count, uint64_t off)
 static void
 disk_trim (struct disk *k, uint32_t count, uint64_t off, unsigned flags)
 {
-  uint64_t first = (off + k->cs - 1) / k->cs * k->cs;
-  uint64_t last = (off + count) / k->cs * k->cs;
-  int r = cow_disk_trim (k->d, count, off, flags);
-
-  if (r == -1)
-    print_error ("trim %u@%" PRIu64 ": %s\n", count, off, cow_last_error ());
-  assert_int_equal (r, 0);
-  if (first < last && k->compat == 3)
-    memset (k->model + first, 0, last - first);
+  tu_model_trim (&k->m, k->d, off, count, flags);
 }
 
 static void
@@ -267,7 +218,7 @@ disk_qemu_check_compare (struct disk *k)
   int st;
 
   tu_assert_check_clean (k->overlay);
-  tu_write_file (k->model_path, k->model, k->size);
+  tu_write_file (k->model_path, k->m.data, k->size);
   st = tu_run (&out, "qemu-img compare -f raw -F qcow2 '%s' '%s'",
                k->model_path, k->overlay);
   if (st != 0)
@@ -287,7 +238,7 @@ disk_fini (struct disk *k)
   free (k->base);
   free (k->overlay);
   free (k->model_path);
-  free (k->model);
+  tu_model_fini (&k->m);
 }
 
 static uint64_t
@@ -374,12 +325,12 @@ partial_cow (uint64_t size, uint32_t cs, int compat, uint32_t base_qcow2_cs)
   disk_verify (&k);
 
   /* Out of range: refused, nothing changes. */
-  assert_int_equal (cow_disk_pwrite (k.d, k.model, 2, size - 1, 0), -1);
+  assert_int_equal (cow_disk_pwrite (k.d, k.m.data, 2, size - 1, 0), -1);
   assert_int_equal (cow_last_errno (), EINVAL);
   assert_int_equal (cow_disk_zero (k.d, 1, size, 0), -1);
   assert_int_equal (cow_disk_trim (k.d, 1, size, 0), -1);
-  assert_int_equal (cow_disk_pread (k.d, k.model, 1, size), -1);
-  assert_int_equal (cow_disk_pwrite (k.d, k.model, 0, size, 0), 0);
+  assert_int_equal (cow_disk_pread (k.d, k.m.data, 1, size), -1);
+  assert_int_equal (cow_disk_pwrite (k.d, k.m.data, 0, size, 0), 0);
 
   disk_flush (&k);
   disk_verify (&k);
@@ -659,7 +610,7 @@ concurrent (uint32_t cs, uint64_t size, int rounds, int n_writers,
       c.owner[c.n_pieces] = (int) tu_rand_below (&s, (uint64_t) n_writers);
       c.n_pieces++;
     }
-    memcpy (k.model + c.region_off, data, region_len);
+    memcpy (k.m.data + c.region_off, data, region_len);
     pthread_barrier_wait (&c.start);
     pthread_barrier_wait (&c.done);
     if (c.errors)
@@ -695,7 +646,7 @@ concurrent (uint32_t cs, uint64_t size, int rounds, int n_writers,
   free (c.pieces);
   free (c.owner);
   disk_fini (&k);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
 }
 
 static void
@@ -832,12 +783,12 @@ chaos (uint32_t cs, uint64_t size, uint64_t cache, int n_threads, int ops,
   assert_int_equal (cow_disk_pread (k.d, after, (uint32_t) size, 0), 0);
   tu_assert_bytes_equal (after, before, size, 0, "chaos: after reopen");
   disk_close (&k);
-  memcpy (k.model, before, size);
+  memcpy (k.m.data, before, size);
   disk_qemu_check_compare (&k);
   free (before);
   free (after);
   disk_fini (&k);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
 }
 
 static void

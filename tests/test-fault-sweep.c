@@ -83,6 +83,7 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 #define MAX_STEPS 60            /* sampled steps per (operation, errno) */
@@ -93,37 +94,12 @@
 #define MAX_FAILS_SHOWN 12
 
 /*----------------------------------------------------------------------
- * The fault.  While armed, each write-side operation is a step; step N
- * (counting from 0 at arming) and every later one fail with f_errno (or,
- * f_transient, step N alone; or, f_manifest_only, the manifest's
- * operations, uncounted).  The job thread does I/O too, hence the
- * atomics. */
-
-static int f_armed;
-static int f_manifest_only;     /* fail only the manifest's operations */
-static int f_transient;         /* fail step N only */
-static long f_budget;
-static int f_errno;
-static long f_steps;            /* steps taken while armed */
-static long f_failed;           /* operations failed while armed */
-
-static void
-arm (long n, int err)
-{
-  __atomic_store_n (&f_errno, err, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&f_budget, n, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&f_steps, 0, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&f_failed, 0, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&f_manifest_only, 0, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&f_transient, 0, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&f_armed, 1, __ATOMIC_SEQ_CST);
-}
-
-static void
-disarm (void)
-{
-  __atomic_store_n (&f_armed, 0, __ATOMIC_SEQ_CST);
-}
+ * The fault (faultio.h).  While armed, each write-side operation (an
+ * open that creates or truncates included) is a step; step N (counting
+ * from 0 at arming) and every later one fail with the errno (or, once,
+ * step N alone; or, with the is_manifest_op filter, the manifest's
+ * operations).  The job thread does I/O too: faultio's counters are
+ * atomic. */
 
 /* The manifest, its temporary file, or a directory (the fsync that
  * makes a rename durable). */
@@ -139,91 +115,33 @@ is_manifest_path (const char *p)
   return stat (p, &st) == 0 && S_ISDIR (st.st_mode);
 }
 
+/* The filter of the manifest-only fault: the manifest's operations
+ * (never rename_noreplace, which the manifest does not use). */
 static bool
-is_manifest_fd (int fd)
+is_manifest_op (unsigned op, const char *path, const char *path2, int fd)
 {
-  char path[PATH_MAX];
+  char fdpath[PATH_MAX];
 
-  if (!tu_fd_path (fd, path, sizeof path))
+  if (op == FIO_RENAME_NOREPLACE)
     return false;
-  return is_manifest_path (path);
+  if (op == FIO_RENAME)
+    return is_manifest_path (path) || is_manifest_path (path2);
+  if (path)
+    return is_manifest_path (path);
+  return tu_fd_path (fd, fdpath, sizeof fdpath) && is_manifest_path (fdpath);
 }
 
-/* A write-side operation on path (or, if NULL, on fd; or, if fd is -1
- * too, on a manifest when manifest is set). */
-static bool
-step_ok (const char *path, int fd, bool manifest)
+static void
+arm (long n, int err)
 {
-  long b;
-
-  if (!__atomic_load_n (&f_armed, __ATOMIC_SEQ_CST))
-    return true;
-  if (__atomic_load_n (&f_manifest_only, __ATOMIC_SEQ_CST)) {
-    if (!(manifest || (path ? is_manifest_path (path)
-                       : fd >= 0 && is_manifest_fd (fd))))
-      return true;
-    __atomic_add_fetch (&f_failed, 1, __ATOMIC_SEQ_CST);
-    errno = __atomic_load_n (&f_errno, __ATOMIC_SEQ_CST);
-    return false;
-  }
-  __atomic_add_fetch (&f_steps, 1, __ATOMIC_SEQ_CST);
-  b = __atomic_sub_fetch (&f_budget, 1, __ATOMIC_SEQ_CST);
-  if (b == -1 || (b < -1 && !__atomic_load_n (&f_transient,
-                                               __ATOMIC_SEQ_CST))) {
-    __atomic_add_fetch (&f_failed, 1, __ATOMIC_SEQ_CST);
-    errno = __atomic_load_n (&f_errno, __ATOMIC_SEQ_CST);
-    return false;
-  }
-  return true;
+  fio_arm (&(struct fio_fault) { .at = n, .err = err, .ops = FIO_ALL });
 }
 
-static int
-s_open (const char *path, int flags, mode_t mode)
+static void
+disarm (void)
 {
-  if ((flags & (O_CREAT | O_TRUNC)) && !step_ok (path, -1, false))
-    return -1;
-  return io_real_ops.open (path, flags, mode);
+  fio_disarm ();
 }
-static ssize_t
-s_pwrite (int fd, const void *b, size_t n, off_t o)
-{
-  return step_ok (NULL, fd, false) ? io_real_ops.pwrite (fd, b, n, o) : -1;
-}
-/* The page cache survives a kill, and nothing here needs more. */
-static int
-s_fsync (int fd)
-{
-  return step_ok (NULL, fd, false) ? 0 : -1;
-}
-static int
-s_ftruncate (int fd, off_t l)
-{
-  return step_ok (NULL, fd, false) ? io_real_ops.ftruncate (fd, l) : -1;
-}
-static int
-s_fallocate (int fd, int m, off_t o, off_t l)
-{
-  return step_ok (NULL, fd, false) ? io_real_ops.fallocate (fd, m, o, l) : -1;
-}
-static int
-s_rename (const char *a, const char *b)
-{
-  bool m = is_manifest_path (a) || is_manifest_path (b);
-
-  return step_ok (NULL, -1, m) ? io_real_ops.rename (a, b) : -1;
-}
-static int
-s_rename_noreplace (const char *a, const char *b)
-{
-  return step_ok (NULL, -1, false) ? io_real_ops.rename_noreplace (a, b) : -1;
-}
-static int
-s_unlink (const char *p)
-{
-  return step_ok (p, -1, false) ? io_real_ops.unlink (p) : -1;
-}
-
-static struct io_ops seam;
 
 /*----------------------------------------------------------------------
  * Disks and their models. */
@@ -1265,7 +1183,8 @@ static const char *const vname[] = {
 static void
 manifest_still_failing (struct fx *f, const bool *degraded)
 {
-  __atomic_store_n (&f_manifest_only, 1, __ATOMIC_SEQ_CST);
+  fio_arm (&(struct fio_fault) { .at = 0, .err = fio_current ().err,
+                                 .ops = FIO_ALL, .filter = is_manifest_op });
   for (int i = 0; i < f->nd; i++) {
     struct dsk *k = &f->k[i];
     g_rand_write (f, k, f->size, 0);
@@ -1286,9 +1205,8 @@ case_body (struct fx *f, long n, int err, enum variant v)
   bool degraded[2] = { false, false }, any = false;
 
   prepare (f, op_seed (op));
-  arm (n, err);
-  if (v == V_TRANSIENT)
-    __atomic_store_n (&f_transient, 1, __ATOMIC_SEQ_CST);
+  fio_arm (&(struct fio_fault) { .at = n, .err = err, .ops = FIO_ALL,
+                                 .once = v == V_TRANSIENT });
   f->op_r = op->run (f);
   if (f->op_r == -1)
     snprintf (f->op_err, sizeof f->op_err, "%s (errno %d)", cow_last_error (),
@@ -1315,7 +1233,7 @@ case_body (struct fx *f, long n, int err, enum variant v)
   }
   c_op_failed += f->op_r == -1;
   c_degraded += any;
-  c_unreached += __atomic_load_n (&f_failed, __ATOMIC_SEQ_CST) == 0;
+  c_unreached += fio_failed () == 0;
   if (v == V_MANIFEST)
     manifest_still_failing (f, degraded);
   else if (v != V_TRANSIENT)
@@ -1403,7 +1321,7 @@ count_steps (struct fx *f)
     reft = be64_at (c.path[c.n - 1], 48);
   arm (LONG_MAX / 2, EIO);
   r = f->op->run (f);
-  steps = __atomic_load_n (&f_steps, __ATOMIC_SEQ_CST);
+  steps = fio_steps ();
   disarm ();
   if (r == -1)
     print_error ("%s: %s\n", f->op->tag, cow_last_error ());
@@ -1470,7 +1388,7 @@ sweep (const struct opdef *op)
   struct opstat *st = &stats[op->index];
   double t0 = tu_now_s ();
 
-  io_set_ops (&seam);
+  io_set_ops (fio_ops ());
   disarm ();
   passed.n = 0;
   qemu_runs = 0;
@@ -1598,15 +1516,6 @@ main (int argc, char **argv)
   long total = 0;
   int r;
 
-  seam = io_real_ops;
-  seam.open = s_open;
-  seam.pwrite = s_pwrite;
-  seam.fsync = s_fsync;
-  seam.ftruncate = s_ftruncate;
-  seam.fallocate = s_fallocate;
-  seam.rename = s_rename;
-  seam.rename_noreplace = s_rename_noreplace;
-  seam.unlink = s_unlink;
   if (argc > 1)
     cmocka_set_test_filter (argv[1]);
   r = cmocka_run_group_tests (tests, NULL, NULL);

@@ -22,54 +22,14 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 #define SIZE (4u << 20)
 #define BLK 65536
 
-static long budget;             /* operations left before the "kill" */
-
-static bool
-spend (void)
-{
-  if (budget <= 0) {
-    errno = EIO;
-    return false;
-  }
-  budget--;
-  return true;
-}
-
-static ssize_t
-k_pwrite (int fd, const void *b, size_t n, off_t o)
-{
-  return spend () ? io_real_ops.pwrite (fd, b, n, o) : -1;
-}
-static int k_fsync (int fd) { return spend () ? io_real_ops.fsync (fd) : -1; }
-static int
-k_ftruncate (int fd, off_t l)
-{
-  return spend () ? io_real_ops.ftruncate (fd, l) : -1;
-}
-static int
-k_fallocate (int fd, int m, off_t o, off_t l)
-{
-  return spend () ? io_real_ops.fallocate (fd, m, o, l) : -1;
-}
-static int
-k_rename (const char *a, const char *b)
-{
-  return spend () ? io_real_ops.rename (a, b) : -1;
-}
-
-static int
-k_rename_noreplace (const char *a, const char *b)
-{
-  return spend () ? io_real_ops.rename_noreplace (a, b) : -1;
-}
-static int k_unlink (const char *p) { return spend () ? io_real_ops.unlink (p) : -1; }
-
-static struct io_ops killing;
+/* The kill: fsync really syncs, as the real process would have. */
+static const struct fio_fault kill_at = { .err = EIO, .real_fsync = true };
 
 static struct cow_disk *
 open_state (const char *state, const char *base)
@@ -161,17 +121,20 @@ kill_at_every_step (const char *tag, void (*before) (struct cow_disk *),
   free (zero);
   for (n = 0; !completed; n++) {
     struct cow_disk *d;
+    struct fio_fault k = kill_at;
     int r;
 
     tu_run (NULL, "rm -rf '%s'", st);
     d = open_state (st, base);
     before (d);
-    budget = n;
-    io_set_ops (&killing);
+    k.at = n;
+    fio_arm (&k);
+    io_set_ops (fio_ops ());
     r = step (d);
-    completed = budget > 0;
+    completed = fio_steps () < n;          /* never reached step n */
     cow_disk_close (d);                    /* the process dies here */
     io_set_ops (NULL);
+    fio_disarm ();
 
     d = open_state (st, NULL);
     after (d, r);
@@ -279,13 +242,5 @@ main (void)
     cmocka_unit_test (test_revert_killed),
   };
 
-  killing = io_real_ops;
-  killing.pwrite = k_pwrite;
-  killing.fsync = k_fsync;
-  killing.ftruncate = k_ftruncate;
-  killing.fallocate = k_fallocate;
-  killing.rename = k_rename;
-  killing.rename_noreplace = k_rename_noreplace;
-  killing.unlink = k_unlink;
   return cmocka_run_group_tests (tests, NULL, NULL);
 }

@@ -36,6 +36,8 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
+#include "model.h"
 #include "testutil.h"
 
 #define SIZE (3u << 20)
@@ -46,82 +48,26 @@
 #define END_WINDOW 40
 
 /*----------------------------------------------------------------------
- * The kill (only one thread does I/O while it is armed: the job's). */
+ * The kill is faultio's fio_arm_kill (only one thread does I/O while it
+ * is armed: the job's). */
 
-static long budget;             /* operations left before the "kill" */
 static uint32_t cs;             /* cluster size of the current scenario */
 static uint64_t cache_bytes;    /* metadata cache of each layer; 0: default */
 
-static bool
-spend (void)
-{
-  if (__atomic_load_n (&budget, __ATOMIC_SEQ_CST) <= 0) {
-    errno = EIO;
-    return false;
-  }
-  __atomic_sub_fetch (&budget, 1, __ATOMIC_SEQ_CST);
-  return true;
-}
-
-static ssize_t
-k_pwrite (int fd, const void *b, size_t n, off_t o)
-{
-  return spend () ? io_real_ops.pwrite (fd, b, n, o) : -1;
-}
-/* A killed process loses nothing the page cache holds, so a kill needs
- * no real fsync: it is a step, but costs nothing. */
-static int k_fsync (int fd) { (void) fd; return spend () ? 0 : -1; }
-static int
-k_ftruncate (int fd, off_t l)
-{
-  return spend () ? io_real_ops.ftruncate (fd, l) : -1;
-}
-static int
-k_fallocate (int fd, int m, off_t o, off_t l)
-{
-  return spend () ? io_real_ops.fallocate (fd, m, o, l) : -1;
-}
-static int
-k_rename (const char *a, const char *b)
-{
-  return spend () ? io_real_ops.rename (a, b) : -1;
-}
-
-static int
-k_rename_noreplace (const char *a, const char *b)
-{
-  return spend () ? io_real_ops.rename_noreplace (a, b) : -1;
-}
-static int
-k_unlink (const char *p)
-{
-  return spend () ? io_real_ops.unlink (p) : -1;
-}
-
-static struct io_ops killing;
-
-/* Real I/O but for fsync, for everything that is not killed. */
-static struct io_ops quick;
-
 /*----------------------------------------------------------------------
- * Write errors on chosen files: while fail_errno is set, writes to the
+ * Write errors on chosen files: while armed (fail_writes), writes to the
  * files of fail_dir other than the exceptions fail with it. */
 
-static int fail_errno;          /* atomic; 0: no failures */
 static char fail_dir[PATH_MAX];
 static char fail_except[PATH_MAX];      /* the active layer */
-static unsigned long failed_writes;     /* atomic */
 
 static bool
-should_fail (int fd)
+should_fail (unsigned op, const char *p, const char *p2, int fd)
 {
   char path[PATH_MAX];
   const char *name;
   size_t dl = strlen (fail_dir);
-  int e = __atomic_load_n (&fail_errno, __ATOMIC_SEQ_CST);
 
-  if (e == 0)
-    return false;
   if (!tu_fd_path (fd, path, sizeof path))
     return false;
   if (strncmp (path, fail_dir, dl) != 0 || path[dl] != '/')
@@ -130,44 +76,25 @@ should_fail (int fd)
   if (strcmp (path, fail_except) == 0
       || strcmp (name, "manifest") == 0 || strstr (name, "manifest.tmp"))
     return false;
-  __atomic_add_fetch (&failed_writes, 1, __ATOMIC_SEQ_CST);
-  errno = e;
   return true;
 }
 
-static ssize_t
-f_pwrite (int fd, const void *b, size_t n, off_t o)
+/* Arm the write errors. */
+static void
+fail_writes (int err)
 {
-  return should_fail (fd) ? -1 : io_real_ops.pwrite (fd, b, n, o);
+  fio_arm (&(struct fio_fault) {
+      .at = 0, .err = err, .filter = should_fail,
+      .ops = FIO_PWRITE | FIO_FTRUNCATE | FIO_FALLOCATE });
 }
-static int
-f_ftruncate (int fd, off_t l)
-{
-  return should_fail (fd) ? -1 : io_real_ops.ftruncate (fd, l);
-}
-static int
-f_fallocate (int fd, int m, off_t o, off_t l)
-{
-  return should_fail (fd) ? -1 : io_real_ops.fallocate (fd, m, o, l);
-}
-
-static struct io_ops failing;
 
 /*----------------------------------------------------------------------
  * A disk, its model, and its chain. */
 
-struct snap {
-  char name[16];
-  uint8_t *data;
-};
-
 struct fx {
   char *dir, *base, *st, *scratch;
   uint8_t *base_data;
-  uint8_t *model;
-  uint64_t seed;
-  struct snap snaps[8];
-  int n_snaps;
+  struct tu_model m;            /* and a copy per snapshot s1..sN */
 };
 
 static bool
@@ -206,42 +133,28 @@ fx_init (struct fx *f, const char *tag, uint64_t seed)
   f->st = tu_path (f->dir, "st");
   f->scratch = tu_path (f->dir, "scratch.raw");
   f->base_data = malloc (SIZE);
-  f->model = malloc (SIZE);
   assert_non_null (f->base_data);
-  assert_non_null (f->model);
-  f->seed = seed;
-  tu_fill_random (f->base_data, SIZE, &f->seed);
+  tu_model_init (&f->m, SIZE, cs, seed);
+  tu_fill_random (f->base_data, SIZE, &f->m.seed);
   memset (f->base_data + SIZE / 3, 0, 65536 + 511);
 }
 
 static void
 fx_fini (struct fx *f)
 {
-  for (size_t i = 0; i < sizeof f->snaps / sizeof f->snaps[0]; i++)
-    free (f->snaps[i].data);
   tu_rmtree (f->dir);
   free (f->dir);
   free (f->base);
   free (f->st);
   free (f->scratch);
   free (f->base_data);
-  free (f->model);
+  tu_model_fini (&f->m);
 }
 
 static void
 disk_write (struct cow_disk *d, struct fx *f, uint64_t off, uint32_t len)
 {
-  uint8_t *buf = malloc (len);
-  int r;
-
-  assert_non_null (buf);
-  tu_fill_random (buf, len, &f->seed);
-  r = cow_disk_pwrite (d, buf, len, off, 0);
-  if (r == -1)
-    print_error ("pwrite %u@%" PRIu64 ": %s\n", len, off, cow_last_error ());
-  assert_int_equal (r, 0);
-  memcpy (f->model + off, buf, len);
-  free (buf);
+  tu_model_write (&f->m, d, off, len, 0);
 }
 
 /* A few hundred KiB: writes, a zeroed cluster over older data, a
@@ -252,40 +165,30 @@ workload (struct cow_disk *d, struct fx *f, int writes)
   uint64_t off;
 
   for (int i = 0; i < writes; i++) {
-    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->seed, 96 * 1024));
-    disk_write (d, f, tu_rand_below (&f->seed, SIZE - len + 1), len);
+    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->m.seed, 96 * 1024));
+    disk_write (d, f, tu_rand_below (&f->m.seed, SIZE - len + 1), len);
   }
-  off = tu_rand_below (&f->seed, SIZE / cs) * cs;
-  assert_int_equal (cow_disk_zero (d, cs, off, COW_FLAG_MAY_TRIM), 0);
-  memset (f->model + off, 0, cs);
-  off = tu_rand_below (&f->seed, SIZE - 5000);
-  assert_int_equal (cow_disk_zero (d, 5000, off, 0), 0);
-  memset (f->model + off, 0, 5000);
-  off = tu_rand_below (&f->seed, SIZE / cs) * cs;
-  assert_int_equal (cow_disk_trim (d, cs, off, 0), 0);
-  memset (f->model + off, 0, cs);
+  off = tu_rand_below (&f->m.seed, SIZE / cs) * cs;
+  tu_model_zero (&f->m, d, off, cs, COW_FLAG_MAY_TRIM);
+  off = tu_rand_below (&f->m.seed, SIZE - 5000);
+  tu_model_zero (&f->m, d, off, 5000, 0);
+  off = tu_rand_below (&f->m.seed, SIZE / cs) * cs;
+  tu_model_trim (&f->m, d, off, cs, 0);
 }
 
 static void
 snapshot (struct cow_disk *d, struct fx *f, int i)
 {
-  struct snap *s = &f->snaps[f->n_snaps++];
+  char name[16];
 
-  snprintf (s->name, sizeof s->name, "s%d", i);
-  assert_int_equal (cow_disk_snapshot (d, s->name, NULL), 0);
-  if (s->data == NULL)
-    s->data = malloc (SIZE);
-  assert_non_null (s->data);
-  memcpy (s->data, f->model, SIZE);
+  snprintf (name, sizeof name, "s%d", i);
+  tu_model_snapshot (&f->m, d, name, NULL);
 }
 
-static struct snap *
+static struct tu_model_snap *
 fx_snap (struct fx *f, const char *name)
 {
-  for (int i = 0; i < f->n_snaps; i++)
-    if (strcmp (f->snaps[i].name, name) == 0)
-      return &f->snaps[i];
-  return NULL;
+  return tu_model_snap (&f->m, name);
 }
 
 /* A fresh state directory over a fresh base: 'layers' snapshots s1..sN,
@@ -297,9 +200,10 @@ fx_prepare (struct fx *f, int layers, uint64_t seed, int writes)
 
   tu_rmtree (f->st);
   tu_write_file (f->base, f->base_data, SIZE);
-  memcpy (f->model, f->base_data, SIZE);
-  f->seed = seed;
-  f->n_snaps = 0;
+  memcpy (f->m.data, f->base_data, SIZE);
+  f->m.seed = seed;
+  f->m.cs = cs;
+  tu_model_forget_all (&f->m);
   d = open_state (f->st, f->base);
   for (int i = 1; i <= layers; i++) {
     workload (d, f, writes);
@@ -313,16 +217,7 @@ fx_prepare (struct fx *f, int layers, uint64_t seed, int writes)
 static void
 verify (struct cow_disk *d, struct fx *f, const char *what)
 {
-  uint8_t *buf = malloc (SIZE);
-  int r;
-
-  assert_non_null (buf);
-  r = cow_disk_pread (d, buf, SIZE, 0);
-  if (r == -1)
-    print_error ("%s: pread: %s\n", what, cow_last_error ());
-  assert_int_equal (r, 0);
-  tu_assert_bytes_equal (buf, f->model, SIZE, 0, what);
-  free (buf);
+  tu_model_verify (&f->m, d, what);
 }
 
 /* Most files are the same from one kill to the next (the setup is the
@@ -611,13 +506,12 @@ count_steps (struct fx *f, const struct scenario *sc, uint64_t seed)
   long steps;
   int r;
 
-  budget = LONG_MAX / 2;
-  io_set_ops (&killing);
+  fio_arm_count ();
   r = start_job (d, sc, NULL);
   if (r == 0)
     r = cow_disk_job_wait (d);
-  steps = LONG_MAX / 2 - budget;
-  io_set_ops (&quick);
+  steps = fio_steps ();
+  fio_disarm ();
   if (r == -1)
     print_error ("%s: %s\n", sc->tag, cow_last_error ());
   assert_int_equal (r, 0);
@@ -659,14 +553,13 @@ kill_job_at_every_step (const struct scenario *sc, uint64_t seed)
               n, steps);
     d = fx_prepare (&f, sc->layers, seed, 8);
     tu_chain_get (d, &old);
-    budget = n;
-    io_set_ops (&killing);
+    fio_arm_kill (n);
     r = start_job (d, sc, NULL);
     if (r == 0)
       r = cow_disk_job_wait (d);
-    completed = budget > 0;
+    completed = fio_steps () < n;          /* never reached step n */
     cow_disk_close (d);                    /* the process dies here */
-    io_set_ops (&quick);
+    fio_disarm ();
     kills++;
     if (completed && r == -1)
       print_error ("%s: the job failed without a kill: %s\n", what,
@@ -777,18 +670,18 @@ guest_io_during (struct cow_disk *d, struct fx *f, const char *what)
   for (;;) {
     struct cow_job_info i;
     bool active;
-    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->seed, 64 * 1024));
-    uint64_t off = tu_rand_below (&f->seed, SIZE - len + 1);
+    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->m.seed, 64 * 1024));
+    uint64_t off = tu_rand_below (&f->m.seed, SIZE - len + 1);
     uint8_t buf[4096];
 
     disk_write (d, f, off, len);
-    off = tu_rand_below (&f->seed, SIZE - sizeof buf + 1);
+    off = tu_rand_below (&f->m.seed, SIZE - sizeof buf + 1);
     r = cow_disk_pread (d, buf, sizeof buf, off);
     if (r == -1)
       print_error ("%s: pread %zu@%" PRIu64 ": %s\n", what, sizeof buf, off,
                    cow_last_error ());
     assert_int_equal (r, 0);
-    tu_assert_bytes_equal (buf, f->model + off, sizeof buf, off, what);
+    tu_assert_bytes_equal (buf, f->m.data + off, sizeof buf, off, what);
     rounds++;
     r = cow_disk_job_info (d, &i);
     if (r == -1)
@@ -818,7 +711,6 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
 
   cs = sc->cs ? sc->cs : 65536;
   fx_init (&f, sc->tag, seed);
-  io_set_ops (&failing);
   d = fx_prepare (&f, sc->layers, seed, 8);
   tu_chain_get (d, &old);
   real = realpath (f.st, NULL);
@@ -829,8 +721,7 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   assert_non_null (real);
   snprintf (fail_except, sizeof fail_except, "%s", real);
   free (real);
-  __atomic_store_n (&failed_writes, 0, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&fail_errno, err, __ATOMIC_SEQ_CST);
+  fail_writes (err);
 
   r = start_job (d, sc, NULL);
   if (r == -1)
@@ -840,7 +731,7 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   r = cow_disk_job_wait (d);
   if (r == 0)
     print_error ("%s: the job completed with every write to %s failing "
-                 "(%lu failed)\n", sc->tag, fail_dir, failed_writes);
+                 "(%ld failed)\n", sc->tag, fail_dir, fio_failed ());
   assert_int_equal (r, -1);
   if (cow_last_errno () != err)
     print_error ("%s: job_wait: errno %d (%s), want %d\n", sc->tag,
@@ -854,7 +745,7 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   assert_true (i.ended > 0);
   print_message ("%s: failed as expected: %s\n", sc->tag, i.message);
   cow_job_info_clear (&i);
-  assert_true (failed_writes > 0);
+  assert_true (fio_failed () > 0);
 
   /* Still failing: the guest goes on; the chain is as it was. */
   guest_io_during (d, &f, sc->tag);
@@ -865,7 +756,7 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   tu_chain_free (&now);
 
   /* Writes work again: the job starts again and completes. */
-  __atomic_store_n (&fail_errno, 0, __ATOMIC_SEQ_CST);
+  fio_disarm ();
   check_dir (d, f.st, "after the failed job");
   tu_chain_get (d, &now);
   r = start_job (d, sc, alt_name (sc, &now, &old));
@@ -880,7 +771,6 @@ job_fails_on_write_errors (const struct scenario *sc, int err,
   check_dir (d, f.st, "after the job started again");
   tu_chain_get (d, &now);
   assert_int_equal (cow_disk_close (d), 0);
-  io_set_ops (&quick);
   passed.n = 0;
   check_snapshots (&f, &now, sc->tag);
   tu_chain_free (&now);
@@ -912,9 +802,8 @@ test_commit_eio_small_cache (void **state)
   cs = 512;
   cache_bytes = 4 * 512;
   fx_init (&f, "commit-eio-cache", 2005);
-  io_set_ops (&failing);
   tu_write_file (f.base, f.base_data, SIZE);
-  memcpy (f.model, f.base_data, SIZE);
+  memcpy (f.m.data, f.base_data, SIZE);
   d = open_state (f.st, f.base);
   disk_write (d, &f, 65536 * 20, 65536);
   snapshot (d, &f, 1);
@@ -924,7 +813,7 @@ test_commit_eio_small_cache (void **state)
   for (uint64_t i = 0; i < 8; i++) {
     assert_int_equal (cow_disk_zero (d, 512, i * region + 8192,
                                      COW_FLAG_MAY_TRIM), 0);
-    memset (f.model + i * region + 8192, 0, 512);
+    memset (f.m.data + i * region + 8192, 0, 512);
   }
   disk_write (d, &f, 40 * region, 4096);
   snapshot (d, &f, 3);
@@ -939,7 +828,7 @@ test_commit_eio_small_cache (void **state)
   snprintf (fail_except, sizeof fail_except, "%s", real);
   free (real);
 
-  __atomic_store_n (&fail_errno, EIO, __ATOMIC_SEQ_CST);
+  fail_writes (EIO);
   r = start_job (d, sc, NULL);
   assert_int_equal (r, 0);
   assert_int_equal (cow_disk_job_wait (d), -1);
@@ -954,13 +843,13 @@ test_commit_eio_small_cache (void **state)
         print_error ("pread at %" PRIu64 " after the failed job: %s\n", off,
                      cow_last_error ());
       assert_int_equal (r, 0);
-      tu_assert_bytes_equal (buf, f.model + off, sizeof buf, off,
+      tu_assert_bytes_equal (buf, f.m.data + off, sizeof buf, off,
                              "after the failed job");
     }
   verify (d, &f, "after the failed job");
 
   /* Writes work again: the job starts again and completes. */
-  __atomic_store_n (&fail_errno, 0, __ATOMIC_SEQ_CST);
+  fio_disarm ();
   tu_chain_get (d, &now);
   r = start_job (d, sc, alt_name (sc, &now, &old));
   tu_chain_free (&now);
@@ -970,7 +859,6 @@ test_commit_eio_small_cache (void **state)
   expect_new_chain (d, sc, &old, "after the job started again");
   check_dir (d, f.st, "after the job started again");
   assert_int_equal (cow_disk_close (d), 0);
-  io_set_ops (&quick);
   cache_bytes = 0;
   tu_chain_free (&old);
   fx_fini (&f);
@@ -1017,7 +905,6 @@ test_job_info_while_jobs_fail (void **state)
   (void) state;
   cs = 65536;
   fx_init (&f, "job-info", 2004);
-  io_set_ops (&failing);
   poll_disk = fx_prepare (&f, sc->layers, 2004, 8);
   tu_chain_get (poll_disk, &old);
   real = realpath (f.st, NULL);
@@ -1028,7 +915,7 @@ test_job_info_while_jobs_fail (void **state)
   assert_non_null (real);
   snprintf (fail_except, sizeof fail_except, "%s", real);
   free (real);
-  __atomic_store_n (&fail_errno, EIO, __ATOMIC_SEQ_CST);
+  fail_writes (EIO);
   __atomic_store_n (&poll_stop, 0, __ATOMIC_SEQ_CST);
   poll_calls = poll_errors = 0;
   assert_int_equal (pthread_create (&t, NULL, job_info_poller, NULL), 0);
@@ -1046,14 +933,13 @@ test_job_info_while_jobs_fail (void **state)
   }
   __atomic_store_n (&poll_stop, 1, __ATOMIC_SEQ_CST);
   pthread_join (t, NULL);
-  __atomic_store_n (&fail_errno, 0, __ATOMIC_SEQ_CST);
+  fio_disarm ();
   print_message ("%d failed jobs, %lu job info calls, %lu failed\n", jobs,
                  poll_calls, poll_errors);
   if (poll_errors)
     print_error ("cow_disk_job_info failed: %s\n", poll_error);
   assert_int_equal (poll_errors, 0);
   assert_int_equal (cow_disk_close (poll_disk), 0);
-  io_set_ops (&quick);
   tu_chain_free (&old);
   fx_fini (&f);
 }
@@ -1121,21 +1007,8 @@ main (int argc, char **argv)
     cmocka_unit_test (test_job_info_while_jobs_fail),
   };
 
-  killing = io_real_ops;
-  killing.pwrite = k_pwrite;
-  killing.fsync = k_fsync;
-  killing.ftruncate = k_ftruncate;
-  killing.fallocate = k_fallocate;
-  killing.rename = k_rename;
-  killing.rename_noreplace = k_rename_noreplace;
-  killing.unlink = k_unlink;
-  quick = io_real_ops;
-  quick.fsync = tu_nosync;
-  failing = quick;
-  failing.pwrite = f_pwrite;
-  failing.ftruncate = f_ftruncate;
-  failing.fallocate = f_fallocate;
-  io_set_ops (&quick);
+  /* Disarmed, the table is real I/O but for fsync. */
+  io_set_ops (fio_ops ());
   if (argc > 1)
     cmocka_set_test_filter (argv[1]);
   return cmocka_run_group_tests (tests, NULL, NULL);

@@ -33,6 +33,8 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
+#include "model.h"
 #include "testutil.h"
 
 #define SIZE (16u << 20)
@@ -47,7 +49,7 @@
  * first read of a whole header cluster of the active layer file through
  * a descriptor while armed is the cue. */
 
-static struct io_ops fast_ops, cue_ops;
+static struct io_ops cue_ops;
 static char active_path[PATH_MAX];
 static int armed;               /* atomic */
 
@@ -70,7 +72,7 @@ is_active_file (int fd)
 static ssize_t
 cue_pread (int fd, void *buf, size_t count, off_t off)
 {
-  ssize_t r = fast_ops.pread (fd, buf, count, off);
+  ssize_t r = io_real_ops.pread (fd, buf, count, off);
 
   if (off == 0 && count == CS && is_active_file (fd)
       && __atomic_exchange_n (&armed, 0, __ATOMIC_SEQ_CST)) {
@@ -97,8 +99,7 @@ cue_pread (int fd, void *buf, size_t count, off_t off)
 struct fx {
   char *dir, *base, *st;
   struct cow_disk *d;
-  uint8_t *model;
-  uint64_t seed;
+  struct tu_model m;
   uint64_t next_off;            /* the guest thread's next fresh offset */
   char error[512];              /* the guest thread's failure */
 };
@@ -127,10 +128,10 @@ guest_write (struct fx *f, uint64_t off, uint32_t len)
 
   if (buf == NULL)
     return -1;
-  tu_fill_random (buf, len, &f->seed);
+  tu_fill_random (buf, len, &f->m.seed);
   r = cow_disk_pwrite (f->d, buf, len, off, 0);
   if (r == 0)
-    memcpy (f->model + off, buf, len);
+    memcpy (f->m.data + off, buf, len);
   free (buf);
   return r;
 }
@@ -147,16 +148,7 @@ write_ok (struct fx *f, uint64_t off, uint32_t len)
 static void
 verify (struct fx *f, const char *what)
 {
-  uint8_t *buf = malloc (SIZE);
-  int r;
-
-  assert_non_null (buf);
-  r = cow_disk_pread (f->d, buf, SIZE, 0);
-  if (r == -1)
-    print_error ("%s: pread: %s\n", what, cow_last_error ());
-  assert_int_equal (r, 0);
-  tu_assert_bytes_equal (buf, f->model, SIZE, 0, what);
-  free (buf);
+  tu_model_verify (&f->m, f->d, what);
 }
 
 /* The refcount table offset that the header of a file names. */
@@ -225,15 +217,13 @@ run (enum kind kind, const char *tag, uint64_t seed)
   int r;
 
   memset (&f, 0, sizeof f);
-  f.seed = seed;
+  tu_model_init (&f.m, SIZE, CS, seed);
   f.dir = tu_mkdtemp (tag);
   f.base = tu_path (f.dir, "base.raw");
   f.st = tu_path (f.dir, "st");
-  f.model = malloc (SIZE);
-  assert_non_null (f.model);
-  tu_fill_random (f.model, SIZE, &f.seed);
-  tu_write_file (f.base, f.model, SIZE);
-  io_set_ops (&fast_ops);
+  tu_fill_random (f.m.data, SIZE, &f.m.seed);
+  tu_write_file (f.base, f.m.data, SIZE);
+  io_set_ops (fio_quick_ops ());
   f.d = open_disk (&f, f.base);
 
   /* s1 and s2 with a little each; the active layer filled to a little
@@ -282,7 +272,7 @@ run (enum kind kind, const char *tag, uint64_t seed)
   pthread_cond_broadcast (&cv);
   pthread_mutex_unlock (&mu);
   pthread_join (t, NULL);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   __atomic_store_n (&armed, 0, __ATOMIC_SEQ_CST);
   if (f.error[0])
     print_error ("%s: the guest thread: %s\n", tag, f.error);
@@ -314,7 +304,7 @@ run (enum kind kind, const char *tag, uint64_t seed)
   free (f.dir);
   free (f.base);
   free (f.st);
-  free (f.model);
+  tu_model_fini (&f.m);
 }
 
 static void
@@ -347,9 +337,7 @@ main (int argc, char **argv)
     cmocka_unit_test (test_delete_newest_snapshot),
   };
 
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
-  cue_ops = fast_ops;
+  cue_ops = *fio_quick_ops ();
   cue_ops.pread = cue_pread;
   if (argc > 1)
     cmocka_set_test_filter (argv[1]);

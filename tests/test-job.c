@@ -24,23 +24,20 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
+#include "model.h"
 #include "testutil.h"
 
 #define MIB (1u << 20)
-#define MAX_SNAPS 16
 #define MAX_FILES 32
 
 /* Merging is under test here, not durability (test-job-crash.c): fsync
  * is a no-op through the seam. */
-static struct io_ops fast_ops;
-
 static int
 group_setup (void **state)
 {
   (void) state;
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   return 0;
 }
 
@@ -61,23 +58,15 @@ sleep_ms (unsigned ms)
 /*----------------------------------------------------------------------
  * A state-directory disk, its model, and the model of each snapshot. */
 
-struct snap {
-  char *name;
-  uint8_t *data;        /* the disk when the snapshot was taken */
-};
-
 struct fx {
   char *dir, *base, *st, *model_path, *scratch;
   struct cow_disk *d;
   uint64_t size;
   uint32_t cs;
-  uint8_t *model;
+  struct tu_model m;             /* and a copy per snapshot */
   /* Held around each guest write and its model update, and around each
    * checked read, while a writer thread runs. */
   pthread_mutex_t lock;
-  uint64_t seed;
-  struct snap snaps[MAX_SNAPS];
-  size_t n_snaps;
 };
 
 static void
@@ -119,13 +108,10 @@ fx_init (struct fx *f, const char *tag, uint64_t size, uint32_t cs,
   f->scratch = tu_path (f->dir, "scratch.raw");
   f->size = size;
   f->cs = cs;
-  f->seed = seed;
   pthread_mutex_init (&f->lock, NULL);
-  f->model = malloc (size);
-  assert_non_null (f->model);
-  tu_fill_random (f->model, size, &f->seed);
-  memset (f->model + size / 3, 0, 65536 + 511);
-  tu_write_file (f->base, f->model, size);
+  tu_model_init (&f->m, size, cs, seed);
+  tu_model_fill_base (&f->m);
+  tu_write_file (f->base, f->m.data, size);
   cfg.state_dir = f->st;
   cfg.base = f->base;
   f->d = cow_disk_open (&cfg);
@@ -139,10 +125,6 @@ fx_fini (struct fx *f)
 {
   if (f->d)
     fx_close (f);
-  for (size_t i = 0; i < f->n_snaps; i++) {
-    free (f->snaps[i].name);
-    free (f->snaps[i].data);
-  }
   pthread_mutex_destroy (&f->lock);
   tu_rmtree (f->dir);
   free (f->dir);
@@ -150,49 +132,26 @@ fx_fini (struct fx *f)
   free (f->st);
   free (f->model_path);
   free (f->scratch);
-  free (f->model);
+  tu_model_fini (&f->m);
 }
 
 static void
 fx_write (struct fx *f, uint64_t off, uint32_t len, unsigned flags)
 {
-  uint8_t *buf = malloc (len);
-  int r;
-
-  assert_non_null (buf);
-  tu_fill_random (buf, len, &f->seed);
-  r = cow_disk_pwrite (f->d, buf, len, off, flags);
-  if (r == -1)
-    print_error ("pwrite %u@%" PRIu64 ": %s\n", len, off, cow_last_error ());
-  assert_int_equal (r, 0);
-  memcpy (f->model + off, buf, len);
-  free (buf);
+  tu_model_write (&f->m, f->d, off, len, flags);
 }
 
 static void
 fx_zero (struct fx *f, uint64_t off, uint32_t len)
 {
-  int r = cow_disk_zero (f->d, len, off, COW_FLAG_MAY_TRIM);
-
-  if (r == -1)
-    print_error ("zero %u@%" PRIu64 ": %s\n", len, off, cow_last_error ());
-  assert_int_equal (r, 0);
-  memset (f->model + off, 0, len);
+  tu_model_zero (&f->m, f->d, off, len, COW_FLAG_MAY_TRIM);
 }
 
 /* The whole clusters inside the range read as zero after a trim. */
 static void
 fx_trim (struct fx *f, uint64_t off, uint32_t len)
 {
-  uint64_t first = (off + f->cs - 1) / f->cs * f->cs;
-  uint64_t last = (off + len) / f->cs * f->cs;
-  int r = cow_disk_trim (f->d, len, off, 0);
-
-  if (r == -1)
-    print_error ("trim %u@%" PRIu64 ": %s\n", len, off, cow_last_error ());
-  assert_int_equal (r, 0);
-  if (first < last)
-    memset (f->model + first, 0, last - first);
+  tu_model_trim (&f->m, f->d, off, len, 0);
 }
 
 /* Random writes, zeroes (aligned and not) and trims. */
@@ -200,12 +159,12 @@ static void
 fx_workload (struct fx *f, int n)
 {
   for (int i = 0; i < n; i++) {
-    uint64_t kind = tu_rand_below (&f->seed, 10);
-    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->seed, 128 * 1024));
-    uint64_t off = tu_rand_below (&f->seed, f->size - len + 1);
+    uint64_t kind = tu_rand_below (&f->m.seed, 10);
+    uint32_t len = (uint32_t) (1 + tu_rand_below (&f->m.seed, 128 * 1024));
+    uint64_t off = tu_rand_below (&f->m.seed, f->size - len + 1);
 
     if (kind < 7)
-      fx_write (f, off, len, tu_rand_below (&f->seed, 8) ? 0 : COW_FLAG_FUA);
+      fx_write (f, off, len, tu_rand_below (&f->m.seed, 8) ? 0 : COW_FLAG_FUA);
     else if (kind == 7) {
       off = off / f->cs * f->cs;
       len = (uint32_t) ((len + f->cs - 1) / f->cs * f->cs);
@@ -232,65 +191,26 @@ fx_write_all (struct fx *f)
 static void
 fx_snapshot (struct fx *f, const char *name)
 {
-  struct snap *s = &f->snaps[f->n_snaps++];
-  int r;
-
-  assert_true (f->n_snaps <= MAX_SNAPS);
-  r = cow_disk_snapshot (f->d, name, NULL);
-  if (r == -1)
-    print_error ("snapshot %s: %s\n", name, cow_last_error ());
-  assert_int_equal (r, 0);
-  s->name = strdup (name);
-  s->data = malloc (f->size);
-  assert_non_null (s->name);
-  assert_non_null (s->data);
-  memcpy (s->data, f->model, f->size);
+  tu_model_snapshot (&f->m, f->d, name, NULL);
 }
 
-static struct snap *
+static struct tu_model_snap *
 fx_snap (struct fx *f, const char *name)
 {
-  for (size_t i = 0; i < f->n_snaps; i++)
-    if (strcmp (f->snaps[i].name, name) == 0)
-      return &f->snaps[i];
-  return NULL;
+  return tu_model_snap (&f->m, name);
 }
 
 /* A snapshot name the chain no longer has (lost by a forced merge). */
 static void
 fx_forget (struct fx *f, const char *name)
 {
-  struct snap *s = fx_snap (f, name);
-
-  assert_non_null (s);
-  free (s->name);
-  free (s->data);
-  *s = f->snaps[--f->n_snaps];
-}
-
-static void
-fx_verify_range (struct fx *f, uint64_t off, uint64_t len, const char *what)
-{
-  uint8_t *buf = malloc (MIB);
-
-  assert_non_null (buf);
-  while (len > 0) {
-    uint32_t n = len > MIB ? MIB : (uint32_t) len;
-    int r = cow_disk_pread (f->d, buf, n, off);
-    if (r == -1)
-      print_error ("pread %u@%" PRIu64 ": %s\n", n, off, cow_last_error ());
-    assert_int_equal (r, 0);
-    tu_assert_bytes_equal (buf, f->model + off, n, off, what);
-    off += n;
-    len -= n;
-  }
-  free (buf);
+  tu_model_forget (&f->m, name);
 }
 
 static void
 fx_verify (struct fx *f, const char *what)
 {
-  fx_verify_range (f, 0, f->size, what);
+  tu_model_verify (&f->m, f->d, what);
 }
 
 /* One checked read of a random range, against a concurrent writer.
@@ -309,7 +229,7 @@ fx_checked_read (struct fx *f, uint64_t *seed)
                  cow_last_error ());
     ok = false;
   }
-  else if (memcmp (buf, f->model + off, len) != 0) {
+  else if (memcmp (buf, f->m.data + off, len) != 0) {
     print_error ("pread %u@%" PRIu64 " during the job: wrong data\n", len,
                  off);
     ok = false;
@@ -386,13 +306,13 @@ expect_names (struct fx *f, const char *what)
     }
     assert_false (c.snapshot[i] == NULL || c.snapshot[i][0] == '\0');
   }
-  for (size_t i = 0; i < f->n_snaps; i++)
-    if (tu_chain_find (&c, f->snaps[i].name) == -1) {
+  for (size_t i = 0; i < f->m.n_snaps; i++)
+    if (tu_chain_find (&c, f->m.snaps[i].name) == -1) {
       tu_chain_print (&c, what);
-      print_error ("%s: snapshot '%s' is gone\n", what, f->snaps[i].name);
+      print_error ("%s: snapshot '%s' is gone\n", what, f->m.snaps[i].name);
       fail ();
     }
-  assert_int_equal (named, f->n_snaps);
+  assert_int_equal (named, f->m.n_snaps);
   tu_chain_free (&c);
 }
 
@@ -494,7 +414,7 @@ fx_offline_check (struct fx *f, const char *what)
   expect_no_strays (f, &c);
   for (size_t i = 0; i < c.n; i++)
     tu_assert_check_clean (c.path[i]);
-  tu_write_file (f->model_path, f->model, f->size);
+  tu_write_file (f->model_path, f->m.data, f->size);
   st = tu_run (&out, "qemu-img compare -U -f qcow2 -F raw '%s' '%s'",
                c.path[c.n - 1], f->model_path);
   if (st != 0)
@@ -503,7 +423,7 @@ fx_offline_check (struct fx *f, const char *what)
   free (out);
   assert_int_equal (st, 0);
   for (size_t i = 0; i < c.n; i++) {
-    struct snap *s;
+    struct tu_model_snap *s;
     if (c.snapshot[i] == NULL)
       continue;
     s = fx_snap (f, c.snapshot[i]);
@@ -682,9 +602,9 @@ writer_run (void *arg)
       : cow_disk_pwrite (f->d, buf, len, off, flags);
     if (r == 0) {
       if (zero)
-        memset (f->model + off, 0, len);
+        memset (f->m.data + off, 0, len);
       else
-        memcpy (f->model + off, buf, len);
+        memcpy (f->m.data + off, buf, len);
     }
     pthread_mutex_unlock (&f->lock);
     if (r == -1) {
@@ -725,7 +645,7 @@ static void
 run_alongside (struct fx *f, unsigned min_ms, uint64_t speed_after,
                enum cow_job_kind kind, const char *what)
 {
-  uint64_t seed = f->seed ^ 0x1234;
+  uint64_t seed = f->m.seed ^ 0x1234;
   double t0 = tu_now_s ();
   bool sped = speed_after == UINT64_MAX;
   unsigned long reads = 0;
@@ -1600,7 +1520,7 @@ test_max_depth (void **state)
                    c0.file[1]);
       fail ();
     }
-    fx_verify_range (&f, 0, 256 * 1024, "while merging under max-depth");
+    tu_model_verify_range (&f.m, f.d, 0, 256 * 1024, "while merging under max-depth");
     sleep_ms (10);
   }
   job_wait_ok (&f, 0, "automatic merge");

@@ -55,6 +55,7 @@
 
 #include "cowchain.h"
 #include "io.h"
+#include "faultio.h"
 #include "testutil.h"
 
 #define SECTOR 512
@@ -63,8 +64,7 @@ static char *dir;
 static char *base_path;
 
 /* Outside the simulation: the real calls, without the cost of fdatasync
- * (durability is what the simulation checks). */
-static struct io_ops fast_ops;
+ * (durability is what the simulation checks): fio_quick_ops. */
 static uint8_t *base_data;
 static const uint64_t base_size = 3u << 20;
 
@@ -908,7 +908,7 @@ power_loss (struct wl *w, uint64_t *s, bool per_sector,
   pthread_mutex_unlock (&sim.lock);
   cow_disk_close (w->d);            /* its flush fails: expected */
   w->d = NULL;
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   crash_apply (s, per_sector, st);
   sim_reset ();
 }
@@ -968,9 +968,7 @@ group_setup (void **state)
 
   (void) state;
   dir = tu_mkdtemp ("test-powerloss");
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   base_path = tu_path (dir, "base.raw");
   base_data = malloc (base_size);
   assert_non_null (base_data);
@@ -1182,7 +1180,7 @@ one_error_run (uint64_t seed, int err, bool crash_at_end, int *n_failed)
   else {
     assert_int_equal (cow_disk_close (w.d), 0);
     w.d = NULL;
-    io_set_ops (&fast_ops);
+    io_set_ops (fio_quick_ops ());
     sim_reset ();
     wl_open (&w);
     {
@@ -1250,7 +1248,7 @@ sim_scenario (const int *decisions, const char *want, size_t want_len)
   assert_int_equal (io_pwrite (fd, c, 512, 1024), 0);
   assert_int_equal (io_punch_hole (fd, 1536, 512), 0);
   io_close (fd);
-  io_set_ops (&fast_ops);
+  io_set_ops (fio_quick_ops ());
   f = &sim.files[0];
   assert_int_equal (f->n, 3);
   rfd = open (p, O_RDWR);
@@ -1319,7 +1317,7 @@ test_simulator (void **state)
                                    off + 4096), 0);
     }
     io_close (fd);
-    io_set_ops (&fast_ops);
+    io_set_ops (fio_quick_ops ());
     crash_apply (&s, it % 2, &st);
     sim_reset ();
     got = tu_read_file (p, &n);

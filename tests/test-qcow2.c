@@ -27,6 +27,7 @@
 #include "io.h"
 #include "layer.h"
 #include "qcow2.h"
+#include "faultio.h"
 #include "testutil.h"
 
 static char *dir;
@@ -41,8 +42,7 @@ group_setup (void **state)
 {
   (void) state;
   dir = tu_mkdtemp ("test-qcow2");
-  fast_ops = io_real_ops;
-  fast_ops.fsync = tu_nosync;
+  fast_ops = *fio_quick_ops ();
   io_set_ops (&fast_ops);
   return 0;
 }
@@ -1392,65 +1392,40 @@ test_flush_pins_whole_cache (void **state)
  * released a cluster, its refcount 0 would be on disk under an L2 entry
  * that still points at it. */
 
-static int fault_mode;          /* see enum below; 0: none */
+/* Faults on pwrite and fsync (faultio.h): FAULT_NTH fails the op with
+ * index nth alone (both kinds counted), FAULT_AFTER_SYNC every pwrite
+ * after the first fsync. */
 enum { FAULT_NTH = 1, FAULT_AFTER_SYNC };
-static int fault_nth;           /* FAULT_NTH: fail the op with this index */
-static int fault_ops;           /* pwrites and fsyncs seen */
 static bool fault_synced;       /* FAULT_AFTER_SYNC: an fsync was seen */
-static int fault_hits;
 
 static bool
-fault_now (bool is_sync)
+after_sync (unsigned op, const char *path, const char *path2, int fd)
 {
-  bool hit = false;
-
-  if (fault_mode == FAULT_NTH)
-    hit = fault_ops == fault_nth;
-  else if (fault_mode == FAULT_AFTER_SYNC)
-    hit = !is_sync && fault_synced;
-  fault_ops++;
-  if (is_sync)
+  if (op == FIO_FSYNC) {
     fault_synced = true;
-  if (hit) {
-    fault_hits++;
-    errno = EIO;
+    return false;
   }
-  return hit;
-}
-
-static ssize_t
-fault_pwrite (int fd, const void *buf, size_t n, off_t off)
-{
-  return fault_now (false) ? -1 : fast_ops.pwrite (fd, buf, n, off);
-}
-
-static int
-fault_fsync (int fd)
-{
-  return fault_now (true) ? -1 : fast_ops.fsync (fd);
+  return fault_synced;
 }
 
 static void
 fault_arm (int mode, int nth)
 {
-  static struct io_ops ops;
-
-  ops = fast_ops;
-  ops.pwrite = fault_pwrite;
-  ops.fsync = fault_fsync;
-  fault_mode = mode;
-  fault_nth = nth;
-  fault_ops = 0;
   fault_synced = false;
-  fault_hits = 0;
-  io_set_ops (&ops);
+  if (mode == FAULT_NTH)
+    fio_arm (&(struct fio_fault) { .at = nth, .once = true,
+                                   .ops = FIO_PWRITE | FIO_FSYNC });
+  else
+    fio_arm (&(struct fio_fault) { .at = 0, .filter = after_sync,
+                                   .ops = FIO_PWRITE | FIO_FSYNC });
+  io_set_ops (fio_ops ());
 }
 
 static void
 fault_disarm (void)
 {
   io_set_ops (&fast_ops);
-  fault_mode = 0;
+  fio_disarm ();
 }
 
 /* One run: data in 16 clusters, flushed; 8 of them trimmed (and, if
@@ -1483,7 +1458,7 @@ flush_fails_at (bool l1_dirty, int nth)
   fault_arm (FAULT_NTH, nth);
   r = f.l->ops->flush (f.l);
   fault_disarm ();
-  if (fault_hits == 0) {
+  if (fio_failed () == 0) {
     /* Fewer steps than nth: the flush went through, and released. */
     if (r == -1)
       print_error ("%s: flush without a fault: %s\n", what,

@@ -1,6 +1,8 @@
 /* Unit tests of the text rules: UTF-8 decoding, the printable form of
- * text for terminals, and which snapshot names and descriptions a new
- * snapshot may take (and which an older manifest may still hold). */
+ * text for terminals, which snapshot names and descriptions a new
+ * snapshot may take (and which an older manifest may still hold), and
+ * the percent-encoded words of the manifest and the control protocol
+ * (word_encode, word_decode). */
 #undef NDEBUG
 #include <config.h>
 
@@ -172,6 +174,155 @@ test_old_manifest_loads (void **state)
   assert_int_equal (rmdir (dir), 0);
 }
 
+/*----------------------------------------------------------------------
+ * Percent-encoded words. */
+
+/* An encoded word may go into a line of space-separated words. */
+static void
+assert_word_shape (const char *w, const char *what)
+{
+  if (w[0] == '\0')
+    fail_msg ("%s: encoded as the empty word", what);
+  for (const unsigned char *c = (const unsigned char *) w; *c; c++)
+    if (*c <= 0x20 || *c >= 0x7f)
+      fail_msg ("%s: encoded as '%s', which holds byte 0x%02x", what, w, *c);
+}
+
+static void
+expect_round_trip (const char *s, const char *what)
+{
+  char *w = word_encode (s);
+
+  assert_non_null (w);
+  assert_word_shape (w, what);
+  assert_true (strlen (w) <= 3 * strlen (s) + 1);
+  assert_int_equal (word_decode (w), 0);
+  if (strcmp (w, s) != 0)
+    fail_msg ("%s: decoded back differently", what);
+  free (w);
+}
+
+static void
+test_word_every_byte (void **state)
+{
+  char s[4], all[256], what[64];
+
+  /* Every byte alone, first and later in a word. */
+  for (int c = 1; c < 256; c++) {
+    snprintf (what, sizeof what, "byte 0x%02x", c);
+    s[0] = (char) c, s[1] = '\0';
+    expect_round_trip (s, what);
+    s[0] = 'a', s[1] = (char) c, s[2] = (char) c, s[3] = '\0';
+    expect_round_trip (s, what);
+  }
+  /* All of them in one word, both orders. */
+  for (int c = 1; c < 256; c++)
+    all[c - 1] = (char) c;
+  all[255] = '\0';
+  expect_round_trip (all, "bytes 0x01 to 0xff");
+  for (int c = 1; c < 256; c++)
+    all[c - 1] = (char) (256 - c);
+  expect_round_trip (all, "bytes 0xff to 0x01");
+  expect_round_trip ("", "the empty word");
+  expect_round_trip ("-", "a dash");
+  expect_round_trip ("--", "two dashes");
+  expect_round_trip ("%2D", "an escape, literally");
+  expect_round_trip ("%", "a percent sign");
+}
+
+static void
+expect_encoded (const char *s, const char *want)
+{
+  char *w = word_encode (s);
+
+  assert_non_null (w);
+  assert_string_equal (w, want);
+  free (w);
+}
+
+static void
+expect_decoded (const char *w, const char *want)
+{
+  char *s = strdup (w);
+
+  assert_non_null (s);
+  assert_int_equal (word_decode (s), 0);
+  assert_string_equal (s, want);
+  free (s);
+}
+
+static void
+expect_bad_word (const char *w)
+{
+  char *s = strdup (w);
+
+  assert_non_null (s);
+  if (word_decode (s) != -1)
+    fail_msg ("'%s' decoded (to '%s'), but it is not a valid word", w, s);
+  free (s);
+}
+
+static void
+test_word_forms (void **state)
+{
+  /* The plain bytes stay, the rest is %XX in upper case. */
+  expect_encoded ("", "-");
+  expect_encoded ("-", "%2D");
+  expect_encoded ("-a-", "%2Da-");
+  expect_encoded ("a-b", "a-b");
+  expect_encoded ("Az09._/:@+,=", "Az09._/:@+,=");
+  expect_encoded ("a b\n%", "a%20b%0A%25");
+  expect_encoded ("\xff\x7f\x01", "%FF%7F%01");
+  expect_encoded ("Grüße", "Gr%C3%BC%C3%9Fe");
+  /* Lower case hex decodes too; "-" alone is the empty word. */
+  expect_decoded ("-", "");
+  expect_decoded ("%2d%2D", "--");
+  expect_decoded ("a%20b", "a b");
+  expect_decoded ("%ff%Fe", "\xff\xfe");
+  expect_decoded ("--", "--");
+  expect_decoded ("plain", "plain");
+}
+
+static void
+test_word_bad_escapes (void **state)
+{
+  static const char *const bad[] = {
+    "%", "a%", "%4", "a%4", "%G0", "%0G", "%g1", "%-1", "%+1", "% 1",
+    "%00", "a%00b", "%%", "%%41", "%\xff" "0", "%0\xff", "ok%2", "%2D%",
+  };
+
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+    expect_bad_word (bad[i]);
+}
+
+/* Long words: every byte of a 64 KiB string escaped, and a long run of
+ * plain bytes. */
+static void
+test_word_lengths (void **state)
+{
+  size_t n = 65536;
+  char *s = malloc (n + 1), *w;
+
+  assert_non_null (s);
+  memset (s, ' ', n);
+  s[n] = '\0';
+  w = word_encode (s);
+  assert_non_null (w);
+  assert_int_equal (strlen (w), 3 * n);
+  assert_int_equal (word_decode (w), 0);
+  assert_int_equal (strlen (w), n);
+  assert_memory_equal (w, s, n);
+  free (w);
+  memset (s, 'x', n);
+  w = word_encode (s);
+  assert_non_null (w);
+  assert_int_equal (strlen (w), n);
+  assert_int_equal (word_decode (w), 0);
+  assert_string_equal (w, s);
+  free (w);
+  free (s);
+}
+
 int
 main (void)
 {
@@ -181,6 +332,10 @@ main (void)
     cmocka_unit_test (test_names),
     cmocka_unit_test (test_descriptions),
     cmocka_unit_test (test_old_manifest_loads),
+    cmocka_unit_test (test_word_every_byte),
+    cmocka_unit_test (test_word_forms),
+    cmocka_unit_test (test_word_bad_escapes),
+    cmocka_unit_test (test_word_lengths),
   };
   return cmocka_run_group_tests (tests, NULL, NULL);
 }
