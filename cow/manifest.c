@@ -390,7 +390,10 @@ parse_line (struct manifest *m, char *line, const char *path, int lineno)
   char *f[6];
   int n = 0;
 
-  for (char *tok = strtok (line, " "); tok; tok = strtok (NULL, " ")) {
+  char *save;
+
+  for (char *tok = strtok_r (line, " ", &save); tok;
+       tok = strtok_r (NULL, " ", &save)) {
     if (n == 6)
       return bad_line (path, lineno, "too many fields");
     f[n++] = tok;
@@ -491,13 +494,19 @@ manifest_load (const char *dir, struct manifest *m)
     cow_error_set (EINVAL, "%s: contains a NUL byte", path);
     goto out;
   }
-  line = strtok_r (buf, "\n", &save);
+  /* Lines split by hand (not strtok, which skips empty lines), so that
+   * an error names the line a text editor shows. */
+  save = buf;
+  lineno = 0;
+  do {
+    line = strsep (&save, "\n");
+    lineno++;
+  } while (line != NULL && line[0] == '\0' && save != NULL);
   if (line == NULL || strcmp (line, "cowchain-manifest 1") != 0) {
     cow_error_set (EINVAL, "%s: not a cowchain manifest (version 1)", path);
     goto out;
   }
-  lineno = 1;
-  while ((line = strtok_r (NULL, "\n", &save)) != NULL) {
+  while ((line = strsep (&save, "\n")) != NULL) {
     lineno++;
     if (parse_line (m, line, path, lineno) == -1)
       goto out;

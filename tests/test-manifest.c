@@ -250,10 +250,10 @@ test_bad_lines (void **state)
                   "layer file 'a' appears twice");
   expect_refused (HEAD "layer a 1 s - \nlayer b 2 s -\n" TOP,
                   "snapshot name 's' appears twice");
-  /* The line number counts the lines before it that are not empty
-   * (strtok_r skips empty ones: with one before it, line 4 of the file
-   * is reported as line 3). */
+  /* The line number is the one an editor shows, empty lines counted. */
   expect_refused (HEAD "layer a 1 - - x y\n", "line 3 is malformed");
+  expect_refused (HEAD "\n\nlayer a 1 - - x y\n", "line 5 is malformed");
+  expect_refused ("\n" HEAD "layer a 1 - - x y\n", "line 4 is malformed");
 }
 
 /* Limits, each at its edge and one past it. */
