@@ -536,3 +536,52 @@ for k in sys.argv[1].split("."):
     v = v[k]
 print(v)' "$2"
 }
+
+#----------------------------------------------------------------------
+# Symbols of the built objects (tests/test-api-*.sh).
+
+# objects_of LIST...: the object files of make's object lists (paths
+# relative to the build tree, as in $(cowchain_OBJECTS)): a libtool .lo
+# names its PIC object (and maybe a non-PIC one) beside it in .libs/.
+objects_of ()
+{
+    local o dir f
+    for o in "$@"; do
+        case $o in
+            /*) ;;
+            *) o=$abs_top_builddir/$o ;;
+        esac
+        case $o in
+            *.lo)
+                [ -f "$o" ] || fail "object list names $o, which is not built"
+                dir=$(dirname "$o")
+                for f in $(sed -n "s/^\(non_\)\{0,1\}pic_object='\(.*\)'$/\2/p" "$o"); do
+                    [ "$f" = none ] || echo "$dir/$f"
+                done
+                ;;
+            *)
+                [ -f "$o" ] || fail "object list names $o, which is not built"
+                echo "$o"
+                ;;
+        esac
+    done | sort -u
+}
+
+# defined_symbols OBJ... / undefined_symbols OBJ...: "SYMBOL OBJECT" lines
+# for the global symbols each object defines / references.  Names that
+# start with two underscores belong to the compiler or its sanitizers.
+defined_symbols ()
+{
+    local o
+    for o in "$@"; do
+        nm -g --defined-only "$o" | awk -v o="$o" 'NF == 3 && $3 !~ /^__/ { print $3, o }'
+    done
+}
+
+undefined_symbols ()
+{
+    local o
+    for o in "$@"; do
+        nm -u "$o" | awk -v o="$o" '$NF !~ /^__/ { print $NF, o }'
+    done
+}
