@@ -184,11 +184,13 @@ cowchain_install_deps
 cd "$COWCHAIN_SRCDIR"
 cowchain_autoreconf always
 
+# Both builds with -Werror: a warning fails CI (configure leaves it off by
+# default, so that a tarball still builds with a newer compiler).
 if [ "$ONLY" != sanitizers ]; then
-    run_suite plain "$COWCHAIN_BUILDDIR"
+    run_suite plain "$COWCHAIN_BUILDDIR" --enable-werror
 fi
 if [ "$ONLY" != plain ]; then
-    san_args=(--enable-sanitizers)
+    san_args=(--enable-werror --enable-sanitizers)
     if [ -n "${COWCHAIN_SAN_CC:-}" ]; then
         san_args+=("CC=$COWCHAIN_SAN_CC")
     fi

@@ -46,6 +46,19 @@
 #   nbdsh ARGS...            the system nbdsh with the system python3
 #   $PYTHON                  /usr/bin/python3 (the one with libnbd's module)
 #   fail MSG / skip MSG / note MSG
+#   expect_fail TEXT CMD...  CMD fails (any status), stderr mentions TEXT
+#   expect_exit STATUS TEXT CMD...
+#                            CMD exits with exactly STATUS, stderr
+#                            mentions TEXT
+#   $cowchain_bin, requires_cowchain
+#                            the built tool; fail unless it is built
+#   run_cowchain ARGS...     run the tool (time-out $cowchain_timeout s):
+#                            $rc, $tmpdir/out, $tmpdir/err
+#   qcow2_patch FILE OP...   read or change qcow2 header fields, table
+#                            entries, refcounts or raw bytes
+#                            (tests/qcow2-patch.py)
+#   objects_of, defined_symbols, undefined_symbols
+#                            object files and their global symbols
 #   requires_python_nbd      fail unless $PYTHON can import nbd
 
 set -e
@@ -276,18 +289,6 @@ declare -a server_wrapper=()    # a command prefix (e.g. setpriv ...)
 declare -A server_waiters=()    # NAME -> pid of the subshell waiting for it
 server_start_timeout=${COWCHAIN_START_TIMEOUT:-60}
 
-# expect_fail TEXT CMD...: CMD fails, and its stderr mentions TEXT
-# (case-insensitive).  Its output is left in $tmpdir/out and $tmpdir/err.
-expect_fail ()
-{
-    local text=$1; shift
-    if "$@" > "$tmpdir/out" 2> "$tmpdir/err"; then
-        fail "should have failed: $*"
-    fi
-    grep -q -i -- "$text" "$tmpdir/err" ||
-        { cat "$tmpdir/err" >&2; fail "error of '$*' does not mention '$text'"; }
-}
-
 server_uri ()
 {
     echo "nbd+unix:///?socket=$tmpdir/$1.sock"
@@ -500,6 +501,61 @@ server_alive ()
 }
 
 #----------------------------------------------------------------------
+# Commands that must fail, and the cowchain tool.
+
+# expect_fail TEXT CMD...: CMD fails (any non-zero exit status), and its
+# stderr mentions TEXT (case-insensitive).  Its output is left in
+# $tmpdir/out and $tmpdir/err.
+expect_fail ()
+{
+    local text=$1; shift
+    if "$@" > "$tmpdir/out" 2> "$tmpdir/err"; then
+        fail "should have failed: $*"
+    fi
+    grep -q -i -- "$text" "$tmpdir/err" ||
+        { cat "$tmpdir/err" >&2; fail "error of '$*' does not mention '$text'"; }
+}
+
+# expect_exit STATUS TEXT CMD...: CMD exits with exactly STATUS (the
+# tool's 1 for a refusal is not a crash's 134), and its stderr mentions
+# TEXT (case-insensitive).  Output in $tmpdir/out and $tmpdir/err.
+expect_exit ()
+{
+    local want=$1 text=$2 rc=0; shift 2
+    "$@" > "$tmpdir/out" 2> "$tmpdir/err" || rc=$?
+    [ "$rc" = "$want" ] ||
+        { cat "$tmpdir/out" "$tmpdir/err" >&2; fail "exit status $rc, not $want: $*"; }
+    grep -q -i -- "$text" "$tmpdir/err" ||
+        { cat "$tmpdir/err" >&2; fail "error of '$*' does not mention '$text'"; }
+}
+
+# The built tool.
+cowchain_bin=$abs_top_builddir/cowchain
+
+# requires_cowchain: fail unless the tool is built; in the sanitizer
+# build, its leaks fail it too.
+requires_cowchain ()
+{
+    [ -x "$cowchain_bin" ] || fail "cowchain not built: $cowchain_bin"
+    if [ "$COWCHAIN_SANITIZERS" = 1 ]; then
+        export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=1"
+    fi
+}
+
+# run_cowchain ARGS...: run the tool, never hanging (killed after
+# $cowchain_timeout s, default 120: a time-out fails the test), its
+# stdout in $tmpdir/out, stderr in $tmpdir/err, exit status in $rc.  A
+# sanitizer report fails the test whatever the status.
+cowchain_timeout=120
+run_cowchain ()
+{
+    rc=0
+    timeout "$cowchain_timeout" "$cowchain_bin" "$@" >"$tmpdir/out" 2>"$tmpdir/err" || rc=$?
+    check_sanitizer_log "$tmpdir/err"
+    [ "$rc" -ne 124 ] || fail "cowchain $*: timed out"
+}
+
+#----------------------------------------------------------------------
 # Images.
 
 # check_image FILE [leaks-ok]
@@ -524,6 +580,13 @@ check_image ()
     esac
 }
 
+# qcow2_patch FILE OP...: read or change a qcow2 image's header fields,
+# table entries, refcounts or raw bytes; see tests/qcow2-patch.py.
+qcow2_patch ()
+{
+    "$PYTHON" "$testsdir/qcow2-patch.py" "$@"
+}
+
 # img_info FILE FIELD: one field of `qemu-img info --output=json`, with
 # dots for nested keys (format-specific.data.compat).
 img_info ()
@@ -535,4 +598,53 @@ v = json.load(sys.stdin)
 for k in sys.argv[1].split("."):
     v = v[k]
 print(v)' "$2"
+}
+
+#----------------------------------------------------------------------
+# Symbols of the built objects (tests/test-api-*.sh).
+
+# objects_of LIST...: the object files of make's object lists (paths
+# relative to the build tree, as in $(cowchain_OBJECTS)): a libtool .lo
+# names its PIC object (and maybe a non-PIC one) beside it in .libs/.
+objects_of ()
+{
+    local o dir f
+    for o in "$@"; do
+        case $o in
+            /*) ;;
+            *) o=$abs_top_builddir/$o ;;
+        esac
+        case $o in
+            *.lo)
+                [ -f "$o" ] || fail "object list names $o, which is not built"
+                dir=$(dirname "$o")
+                for f in $(sed -n "s/^\(non_\)\{0,1\}pic_object='\(.*\)'$/\2/p" "$o"); do
+                    [ "$f" = none ] || echo "$dir/$f"
+                done
+                ;;
+            *)
+                [ -f "$o" ] || fail "object list names $o, which is not built"
+                echo "$o"
+                ;;
+        esac
+    done | sort -u
+}
+
+# defined_symbols OBJ... / undefined_symbols OBJ...: "SYMBOL OBJECT" lines
+# for the global symbols each object defines / references.  Names that
+# start with two underscores belong to the compiler or its sanitizers.
+defined_symbols ()
+{
+    local o
+    for o in "$@"; do
+        nm -g --defined-only "$o" | awk -v o="$o" 'NF == 3 && $3 !~ /^__/ { print $3, o }'
+    done
+}
+
+undefined_symbols ()
+{
+    local o
+    for o in "$@"; do
+        nm -u "$o" | awk -v o="$o" '$NF !~ /^__/ { print $NF, o }'
+    done
 }

@@ -95,27 +95,21 @@ refuse base.raw base="$base" overlay="$base"         # the base itself
 make_random_file "$ov" 1048576 9
 refuse overlay.qcow2 base="$base" overlay="$ov"
 rm -f "$ov"
-# patch_bytes FILE OFFSET HEXBYTES
-patch_bytes ()
-{
-    printf "$(echo "$3" | sed 's/../\\x&/g')" |
-        dd of="$1" bs=1 seek="$2" conv=notrunc status=none
-}
-for damage in "20 00000028" "36 7fffffff" "4 00000004" "72 8000000000000000" \
-              "40 0000000000000201" "96 00000007"; do
+for damage in cluster_bits=0x28 l1_size=0x7fffffff version=4 \
+              incompatible_features=0x8000000000000000 \
+              l1_table_offset=0x201 refcount_order=7; do
     qemu-img create -q -f qcow2 -b "$base" -F raw "$ov"
-    patch_bytes "$ov" $damage
+    qcow2_patch "$ov" "$damage"
     refuse overlay.qcow2 base="$base" overlay="$ov"
     rm -f "$ov"
 done
-# The refcount table (offset at byte 48, clusters at 56): each fault is
-# named for what it is.
-for damage in "48 0000000000100000:runs past the end of the file" \
-              "56 00000010:runs past the end of the file" \
-              "48 0000000000010200:not aligned to the cluster size" \
-              "56 00000000:refcount table is empty"; do
+# The refcount table: each fault is named for what it is.
+for damage in "refcount_table_offset=0x100000:runs past the end of the file" \
+              "refcount_table_clusters=16:runs past the end of the file" \
+              "refcount_table_offset=0x10200:not aligned to the cluster size" \
+              "refcount_table_clusters=0:refcount table is empty"; do
     qemu-img create -q -f qcow2 -b "$base" -F raw "$ov"
-    patch_bytes "$ov" ${damage%%:*}
+    qcow2_patch "$ov" "${damage%%:*}"
     refuse "overlay.qcow2: .*${damage#*:}" base="$base" overlay="$ov"
     rm -f "$ov"
 done

@@ -12,109 +12,30 @@
 requires qemu-img qemu-io timeout sha256sum
 [ -x "$PYTHON" ] || fail "$PYTHON not found"
 
-cowchain_bin=$abs_top_builddir/cowchain
-[ -x "$cowchain_bin" ] || fail "cowchain not built: $cowchain_bin"
-if [ "$COWCHAIN_SANITIZERS" = 1 ]; then
-    export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=1"
-fi
-
-# run_cowchain ARGS...: stdout in $tmpdir/out, stderr in $tmpdir/err,
-# exit status in $rc; a sanitizer report fails the test.
-run_cowchain ()
-{
-    rc=0
-    timeout 120 "$cowchain_bin" "$@" >"$tmpdir/out" 2>"$tmpdir/err" || rc=$?
-    check_sanitizer_log "$tmpdir/err"
-    [ "$rc" -ne 124 ] || fail "cowchain $*: timed out"
-}
+requires_cowchain
 
 cd "$tmpdir"
 
-# The poker: reads and writes single qcow2 metadata entries.
-cat > poke.py <<'EOF'
-import os, struct, sys
-
-def u32(b, o): return struct.unpack(">I", b[o:o+4])[0]
-def u64(b, o): return struct.unpack(">Q", b[o:o+8])[0]
-
-class Image:
-    def __init__(self, path):
-        self.f = open(path, "r+b")
-        h = self.f.read(104)
-        self.version = u32(h, 4)
-        self.cluster_bits = u32(h, 20)
-        self.cs = 1 << self.cluster_bits
-        self.l1_size, self.l1_offset = u32(h, 36), u64(h, 40)
-        self.reftable_offset = u64(h, 48)
-        self.order = u32(h, 96) if self.version >= 3 else 4
-        self.bits = 1 << self.order
-        self.per_block = self.cs * 8 // self.bits
-    def get64(self, off):
-        self.f.seek(off); return struct.unpack(">Q", self.f.read(8))[0]
-    def put64(self, off, v):
-        self.f.seek(off); self.f.write(struct.pack(">Q", v))
-    def block(self, cluster):
-        rb = self.get64(self.reftable_offset + 8 * (cluster // self.per_block))
-        rb &= ~0x1ff
-        assert rb, "no refcount block for cluster %d" % cluster
-        return rb, cluster % self.per_block
-    def getref(self, cluster):
-        rb, i = self.block(cluster)
-        bit = i * self.bits
-        self.f.seek(rb + bit // 8)
-        raw = int.from_bytes(self.f.read(max(1, self.bits // 8)), "big")
-        if self.bits < 8:
-            return (raw >> (bit % 8)) & ((1 << self.bits) - 1)
-        return raw
-    def setref(self, cluster, v):
-        rb, i = self.block(cluster)
-        bit = i * self.bits
-        n = max(1, self.bits // 8)
-        self.f.seek(rb + bit // 8)
-        if self.bits < 8:
-            old = self.f.read(1)[0]
-            mask = ((1 << self.bits) - 1) << (bit % 8)
-            new = (old & ~mask) | ((v << (bit % 8)) & mask)
-            self.f.seek(rb + bit // 8); self.f.write(bytes([new]))
-        else:
-            self.f.write(v.to_bytes(n, "big"))
-    def l2_slot(self, gc):
-        per = self.cs // 8
-        l2 = self.get64(self.l1_offset + 8 * (gc // per)) & 0x00fffffffffffe00
-        assert l2, "no L2 table for guest cluster %d" % gc
-        return l2 + 8 * (gc % per)
-
-img = Image(sys.argv[2])
-# Bash arithmetic is signed: take values modulo 2^64.
-cmd, args = sys.argv[1], [int(a, 0) & (2**64 - 1) for a in sys.argv[3:]]
-if cmd == "cs":
-    print(img.cs)
-elif cmd == "getref":
-    print(img.getref(args[0]))
-elif cmd == "setref":
-    img.setref(args[0], args[1])
-elif cmd == "l1":
-    print(img.get64(img.l1_offset + 8 * args[0]))
-elif cmd == "setl1":
-    img.put64(img.l1_offset + 8 * args[0], args[1])
-elif cmd == "l2":
-    print(img.get64(img.l2_slot(args[0])))
-elif cmd == "setl2":
-    img.put64(img.l2_slot(args[0]), args[1])
-elif cmd == "setreft":
-    img.put64(img.reftable_offset + 8 * args[0], args[1])
-elif cmd == "grow":
-    # Append args[0] clusters, each with refcount 1: leaks.
-    size = os.path.getsize(sys.argv[2])
-    first = (size + img.cs - 1) // img.cs
-    os.truncate(sys.argv[2], (first + args[0]) * img.cs)
-    for c in range(first, first + args[0]):
-        img.setref(c, 1)
-    print(first)
-else:
-    sys.exit("unknown command " + cmd)
-EOF
-poke () { "$PYTHON" "$tmpdir/poke.py" "$@"; }
+# poke CMD FILE ARGS...: the test's short names for single qcow2 metadata
+# entries, read and written by qcow2_patch.
+poke ()
+{
+    local cmd=$1 file=$2
+    shift 2
+    case $cmd in
+        cs) qcow2_patch "$file" cluster_size ;;
+        getref) qcow2_patch "$file" "refcount[$1]" ;;
+        setref) qcow2_patch "$file" "refcount[$1]=$2" ;;
+        l1) qcow2_patch "$file" "l1[$1]" ;;
+        setl1) qcow2_patch "$file" "l1[$1]=$2" ;;
+        l2) qcow2_patch "$file" "l2[$1]" ;;
+        setl2) qcow2_patch "$file" "l2[$1]=$2" ;;
+        setreft) qcow2_patch "$file" "reftable[$1]=$2" ;;
+        # Append $1 clusters, each with refcount 1 (leaks); print the first.
+        grow) qcow2_patch "$file" "grow=$1" ;;
+        *) fail "poke: unknown command $cmd" ;;
+    esac
+}
 
 # Host cluster of an L1 entry's L2 table / of guest cluster GC's data.
 l2_cluster () { echo $(( ($(poke l1 "$1" "$2") & 0x00fffffffffffe00) / $(poke cs "$1") )); }
@@ -343,7 +264,7 @@ qemu-io -c 'write -P 1 0 64k' two-l1.qcow2 >/dev/null
 poke setl1 two-l1.qcow2 3 "$(poke l1 two-l1.qcow2 0)"
 verdict_only two-l1.qcow2 2
 damaged garbage-l2.qcow2 v3.qcow2         # an L2 table full of garbage
-dd if=random.raw of=garbage-l2.qcow2 bs=$cs seek="$l2c" count=1 conv=notrunc status=none
+qcow2_patch garbage-l2.qcow2 "@$(( l2c * cs ))=from:random.raw:$cs"
 verdict_only garbage-l2.qcow2 2
 
 # Leak repair is refused on every damaged image, which stays unchanged.
@@ -392,12 +313,7 @@ run_cowchain check -r leaks v3.qcow2
 [ "$rc" -eq 0 ] && [ "$(sha256 v3.qcow2)" = "$before" ] || fail "check -r leaks on a clean image"
 # An image marked corrupt is not repaired.
 cp leak1.qcow2 marked.qcow2
-"$PYTHON" - marked.qcow2 <<'EOF'
-import struct, sys
-with open(sys.argv[1], "r+b") as f:
-    f.seek(72); v = struct.unpack(">Q", f.read(8))[0]
-    f.seek(72); f.write(struct.pack(">Q", v | 2))
-EOF
+qcow2_patch marked.qcow2 "incompatible_features|=2"     # corrupt
 before=$(sha256 marked.qcow2)
 run_cowchain check -r leaks marked.qcow2
 [ "$rc" -eq 1 ] && grep -q 'corrupt' err || fail "repair of an image marked corrupt: $rc"

@@ -13,22 +13,8 @@
 requires qemu-img qemu-io timeout
 [ -x "$PYTHON" ] || fail "$PYTHON not found"
 
-cowchain_bin=$abs_top_builddir/cowchain
-[ -x "$cowchain_bin" ] || fail "cowchain not built: $cowchain_bin"
-if [ "$COWCHAIN_SANITIZERS" = 1 ]; then
-    export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=1"
-fi
-
-# run_cowchain ARGS...: run the tool (never hanging), its stdout in
-# $tmpdir/out, stderr in $tmpdir/err, exit status in $rc.  A sanitizer
-# report fails the test whatever the status.
-run_cowchain ()
-{
-    rc=0
-    timeout 60 "$cowchain_bin" "$@" >"$tmpdir/out" 2>"$tmpdir/err" || rc=$?
-    check_sanitizer_log "$tmpdir/err"
-    [ "$rc" -ne 124 ] || fail "cowchain $*: timed out"
-}
+requires_cowchain
+cowchain_timeout=60
 
 # expect_rc RC PATTERN ARGS...: exit status RC and stderr matching PATTERN
 # (grep -E; empty: anything).
@@ -149,14 +135,7 @@ grep -q '^virtual size: 64 MiB (67108864 bytes)$' out ||
 
 note "corrupt and dirty flags"
 cp v3.qcow2 flagged.qcow2
-"$PYTHON" - flagged.qcow2 <<'EOF'
-import struct, sys
-with open(sys.argv[1], "r+b") as f:
-    f.seek(72)
-    incompat = struct.unpack(">Q", f.read(8))[0]
-    f.seek(72)
-    f.write(struct.pack(">Q", incompat | 3))      # dirty + corrupt
-EOF
+qcow2_patch flagged.qcow2 "incompatible_features|=3"     # dirty + corrupt
 same_as_qemu flagged.qcow2
 "$PYTHON" -c '
 import json, sys
@@ -249,7 +228,7 @@ expect_rc 1 "^cowchain: .*64" info --backing-chain deep/c65.qcow2
 
 note "hostile headers: a clear error"
 head -c 4096 /dev/zero > bad.qcow2
-printf 'QFI\373\0\0\0\3' | dd of=bad.qcow2 conv=notrunc status=none
+qcow2_patch bad.qcow2 magic=0x514649fb version=3      # 'QFI\373', 3
 expect_rc 1 "^cowchain: bad\.qcow2: " info bad.qcow2
 printf 'QFI\373' > short.qcow2
 expect_rc 1 "^cowchain: short\.qcow2: " info short.qcow2

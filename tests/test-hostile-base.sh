@@ -44,15 +44,9 @@ qemu-img create -q -f qcow2 -u -b self.qcow2 -F qcow2 "$d/self.qcow2" 1M
 refuse self "loop" "$d/self.qcow2"
 qemu-img create -q -f qcow2 -u -b plain.raw "$d/nofmt.qcow2" 1M 2>/dev/null ||
     { qemu-img create -q -f qcow2 "$d/nofmt.qcow2" 1M &&
-      "$PYTHON" - "$d/nofmt.qcow2" <<'PY'
-# Point the backing name at plain.raw by hand: no format extension.
-import struct, sys
-p = sys.argv[1]
-with open(p, "r+b") as f:
-    name = b"plain.raw"
-    f.seek(65536 - 64); f.write(name)
-    f.seek(8); f.write(struct.pack(">QI", 65536 - 64, len(name)))
-PY
+      # Point the backing name at plain.raw by hand: no format extension.
+      qcow2_patch "$d/nofmt.qcow2" "@$(( 65536 - 64 ))=str:plain.raw" \
+          backing_file_offset=$(( 65536 - 64 )) backing_file_size=9
     }
 refuse nofmt "no recorded format" "$d/nofmt.qcow2"
 prev=plain.raw; pfmt=raw
@@ -76,31 +70,25 @@ qemu-img check "$d/comp.qcow2" | grep -q -E '[1-9][0-9.]*% compressed' ||
 
 # patch FILE KIND: damage the first cluster's mapping or data.
 patch () {
-    "$PYTHON" - "$@" <<'PY'
-import struct, sys
-path, kind = sys.argv[1], sys.argv[2]
-with open(path, "r+b") as f:
-    h = f.read(104)
-    cbits = struct.unpack_from(">I", h, 20)[0]
-    l1_off = struct.unpack_from(">Q", h, 40)[0]
-    f.seek(l1_off); l1 = struct.unpack(">Q", f.read(8))[0]
-    l2_off = l1 & 0x00fffffffffffe00
-    if kind == "l1-unaligned":
-        f.seek(l1_off); f.write(struct.pack(">Q", l1 | 0x200)); sys.exit()
-    f.seek(l2_off); e = struct.unpack(">Q", f.read(8))[0]
-    if kind == "l2-reserved":
-        e |= 1 << 57
-    elif kind == "l2-past-eof":
-        e = (1 << 63) | (1 << 45)
-    elif kind == "comp-oob":
-        x = 62 - (cbits - 8)
-        e = (e & ~((1 << x) - 1)) | ((1 << 40) + 0x1234)
-    elif kind == "comp-garbage":
-        x = 62 - (cbits - 8)
-        off = e & ((1 << x) - 1)
-        f.seek(off); f.write(b"\xff" * 256); sys.exit()
-    f.seek(l2_off); f.write(struct.pack(">Q", e))
-PY
+    local path=$1 kind=$2 cbits e x
+    if [ "$kind" = l1-unaligned ]; then
+        qcow2_patch "$path" "l1[0]|=0x200"
+        return
+    fi
+    cbits=$(qcow2_patch "$path" cluster_bits)
+    e=$(qcow2_patch "$path" "l2[0]")
+    # The host offset field of a compressed cluster's L2 entry.
+    x=$(( 62 - (cbits - 8) ))
+    case $kind in
+        l2-reserved) e=$(( e | (1 << 57) )) ;;
+        l2-past-eof) e=$(( (1 << 63) | (1 << 45) )) ;;
+        comp-oob) e=$(( (e & ~((1 << x) - 1)) | ((1 << 40) + 0x1234) )) ;;
+        comp-garbage)
+            qcow2_patch "$path" "@$(( e & ((1 << x) - 1) ))=$(printf 'ff%.0s' {1..256})"
+            return
+            ;;
+    esac
+    qcow2_patch "$path" "l2[0]=$e"
 }
 for kind in l2-reserved l2-past-eof l1-unaligned comp-oob comp-garbage; do
     case $kind in comp-*) src=comp; ref=$tmpdir/text.raw ;; *) src=good; ref=$tmpdir/data.raw ;; esac
