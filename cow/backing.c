@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 
 #include "backing.h"
+#include "cleanup.h"
 #include "cowchain.h"
 #include "disk.h"
 #include "error.h"
@@ -25,8 +26,9 @@
 char *
 backing_name_for (const char *overlay, const char *base)
 {
-  char odir[PATH_MAX], bpath[PATH_MAX];
-  char *ocopy = strdup (overlay), *slash, *out;
+  /* Paths on the heap: this runs on threads with small stacks. */
+  CLEANUP_FREE char *ocopy = strdup (overlay), *odir = NULL, *bpath = NULL;
+  char *slash, *out;
   size_t common = 0, ups = 0, olen, i;
   const char *rest;
 
@@ -39,11 +41,9 @@ backing_name_for (const char *overlay, const char *base)
     *slash = '\0';
   else
     strcpy (ocopy, ".");
-  if (realpath (ocopy, odir) == NULL || realpath (base, bpath) == NULL) {
-    free (ocopy);
+  if ((odir = realpath (ocopy, NULL)) == NULL
+      || (bpath = realpath (base, NULL)) == NULL)
     return NULL;
-  }
-  free (ocopy);
   if (strcmp (odir, "/") == 0)
     return strdup (bpath + 1);
   olen = strlen (odir);
@@ -139,8 +139,8 @@ backing_allowed (const char *const *allow, const char *base_dir,
   if (strncmp (real, base_dir, n) == 0 && (real[n] == '/' || n == 1))
     return true;
   for (const char *const *a = allow; a && *a; a++) {
-    char r[PATH_MAX];
-    if (realpath (*a, r) && strcmp (r, real) == 0)
+    CLEANUP_FREE char *r = realpath (*a, NULL);
+    if (r && strcmp (r, real) == 0)
       return true;
   }
   return false;
@@ -182,23 +182,24 @@ char *
 backing_resolve (const char *const *allow, const char *base_dir,
                  const char *from, const char *name)
 {
-  char *joined = backing_path (from, name), real[PATH_MAX];
+  CLEANUP_FREE char *joined = backing_path (from, name);
+  char *real;
 
   if (joined == NULL)
     return NULL;
-  if (realpath (joined, real) == NULL) {
+  real = realpath (joined, NULL);
+  if (real == NULL) {
     cow_error_errno ("%s: backing file '%s' cannot be opened", from, name);
-    free (joined);
     return NULL;
   }
-  free (joined);
   if (!backing_allowed (allow, base_dir, real)) {
     cow_error_set (EPERM, "%s: backing file name '%s' leads to '%s', outside "
                    "the base's directory '%s' and not allowed by "
                    "allow-backing=", from, name, real, base_dir);
+    free (real);
     return NULL;
   }
-  return strdup (real);
+  return real;
 }
 
 /*----------------------------------------------------------------------

@@ -41,6 +41,7 @@ struct loose {
 struct qcow2_cache {
   struct qcow2 *q;
   bool is_l2;
+  qcow2_cache_hook before_write;
   size_t n, cap;
   struct slot *slots;
   size_t *buckets;        /* by offset: slot + 1; 0 = empty */
@@ -98,7 +99,8 @@ struct qcow2_cache_batch {
 };
 
 struct qcow2_cache *
-qcow2_cache_create (struct qcow2 *q, size_t n, bool is_l2)
+qcow2_cache_create (struct qcow2 *q, size_t n, bool is_l2,
+                    qcow2_cache_hook before_write)
 {
   struct qcow2_cache *c = calloc (1, sizeof *c);
 
@@ -108,6 +110,7 @@ qcow2_cache_create (struct qcow2 *q, size_t n, bool is_l2)
     n = 4;
   c->q = q;
   c->is_l2 = is_l2;
+  c->before_write = before_write;
   c->n = n;
   c->cap = 2 * n;
   c->slots = calloc (c->cap, sizeof *c->slots);
@@ -173,16 +176,9 @@ write_slot (struct qcow2_cache *c, struct slot *s)
 {
   struct qcow2 *q = c->q;
 
-  if (c->is_l2) {
-    /* Data and refcounts first (qcow2.h). */
-    if (qcow2_cache_writeback (q->rb_cache) == -1
-        || qcow2_reftable_writeback (q) == -1)
-      return -1;
-    if (io_fsync (q->fd) == -1) {
-      cow_error_errno ("%s: fsync", q->layer.path);
-      return -1;
-    }
-  }
+  /* Data and refcounts first (qcow2.h). */
+  if (c->before_write && c->before_write (q) == -1)
+    return -1;
   if (io_pwrite (q->fd, s->data, q->cluster_size, s->offset) == -1) {
     cow_error_errno ("%s: writing %s at offset %" PRIu64, q->layer.path,
                      c->is_l2 ? "L2 table" : "refcount block", s->offset);

@@ -376,3 +376,16 @@ qcow2_reftable_writeback (struct qcow2 *q)
   free (t);
   return r;
 }
+
+int
+qcow2_refcounts_sync (struct qcow2 *q)
+{
+  if (qcow2_cache_writeback (q->rb_cache) == -1
+      || qcow2_reftable_writeback (q) == -1)
+    return -1;
+  if (io_fsync (q->fd) == -1) {
+    cow_error_errno ("%s: fsync", q->layer.path);
+    return -1;
+  }
+  return 0;
+}

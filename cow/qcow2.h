@@ -114,7 +114,7 @@ struct qcow2 {
                                    L1 table is fixed) */
 };
 
-/* qcow2.c: header */
+/* qcow2-format.c: the header in memory and on disk, damage reports */
 /* Write the fields of h in [from, to) (QCOW2_HDR_OFFSET, QCOW2_HDR_END)
  * at their place in the file, in one write; -1 with errno set. */
 int qcow2_header_write_fields (int fd, const struct qcow2_header *h,
@@ -124,8 +124,13 @@ void qcow2_mark_corrupt (struct qcow2 *q, const char *fmt, ...)
 
 /* qcow2-cache.c: a cache of cluster-sized metadata tables (L2 tables and
  * refcount blocks), kept in on-disk (big-endian) byte order. */
+/* before_write (may be NULL) runs, and must succeed, before each table is
+ * written: the L2 cache's writes refcounts first (qcow2.h, write order),
+ * without the cache calling into the refcount code. */
+typedef int (*qcow2_cache_hook) (struct qcow2 *q);
 struct qcow2_cache *qcow2_cache_create (struct qcow2 *q, size_t n_entries,
-                                        bool is_l2);
+                                        bool is_l2,
+                                        qcow2_cache_hook before_write);
 void qcow2_cache_destroy (struct qcow2_cache *c);
 /* Get the table at host offset; fresh: do not read, start zeroed.  The
  * table is pinned until qcow2_cache_put.  Caller holds q->lock. */
@@ -165,6 +170,9 @@ int qcow2_release_synced (struct qcow2 *q);
 int qcow2_cluster_list_push (struct cluster_list *l, uint64_t v);
 /* Write the refcount table now if it changed (blocks synced first). */
 int qcow2_reftable_writeback (struct qcow2 *q);
+/* Every dirty refcount block, then the refcount table, then an fsync: what
+ * must be on disk before an L2 table that depends on them. */
+int qcow2_refcounts_sync (struct qcow2 *q);
 
 /* qcow2-cluster.c */
 int qcow2_layer_read (struct layer *l, void *buf, uint32_t count,

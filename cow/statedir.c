@@ -290,11 +290,14 @@ statedir_open (struct cow_disk *d, const struct cow_disk_config *cfg)
   /* A disk pulled self-contained no longer needs the base it was
    * configured with. */
   if (r == 1 && cfg->base && !d->man.no_base) {
-    char a[PATH_MAX], b[PATH_MAX];
-    bool same = remote_is_uri (cfg->base)
-      ? strcmp (cfg->base, d->man.base) == 0
-      : (realpath (cfg->base, a) && realpath (d->man.base, b)
-         && strcmp (a, b) == 0);
+    bool same;
+    if (remote_is_uri (cfg->base))
+      same = strcmp (cfg->base, d->man.base) == 0;
+    else {
+      CLEANUP_FREE char *a = realpath (cfg->base, NULL);
+      CLEANUP_FREE char *b = realpath (d->man.base, NULL);
+      same = a && b && strcmp (a, b) == 0;
+    }
     if (!same) {
       cow_error_set (EINVAL, "%s: the disk's base is '%s', not '%s'",
                      d->state_dir, d->man.base, cfg->base);

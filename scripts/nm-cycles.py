@@ -2,12 +2,13 @@
 # Usage: scripts/nm-cycles.py build/cow/.libs/libcow_la-*.o (after make):
 # which engine object file calls which, and any call cycles between them.
 # Call graph between the engine's object files from nm: file A -> B when A
-# uses a symbol B defines.  Prints edges among the given files and cycles.
+# uses a symbol B defines.  Prints edges among the given files and cycles;
+# exits 1 if there is a cycle (tests/test-api-prefixes.sh runs it).
 import subprocess, sys, itertools
 objs = sys.argv[1:]
 defs, undefs = {}, {}
 for o in objs:
-    name = o.split('libcow_la-')[-1].replace('.o', '')
+    name = o.split('libcow_la-')[-1].rsplit('/', 1)[-1].replace('.o', '')
     out = subprocess.run(['nm', o], capture_output=True, text=True).stdout
     defs[name] = {l.split()[-1] for l in out.splitlines() if len(l.split()) == 3 and l.split()[1] in 'TDBR'}
     undefs[name] = {l.split()[-1] for l in out.splitlines() if l.split()[0] == 'U'}
@@ -31,3 +32,4 @@ def strong(v):
 for v in edges:
     if v not in idx: strong(v)
 print('cycles:', sccs if sccs else 'none')
+sys.exit(1 if sccs else 0)

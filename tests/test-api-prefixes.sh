@@ -9,8 +9,12 @@
 # printed as: libcow: SYMBOL (defined in OBJECT): REASON.
 #
 # A new engine module adds its prefix here.
+#
+# Also: no call cycles between the engine's files (scripts/nm-cycles.py:
+# file A -> B when A uses a symbol B defines), so each file can be read,
+# tested and replaced from the bottom up.
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
-requires nm gcc
+requires nm gcc python3
 
 prefixes="cow qcow2 chain io manifest job control image text word utf8 layer"
 prefixes+=" raw remote backing statedir"
@@ -69,3 +73,30 @@ grep -q "^libcow: nbd_is_uri (defined in .*planted.o): in the nbd_ namespace" "$
 
 note "libcow: $n global symbols in ${#objs[@]} objects"
 check_prefixes "${objs[@]}" || fail "libcow defines symbols outside its module prefixes (above)"
+
+note "no call cycles between the engine's files"
+cat > "$tmpdir/libcow_la-ping.c" <<'C'
+int pong_fn (void);
+int ping_fn (void);
+int ping_fn (void) { return pong_fn (); }
+C
+cat > "$tmpdir/libcow_la-pong.c" <<'C'
+int ping_fn (void);
+int pong_fn (void);
+int pong_fn (void) { return ping_fn (); }
+C
+gcc -c -o "$tmpdir/libcow_la-ping.o" "$tmpdir/libcow_la-ping.c" &&
+    gcc -c -o "$tmpdir/libcow_la-pong.o" "$tmpdir/libcow_la-pong.c" ||
+    fail "cannot compile the planted cycle"
+if python3 "$abs_top_srcdir/scripts/nm-cycles.py" "$tmpdir/libcow_la-ping.o" \
+       "$tmpdir/libcow_la-pong.o" > "$tmpdir/cycle.out"; then
+    fail "a planted cycle was not found"
+fi
+grep -q "^cycles: \[\['p[io]ng', 'p[io]ng'\]\]" "$tmpdir/cycle.out" ||
+    fail "the planted cycle was not reported: $(cat "$tmpdir/cycle.out")"
+python3 "$abs_top_srcdir/scripts/nm-cycles.py" "${objs[@]}" > "$tmpdir/edges.out" || {
+    cat "$tmpdir/edges.out"
+    fail "the engine's files call each other in a cycle (above)"
+}
+note "$(wc -l < "$tmpdir/edges.out") call edges between files, $(tail -1 "$tmpdir/edges.out")"
+
