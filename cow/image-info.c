@@ -1,5 +1,5 @@
-/* Images seen from outside a disk (cowchain.h: cow_image_info,
- * cow_image_check): what `cowchain info` and `cowchain check` show of
+/* Images seen from outside a disk (cowchain.h: cow_image_info; the
+ * check, cow_image_check, is qcow2-check.c): what `cowchain info` shows of
  * any qcow2 or raw file.  The header fields come from the qcow2 driver's
  * own open layer, so that front ends need none of its private
  * structures. */
@@ -20,13 +20,6 @@
 #include "io.h"
 #include "layer.h"
 #include "qcow2.h"
-#include "qcow2-check.h"
-
-/* The public result mirrors the checker's own. */
-_Static_assert (COW_CHECK_MAX_MESSAGES == QCOW2_CHECK_MAX_MESSAGES,
-                "cow_check_result and qcow2_check_result differ");
-_Static_assert (COW_CHECK_MESSAGE_LEN == QCOW2_CHECK_MESSAGE_LEN,
-                "cow_check_result and qcow2_check_result differ");
 
 static char *
 dup_or_error (const char *s)
@@ -145,37 +138,4 @@ cow_image_info_clear (struct cow_image_info *ii)
   free (ii->backing_format);
   free (ii->full_backing);
   memset (ii, 0, sizeof *ii);
-}
-
-int
-cow_image_check (const char *path, bool repair_leaks,
-                 struct cow_check_result *res)
-{
-  struct qcow2_check_result *q = malloc (sizeof *q);
-  int r;
-
-  memset (res, 0, sizeof *res);
-  if (q == NULL) {
-    cow_error_set (ENOMEM, "out of memory");
-    res->check_errors = 1;
-    return -1;
-  }
-  r = qcow2_check (path, repair_leaks, q);
-  res->corruptions = q->corruptions;
-  res->leaks = q->leaks;
-  res->check_errors = q->check_errors;
-  res->leaks_fixed = q->leaks_fixed;
-  res->corruptions_fixed = q->corruptions_fixed;
-  res->repair_refused = q->repair_refused;
-  res->total_clusters = q->total_clusters;
-  res->allocated_clusters = q->allocated_clusters;
-  res->fragmented_clusters = q->fragmented_clusters;
-  res->compressed_clusters = q->compressed_clusters;
-  res->image_end_offset = q->image_end_offset;
-  res->cluster_size = q->cluster_size;
-  res->n_messages = q->n_messages;
-  res->messages_dropped = q->messages_dropped;
-  memcpy (res->messages, q->messages, sizeof res->messages);
-  free (q);
-  return r;
 }

@@ -50,7 +50,6 @@
 #include "io.h"
 #include "layer.h"
 #include "qcow2.h"
-#include "qcow2-check.h"
 
 /* qemu-img check refuses files of more clusters than this, and so do we:
  * it bounds the counter array at 4 GiB. */
@@ -72,7 +71,7 @@ struct checker {
   struct qcow2 *q;           /* opened read-only */
   int wfd;                   /* for a repair; else -1 */
   const char *path;
-  struct qcow2_check_result *res;
+  struct cow_check_result *res;
   uint64_t cs;               /* cluster size */
   uint64_t file_size;
   uint64_t nb_clusters;      /* host clusters of the file, last may be partial */
@@ -93,15 +92,15 @@ note (struct checker *ck, const char *fmt, ...)
 static void
 note (struct checker *ck, const char *fmt, ...)
 {
-  struct qcow2_check_result *res = ck->res;
+  struct cow_check_result *res = ck->res;
   va_list ap;
 
-  if (res->n_messages >= QCOW2_CHECK_MAX_MESSAGES) {
+  if (res->n_messages >= COW_CHECK_MAX_MESSAGES) {
     res->messages_dropped++;
     return;
   }
   va_start (ap, fmt);
-  vsnprintf (res->messages[res->n_messages], QCOW2_CHECK_MESSAGE_LEN, fmt, ap);
+  vsnprintf (res->messages[res->n_messages], COW_CHECK_MESSAGE_LEN, fmt, ap);
   va_end (ap);
   res->n_messages++;
 }
@@ -264,7 +263,7 @@ static void
 count_l2_entry (struct checker *ck, uint64_t gc, uint64_t e)
 {
   struct qcow2 *q = ck->q;
-  struct qcow2_check_result *res = ck->res;
+  struct cow_check_result *res = ck->res;
   uint64_t off, size;
   char what[64];
 
@@ -620,8 +619,8 @@ open_image (struct checker *ck, bool repair)
 }
 
 int
-qcow2_check (const char *path, bool repair_leaks,
-             struct qcow2_check_result *res)
+cow_image_check (const char *path, bool repair_leaks,
+                 struct cow_check_result *res)
 {
   struct checker ck = { .path = path, .res = res, .wfd = -1 };
   struct qcow2 *q;
