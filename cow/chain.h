@@ -213,12 +213,12 @@ int chain_refuse_degraded (struct cow_disk *d, int err, const char *what);
  * chain-wait.c: exclusive holds for a chain change, taken in short
  * windows so that guest I/O runs between them, for at most the disk's
  * drain_ns (the smallest of the disks').  which: CHAIN_HOLD_DURABILITY
- * and/or CHAIN_HOLD_CHAIN, taken in that order, on every disk, in the
- * canonical order.  Returns 0 with all held (*t0, if given: when the
- * last window began to take the chain locks, so that from *t0 to their
- * release is guest I/O's pause), or -1 with none held and ETIMEDOUT set,
- * naming 'what' and the disk that did not drain (EINVAL: a disk given
- * twice).  chain_release drops what chain_wait_exclusive took.
+ * and/or CHAIN_HOLD_CHAIN, taken in that order, on every disk; several
+ * disks come in the canonical order (from chain_disks_sorted, which
+ * also refused a disk given twice).  Returns 0 with all held (*t0, if
+ * given: when the last window began to take the chain locks, so that
+ * from *t0 to their release is guest I/O's pause), or -1 with none held
+ * and ETIMEDOUT set, naming 'what' and the disk that did not drain.  chain_release drops what chain_wait_exclusive took.
  * chain_admin_lock_bounded takes admin_lock within the drain bound
  * (false: it did not come free).
  */
