@@ -36,7 +36,8 @@ int cli_finish_output (int status);
 int cli_next_option (const char *cmd, int argc, char **argv,
                      const char *shortopts, const struct option *longopts);
 
-/* --output=human|json of every command that has it. */
+/* --output=text|json of every command that has it ("human" is taken as
+ * text). */
 enum cli_output { CLI_OUTPUT_HUMAN, CLI_OUTPUT_JSON };
 int cli_parse_output (const char *cmd, const char *arg, enum cli_output *out);
 
@@ -106,6 +107,17 @@ struct cli_target {
   { "state", required_argument, NULL, 's' }, \
   { "disk", required_argument, NULL, 'd' }, \
   { "timeout", required_argument, NULL, CLI_OPT_TIMEOUT }
+
+/* Help texts share one layout: Usage, a description, "Options:",
+ * "Exit status:", "Example:" (tests/test-cli-help.sh checks it). */
+#define HELP_OPTIONS "\nOptions:\n"
+#define HELP_HELP "  -h, --help            show this help\n"
+#define HELP_EXIT_SIMPLE \
+  "\n" \
+  "Exit status:\n" \
+  "  0  success\n" \
+  "  1  error: bad usage, or the server or the disk refused (the message\n" \
+  "     on stderr says why)\n"
 
 #define TARGET_HELP \
   "  -c, --control=SOCKET  a running server's control socket (default:\n" \

@@ -28,11 +28,19 @@ const char snapshot_help[] =
   "--disk-only).  NAME: 1 to 128 letters, digits and . _ - + : @, not\n"
   "starting with . or -; not active, base or layer-* (any case), which\n"
   "name layers.  TEXT: printable UTF-8, at most 1024 bytes, no control\n"
-  "characters (no tab or newline).\n"
-  "\n"
+  "characters (no tab or newline).  The guest's I/O pauses only for the\n"
+  "switch (the time is printed).\n"
+  HELP_OPTIONS
   TARGET_HELP
   "  -a, --atomic          all disks of the server at one consistent cut\n"
-  "  -D, --description=TEXT  a description to keep with the snapshot\n";
+  "  -D, --description=TEXT  a description to keep with the snapshot\n"
+  HELP_HELP
+  HELP_EXIT_SIMPLE
+  "\n"
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl snapshot --disk vda before-upgrade \\\n"
+  "      --description \"kernel 6.1\"\n"
+  "  cowchain --control /run/vm1.ctl snapshot --atomic nightly\n";
 
 int
 cmd_snapshot (int argc, char **argv)
@@ -215,10 +223,18 @@ format_time (int64_t t, char *buf, size_t len)
 const char list_help[] =
   "Usage: cowchain list [OPTION]...\n"
   "List the disk's snapshots, oldest first (like virsh snapshot-list).\n"
-  "\n"
+  "JSON: {\"version\": 1, \"disk\": NAME, \"snapshots\": [{\"name\",\n"
+  "\"creation-time\", \"state\", \"description\", \"file\", \"parent\"}]}.\n"
+  HELP_OPTIONS
   TARGET_HELP
   "      --tree            show them as a tree, the current state last\n"
-  "      --output=FORMAT   human (default) or json\n";
+  "      --output=FORMAT   text (default) or json\n"
+  HELP_HELP
+  HELP_EXIT_SIMPLE
+  "\n"
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl list --disk vda --tree\n"
+  "  cowchain list --state /var/lib/cowchain/vm1-vda --output=json\n";
 
 int
 cmd_list (int argc, char **argv)
@@ -262,6 +278,12 @@ cmd_list (int argc, char **argv)
   if (output == CLI_OUTPUT_JSON) {
     struct cli_json j;
     cli_json_init (&j, stdout, 2);
+    cli_json_open (&j, '{');
+    cli_json_u64 (&j, "version", 1);
+    cli_json_str_or_null (&j, "disk", t.state ? NULL : t.disk);
+    if (t.state)
+      cli_json_str (&j, "state", t.state);
+    cli_json_key (&j, "snapshots");
     cli_json_open (&j, '[');
     for (size_t i = 0; i < n; i++) {
       if (!v[i].snapshot)
@@ -279,6 +301,7 @@ cmd_list (int argc, char **argv)
       parent = v[i].snapshot;
     }
     cli_json_close (&j, ']');
+    cli_json_close (&j, '}');
   }
   else if (tree) {
     for (size_t i = 0; i < n; i++) {
@@ -325,10 +348,15 @@ const char revert_help[] =
   "while NBD clients are connected to the disk (what they cached would no\n"
   "longer be on it) and when later snapshots would be deleted, unless\n"
   "--force.\n"
-  "\n"
+  HELP_OPTIONS
   TARGET_HELP
   "  -f, --force           also then: delete later snapshots, change the\n"
-  "                        disk under connected clients\n";
+  "                        disk under connected clients\n"
+  HELP_HELP
+  HELP_EXIT_SIMPLE
+  "\n"
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl revert --disk vda before-upgrade\n";
 
 int
 cmd_revert (int argc, char **argv)
@@ -384,16 +412,27 @@ cmd_revert (int argc, char **argv)
  * blklist, status
  */
 
+#define SERVER_HELP \
+  "  -c, --control=SOCKET  the server's control socket (default:\n" \
+  "                        $COWCHAIN_CONTROL)\n" \
+  "      --timeout=SECONDS  give up on the server after this long (default:\n" \
+  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n" \
+  "      --output=FORMAT   text (default) or json\n"
+
 const char blklist_help[] =
   "Usage: cowchain blklist [OPTION]...\n"
   "Each disk (NBD export) of a running server and its active layer file,\n"
   "like virsh domblklist.\n"
+  "JSON: {\"version\": 1, \"disks\": [{\"name\", \"source\"}]}; the unnamed\n"
+  "disk of a server without disk= is \"\".\n"
+  HELP_OPTIONS
+  SERVER_HELP
+  "      --details         also the type and device columns\n"
+  HELP_HELP
+  HELP_EXIT_SIMPLE
   "\n"
-  "  -c, --control=SOCKET  the server's control socket (default:\n"
-  "                        $COWCHAIN_CONTROL)\n"
-  "      --timeout=SECONDS  give up on the server after this long (default:\n"
-  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n"
-  "      --details         also the type and device columns\n";
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl blklist --details\n";
 
 const char status_help[] =
   "Usage: cowchain status [OPTION]...\n"
@@ -401,12 +440,57 @@ const char status_help[] =
   "connected, active layer, base.\n"
   "State is ok, or degraded (with the reason on the next line) when a\n"
   "chain change could not be recorded: FLUSH then fails until a retry\n"
-  "succeeds.  Exits 1 if any disk is degraded.\n"
+  "succeeds.\n"
+  "JSON: {\"version\": 1, \"disks\": [{\"name\", \"layers\", \"state\",\n"
+  "\"reason\", \"clients\", \"active\", \"base\"}]}.\n"
+  HELP_OPTIONS
+  SERVER_HELP
+  HELP_HELP
   "\n"
-  "  -c, --control=SOCKET  the server's control socket (default:\n"
-  "                        $COWCHAIN_CONTROL)\n"
-  "      --timeout=SECONDS  give up on the server after this long (default:\n"
-  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n";
+  "Exit status:\n"
+  "  0  every disk is ok\n"
+  "  1  a disk is degraded, or error (bad usage, no server)\n"
+  "\n"
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl status\n";
+
+/* One disk of a status or blklist reply. */
+struct disk_row {
+  const char *name, *active, *base, *layers, *state, *reason, *clients;
+};
+
+static void
+print_disks_json (const struct disk_row *v, size_t n, bool status)
+{
+  struct cli_json j;
+
+  cli_json_init (&j, stdout, 2);
+  cli_json_open (&j, '{');
+  cli_json_u64 (&j, "version", 1);
+  cli_json_key (&j, "disks");
+  cli_json_open (&j, '[');
+  for (size_t i = 0; i < n; i++) {
+    cli_json_next (&j);
+    cli_json_open_inline (&j, '{');
+    cli_json_str (&j, "name", v[i].name);
+    if (status) {
+      cli_json_u64 (&j, "layers", strtoull (v[i].layers, NULL, 10));
+      cli_json_str (&j, "state", v[i].state);
+      cli_json_str_or_null (&j, "reason", v[i].reason);
+      if (strcmp (v[i].clients, "-") == 0)
+        cli_json_str_or_null (&j, "clients", NULL);
+      else
+        cli_json_u64 (&j, "clients", strtoull (v[i].clients, NULL, 10));
+      cli_json_str (&j, "active", v[i].active);
+      cli_json_str_or_null (&j, "base", v[i].base);
+    }
+    else
+      cli_json_str (&j, "source", v[i].active);
+    cli_json_close (&j, '}');
+  }
+  cli_json_close (&j, ']');
+  cli_json_close (&j, '}');
+}
 
 static int
 disks_command (const char *cmd, int argc, char **argv, const char *help)
@@ -415,14 +499,18 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
     { "control", required_argument, NULL, 'c' },
     { "timeout", required_argument, NULL, CLI_OPT_TIMEOUT },
     { "details", no_argument, NULL, 'D' },
+    { "output", required_argument, NULL, 'o' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
   struct cli_target t = { 0 };
   bool details = false, status = strcmp (cmd, "status") == 0;
   bool degraded = false;
+  enum cli_output output = CLI_OUTPUT_HUMAN;
   struct cow_control_reply reply;
-  char clients[16] = "-";
+  struct disk_row *rows;
+  const char *clients = "-";
+  size_t n = 0;
   int c, r;
 
   while ((c = cli_next_option (cmd, argc, argv, "c:h", opts)) != -1) {
@@ -434,62 +522,89 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
         return cli_usage_error (cmd, "unrecognized option '--details'");
       details = true;
       break;
+    case 'o':
+      if ((r = cli_parse_output (cmd, optarg, &output)) != EXIT_OK)
+        return r;
+      break;
     case 'h': fputs (help, stdout); return cli_finish_output (EXIT_OK);
     default: return EXIT_ERROR;
     }
   }
   if (optind != argc)
     return cli_usage_error (cmd, "unexpected argument '%s'", argv[optind]);
-  if (!t.control)
-    t.control = getenv ("COWCHAIN_CONTROL");
-  if (!t.control)
-    return cli_usage_error (cmd, "give --control=SOCKET (or set "
-                            "COWCHAIN_CONTROL)");
-  if ((r = cli_timeout_set (cmd, t.timeout)) != EXIT_OK)
+  if (details && output == CLI_OUTPUT_JSON)
+    return cli_usage_error (cmd, "--details is for text output (the JSON "
+                            "has every field)");
+  if ((r = cli_target_done (cmd, &t)) != EXIT_OK)
     return r;
   r = cli_ask (&t, &reply, 1, status ? "status" : "blklist");
   if (r != EXIT_OK)
     return r;
-  if (status)
-    printf (" %-10s %-6s %-8s %-7s %-45s %s\n", "Disk", "Layers", "State",
-            "Clients", "Active layer", "Base");
-  else if (details)
-    printf (" %-8s %-8s %-10s %s\n", "Type", "Device", "Target", "Source");
-  else
-    printf (" %-10s %s\n", "Target", "Source");
-  /* As wide as the header (the paths after it vary). */
-  printf ("%s\n", status ? "-------------------------------------------"
-          "-------------------------------------------"
-          : "------------------------------------------------------------");
+  rows = calloc (reply.n ? reply.n : 1, sizeof *rows);
+  if (rows == NULL) {
+    cow_control_free_reply (&reply);
+    cli_error ("out of memory");
+    return EXIT_ERROR;
+  }
   for (size_t i = 0; i < reply.n; i++) {
     char **w = reply.lines[i].words;
     /* Lines of more than 7 words are not ours to read. */
     int k = reply.lines[i].n > 7 ? -1 : reply.lines[i].n;
-    const char *name;
     /* "clients NAME N" comes before its disk's line (an older server
      * sends none: "-"). */
     if (k == 3 && strcmp (w[0], "clients") == 0) {
-      snprintf (clients, sizeof clients, "%.15s", w[2]);
+      clients = w[2];
       continue;
     }
-    if (k < 3 || strcmp (w[0], "disk") != 0)
+    if (k < 3 || strcmp (w[0], "disk") != 0 || (status && k != 7))
       continue;
-    name = w[1][0] ? cli_text (w[1]) : "(default)";
-    if (status && k == 7) {
-      printf (" %-10s %-6s %-8s %-7s %-45s %s\n", name, cli_text (w[4]),
-              cli_text (w[5]), cli_text (clients), cli_text (w[2]),
-              w[3][0] ? cli_text (w[3]) : "(none: self-contained)");
-      strcpy (clients, "-");
-      if (strcmp (w[5], "ok") != 0) {
-        printf ("   %s: %s\n", name, cli_text (w[6]));
-        degraded = true;
-      }
+    rows[n].name = w[1];
+    rows[n].active = w[2];
+    rows[n].clients = clients;
+    if (status) {
+      rows[n].base = w[3];
+      rows[n].layers = w[4];
+      rows[n].state = w[5];
+      rows[n].reason = w[6];
+      degraded = degraded || strcmp (w[5], "ok") != 0;
     }
-    else if (details)
-      printf (" %-8s %-8s %-10s %s\n", "file", "disk", name, cli_text (w[2]));
-    else if (!status)
-      printf (" %-10s %s\n", name, cli_text (w[2]));
+    clients = "-";
+    n++;
   }
+
+  if (output == CLI_OUTPUT_JSON)
+    print_disks_json (rows, n, status);
+  else {
+    if (status)
+      printf (" %-10s %-6s %-8s %-7s %-45s %s\n", "Disk", "Layers", "State",
+              "Clients", "Active layer", "Base");
+    else if (details)
+      printf (" %-8s %-8s %-10s %s\n", "Type", "Device", "Target", "Source");
+    else
+      printf (" %-10s %s\n", "Target", "Source");
+    /* As wide as the header (the paths after it vary). */
+    printf ("%s\n", status ? "-------------------------------------------"
+            "-------------------------------------------"
+            : "------------------------------------------------------------");
+    for (size_t i = 0; i < n; i++) {
+      const struct disk_row *d = &rows[i];
+      const char *name = d->name[0] ? cli_text (d->name) : "(default)";
+      if (status) {
+        printf (" %-10s %-6s %-8s %-7s %-45s %s\n", name,
+                cli_text (d->layers), cli_text (d->state),
+                cli_text (d->clients), cli_text (d->active),
+                d->base[0] ? cli_text (d->base) : "(none: self-contained)");
+        if (strcmp (d->state, "ok") != 0)
+          printf ("   %s: %s\n", name, cli_text (d->reason));
+      }
+      else if (details)
+        printf (" %-8s %-8s %-10s %s\n", "file", "disk", name,
+                cli_text (d->active));
+      else
+        printf (" %-10s %s\n", name, cli_text (d->active));
+    }
+  }
+  free (rows);
   cow_control_free_reply (&reply);
   /* Like a failed check: scripts see a degraded disk in the status. */
   return cli_finish_output (degraded ? EXIT_ERROR : EXIT_OK);

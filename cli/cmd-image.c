@@ -38,10 +38,11 @@ const char info_help[] =
   "like qemu-img info: its format (qcow2 or raw, by its magic), virtual\n"
   "size, disk size and, for qcow2, cluster size,\n"
   "backing file and format, compat level, refcount width and flags.\n"
-  "\n"
+  "JSON: qemu-img info's shape (no version field).\n"
+  HELP_OPTIONS
   "  --backing-chain        show the backing files too, down to the bottom\n"
   "                         of the chain (at most 64 levels)\n"
-  "  --output=human|json    output format (default: human); JSON in the\n"
+  "  --output=text|json     output format (default: text); JSON in the\n"
   "                         shape of qemu-img info --output=json, an array\n"
   "                         with --backing-chain\n"
   "  --disk=NAME            the active layer of this disk of the server\n"
@@ -58,7 +59,13 @@ const char info_help[] =
   "names them.  Backing names that are json: specifications or URLs are\n"
   "shown but never opened; a chain that loops is an error.\n"
   "\n"
-  "Exit status: 0 success, 1 error.\n";
+  "Exit status:\n"
+  "  0  success\n"
+  "  1  error: bad usage, an image that cannot be read\n"
+  "\n"
+  "Example:\n"
+  "  cowchain info --backing-chain -U /var/lib/cowchain/vm1-vda/layer-000002.qcow2\n"
+  "  cowchain --control /run/vm1.ctl info --disk vda --output=json\n";
 
 /* -U: layers that a running server holds are read sharing everything. */
 static bool info_force_share;
@@ -242,8 +249,12 @@ cmd_info (int argc, char **argv)
   }
   if (disk || control) {
     /* A disk of a running server: its active layer. */
-    if (optind < argc)
+    if (optind < argc && disk)
       return cli_usage_error ("info", "give IMAGE or --disk, not both");
+    if (optind < argc)
+      return cli_usage_error ("info", "--control shows a running server's "
+                              "disk (with --disk, or its default disk): "
+                              "leave out IMAGE, or --control");
     if (control == NULL)
       control = getenv ("COWCHAIN_CONTROL");
     if (control == NULL)
@@ -307,11 +318,12 @@ const char check_help[] =
   "metadata and compare it with the stored refcounts.  A refcount that is\n"
   "too small, and any malformed table entry, is an error; a refcount that\n"
   "is too large is a leak (wasted space, no harm to data).\n"
-  "\n"
+  "JSON: qemu-img check's shape (no version field).\n"
+  HELP_OPTIONS
   "  -r, --repair=leaks     lower the refcounts of leaked clusters, then\n"
   "                         check again; done only when the image has no\n"
   "                         other error (other repairs: qemu-img check -r all)\n"
-  "  --output=human|json    output format (default: human); JSON with the\n"
+  "  --output=text|json     output format (default: text); JSON with the\n"
   "                         keys of qemu-img check --output=json\n"
   "  -h, --help             show this help\n"
   "\n"
@@ -321,7 +333,10 @@ const char check_help[] =
   "  0  no errors were found (or the leaks were repaired)\n"
   "  1  the check could not be completed (or bad usage)\n"
   "  2  the image has errors: data may be corrupted\n"
-  "  3  the image leaks clusters, and has no errors\n";
+  "  3  the image leaks clusters, and has no errors\n"
+  "\n"
+  "Example:\n"
+  "  cowchain check -r leaks layer.qcow2\n";
 
 static int
 check_status (const struct cow_check_result *res)

@@ -25,10 +25,13 @@
 
 /* The options of every command that reaches a running job. */
 #define ONLINE_HELP \
+  HELP_OPTIONS \
   "  -c, --control=SOCKET  a running server's control socket (default:\n" \
   "                        $COWCHAIN_CONTROL)\n" \
   "  -d, --disk=NAME       which disk of the server (default: the default\n" \
-  "                        export)\n"
+  "                        export)\n" \
+  "      --timeout=SECONDS  give up on the server after this long (default:\n" \
+  "                        $COWCHAIN_TIMEOUT, else 60; 0 = wait forever)\n"
 
 static void
 sleep_poll_interval (void)
@@ -475,6 +478,7 @@ wait_offline (struct cow_disk *d, const char *what)
   "  -w, --wait            wait until the job ends (as cowchain wait)\n" \
   "  -p, --progress        with --wait, draw a progress bar on stderr\n" \
   "                        when it is a terminal\n" \
+  HELP_HELP \
   "\n" \
   "Online the job runs in the server and the command returns once it has\n" \
   "started (follow it with cowchain jobs or wait).\n" \
@@ -483,8 +487,9 @@ wait_offline (struct cow_disk *d, const char *what)
   "fails, is cancelled or is killed leaves the chain's layers as they were\n" \
   "(snapshot names it dropped at the start stay dropped).\n" \
   "\n" \
-  "Exit status: 0 started (with --wait or offline: completed), 1 error,\n" \
-  "or the job failed or was cancelled.\n"
+  "Exit status:\n" \
+  "  0  the job started (with --wait or offline: it completed)\n" \
+  "  1  error, or the job failed or was cancelled\n"
 
 const char commit_help[] =
   "Usage: cowchain commit [OPTION]... --top=LAYER [--base=LAYER]\n"
@@ -494,7 +499,7 @@ const char commit_help[] =
   "leave the chain.  TOP may be the active layer: the job follows the\n"
   "guest's writes, then BASE becomes the active layer.\n"
   LAYER_HELP
-  "\n"
+  HELP_OPTIONS
   "  -t, --top=LAYER       the highest layer to merge (required)\n"
   "  -b, --base=LAYER      the layer to merge into (default: the one right\n"
   "                        under TOP)\n"
@@ -502,7 +507,11 @@ const char commit_help[] =
   "                        which is then written\n"
   "  -f, --force           also when snapshots on BASE or between it and\n"
   "                        TOP would be lost\n"
-  JOB_START_HELP;
+  JOB_START_HELP
+  "\n"
+  "Example (virsh blockcommit):\n"
+  "  cowchain --control /run/vm1.ctl commit --disk vda --top s2 --base s1 --wait\n"
+  "  cowchain --control /run/vm1.ctl commit --disk vda --top active --base s1\n";
 
 const char pull_help[] =
   "Usage: cowchain pull [OPTION]... [--base=LAYER]\n"
@@ -512,19 +521,25 @@ const char pull_help[] =
   "is copied, the original base too, and the active layer becomes\n"
   "self-contained.\n"
   LAYER_HELP
-  "\n"
+  HELP_OPTIONS
   "  -b, --base=LAYER      the layer the active one backs onto afterwards\n"
   "  -f, --force           also when snapshots cut from the chain would be\n"
   "                        lost\n"
-  JOB_START_HELP;
+  JOB_START_HELP
+  "\n"
+  "Example (virsh blockpull):\n"
+  "  cowchain --control /run/vm1.ctl pull --disk vda --base s1 --wait --progress\n";
 
 const char delete_help[] =
   "Usage: cowchain delete [OPTION]... NAME\n"
   "Delete snapshot NAME: the name goes at once, and its layer is merged\n"
   "into the layer above it in the background.  What the guest sees never\n"
   "changes.\n"
+  HELP_OPTIONS
+  JOB_START_HELP
   "\n"
-  JOB_START_HELP;
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl delete --disk vda s1 --wait\n";
 
 #define JOB_START_OPTIONS \
   TARGET_OPTIONS, \
@@ -717,11 +732,17 @@ const char jobs_help[] =
   "The background job of each disk of a running server (or of one disk):\n"
   "the running or paused one, else the last one that ran.  A failed job's\n"
   "error is shown under its row.\n"
-  "\n"
+  "JSON: {\"version\": 1, \"jobs\": [{\"disk\", \"kind\", \"state\", \"top\",\n"
+  "\"base\", \"done\", \"total\", \"speed\", \"rate\", \"started\", \"ended\",\n"
+  "\"errno\", \"message\"}]}: sizes in bytes, rates in bytes/s, times in\n"
+  "seconds since the epoch.\n"
   ONLINE_HELP
-  "      --output=FORMAT   human (default) or json (a list of objects;\n"
-  "                        sizes in bytes, rates in bytes/s, times in\n"
-  "                        seconds since the epoch)\n";
+  "      --output=FORMAT   text (default) or json\n"
+  HELP_HELP
+  HELP_EXIT_SIMPLE
+  "\n"
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl jobs --output=json\n";
 
 static void
 print_jobs_json (const struct job_row *v, size_t n)
@@ -729,6 +750,9 @@ print_jobs_json (const struct job_row *v, size_t n)
   struct cli_json j;
 
   cli_json_init (&j, stdout, 2);
+  cli_json_open (&j, '{');
+  cli_json_u64 (&j, "version", 1);
+  cli_json_key (&j, "jobs");
   cli_json_open (&j, '[');
   for (size_t i = 0; i < n; i++) {
     const struct job_row *r = &v[i];
@@ -751,6 +775,7 @@ print_jobs_json (const struct job_row *v, size_t n)
     cli_json_close (&j, '}');
   }
   cli_json_close (&j, ']');
+  cli_json_close (&j, '}');
 }
 
 static void
@@ -847,9 +872,14 @@ const char wait_help[] =
   ONLINE_HELP
   "  -p, --progress        draw a progress bar on stderr when it is a\n"
   "                        terminal\n"
+  HELP_HELP
   "\n"
-  "Exit status: 0 if the job completed (or no job has run), 1 if it\n"
-  "failed or was cancelled (its error on stderr), or on error.\n";
+  "Exit status:\n"
+  "  0  the job completed (or no job has run)\n"
+  "  1  it failed or was cancelled (its error on stderr), or error\n"
+  "\n"
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl wait --disk vda --progress\n";
 
 int
 cmd_wait (int argc, char **argv)
@@ -891,14 +921,22 @@ cmd_wait (int argc, char **argv)
 const char pause_help[] =
   "Usage: cowchain pause [OPTION]...\n"
   "Pause the disk's background job; cowchain resume continues it.\n"
+  ONLINE_HELP
+  HELP_HELP
+  HELP_EXIT_SIMPLE
   "\n"
-  ONLINE_HELP;
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl pause --disk vda\n";
 
 const char resume_help[] =
   "Usage: cowchain resume [OPTION]...\n"
   "Resume the disk's paused background job.\n"
+  ONLINE_HELP
+  HELP_HELP
+  HELP_EXIT_SIMPLE
   "\n"
-  ONLINE_HELP;
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl resume --disk vda\n";
 
 const char cancel_help[] =
   "Usage: cowchain cancel [OPTION]...\n"
@@ -907,15 +945,23 @@ const char cancel_help[] =
   "dropped when it started (delete's NAME, or those given up with\n"
   "--force) stay dropped.  The job stops soon after (cowchain wait to see\n"
   "it end).\n"
+  ONLINE_HELP
+  HELP_HELP
+  HELP_EXIT_SIMPLE
   "\n"
-  ONLINE_HELP;
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl cancel --disk vda\n";
 
 const char speed_help[] =
   "Usage: cowchain speed [OPTION]... RATE\n"
   "Change the speed limit of the disk's running job to RATE bytes per\n"
   "second (suffixes K, M, G; 0 = unlimited).\n"
+  ONLINE_HELP
+  HELP_HELP
+  HELP_EXIT_SIMPLE
   "\n"
-  ONLINE_HELP;
+  "Example:\n"
+  "  cowchain --control /run/vm1.ctl speed --disk vda 50M\n";
 
 /* A command that steers the running job of one disk. */
 static int

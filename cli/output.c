@@ -82,42 +82,73 @@ cli_finish_output (int status)
   return status;
 }
 
-enum output_format { OUTPUT_HUMAN, OUTPUT_JSON };
-
 int
 cli_parse_output (const char *cmd, const char *arg, enum cli_output *out)
 {
-  if (strcmp (arg, "human") == 0)
+  /* "human" is the older name of text. */
+  if (strcmp (arg, "text") == 0 || strcmp (arg, "human") == 0)
     *out = CLI_OUTPUT_HUMAN;
   else if (strcmp (arg, "json") == 0)
     *out = CLI_OUTPUT_JSON;
   else
-    return cli_usage_error (cmd, "--output must be 'human' or 'json', not '%s'",
+    return cli_usage_error (cmd, "--output must be 'text' or 'json', not '%s'",
                             arg);
   return EXIT_OK;
 }
 
+/* The name of option c as the user may have written it. */
+static void
+option_name (int c, const struct option *longopts, char *buf, size_t len)
+{
+  for (const struct option *o = longopts; o->name; o++)
+    if (o->val == c && o->flag == NULL) {
+      snprintf (buf, len, "--%s", o->name);
+      return;
+    }
+  snprintf (buf, len, "-%c", c);
+}
+
 /* getopt_long over a command's own argv, with our own error messages.
- * Returns the option, -1 at the end, or '?' after reporting an error. */
+ * Returns the option, -1 at the end, or '?' after reporting an error.
+ * An option with a value given twice is an error (the second would
+ * silently win otherwise), also when one of them came before the
+ * command (main.c passes global options on as the first ones). */
 int
 cli_next_option (const char *cmd, int argc, char **argv, const char *shortopts,
                  const struct option *longopts)
 {
+  /* Values seen, by option (short options and CLI_OPT_*). */
+  static const char *seen[0x200];
+  char opts[64], name[64];
   int c;
 
+  /* A leading ':' makes getopt tell a missing value (':') from an
+   * unknown option ('?'). */
+  snprintf (opts, sizeof opts, "%s%s", shortopts[0] == ':' ? "" : ":",
+            shortopts);
   opterr = 0;
-  c = getopt_long (argc, argv, shortopts, longopts, NULL);
+  c = getopt_long (argc, argv, opts, longopts, NULL);
   if (c == '?') {
     if (optopt)
       cli_usage_error (cmd, "invalid option -- '%c'", optopt);
     else
       cli_usage_error (cmd, "unrecognized option '%s'", argv[optind - 1]);
   }
-  else if (c == ':')
-    cli_usage_error (cmd, "option '%s' requires an argument", argv[optind - 1]);
+  else if (c == ':') {
+    option_name (optopt, longopts, name, sizeof name);
+    cli_usage_error (cmd, "option '%s' requires a value", name);
+  }
+  else if (c >= 0 && c < 0x200 && optarg) {
+    if (seen[c]) {
+      option_name (c, longopts, name, sizeof name);
+      cli_usage_error (cmd, "option '%s' given twice ('%s', then '%s'); "
+                       "give it once", name, seen[c], optarg);
+      return '?';
+    }
+    seen[c] = optarg;
+  }
   return c == ':' ? '?' : c;
 }
-
 
 /*----------------------------------------------------------------------
  * Sizes.

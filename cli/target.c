@@ -79,6 +79,22 @@ cli_timeout_set (const char *cmd, const char *arg)
   return EXIT_OK;
 }
 
+/* The commands that have no offline form: a missing --control must not
+ * suggest --state to them. */
+static bool
+online_only (const char *cmd)
+{
+  static const char *const online[] = {
+    "jobs", "wait", "pause", "resume", "cancel", "speed", "events",
+    "blklist", "status",
+  };
+
+  for (size_t i = 0; i < sizeof online / sizeof online[0]; i++)
+    if (strcmp (cmd, online[i]) == 0)
+      return true;
+  return false;
+}
+
 int
 cli_target_done (const char *cmd, struct cli_target *t)
 {
@@ -86,6 +102,10 @@ cli_target_done (const char *cmd, struct cli_target *t)
     return cli_usage_error (cmd, "give --control or --state, not both");
   if (!t->control && !t->state)
     t->control = getenv ("COWCHAIN_CONTROL");
+  if (!t->control && !t->state && online_only (cmd))
+    return cli_usage_error (cmd, "give --control=SOCKET (or set "
+                            "COWCHAIN_CONTROL): %s works on a running "
+                            "server", cmd);
   if (!t->control && !t->state)
     return cli_usage_error (cmd, "give --control=SOCKET (or set "
                             "COWCHAIN_CONTROL) for a running server, or "

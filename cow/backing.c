@@ -22,7 +22,9 @@
 #include "qcow2.h"
 
 /* The backing name to store in the overlay: relative to the overlay's
- * directory where possible. */
+ * directory where possible.  NULL with the last error set, naming the
+ * path that could not be resolved (the overlay's directory or the
+ * base). */
 char *
 backing_name_for (const char *overlay, const char *base)
 {
@@ -32,8 +34,10 @@ backing_name_for (const char *overlay, const char *base)
   size_t common = 0, ups = 0, olen, i;
   const char *rest;
 
-  if (ocopy == NULL)
+  if (ocopy == NULL) {
+    cow_error_errno ("strdup");
     return NULL;
+  }
   slash = strrchr (ocopy, '/');
   if (slash == ocopy)
     ocopy[1] = '\0';
@@ -41,11 +45,20 @@ backing_name_for (const char *overlay, const char *base)
     *slash = '\0';
   else
     strcpy (ocopy, ".");
-  if ((odir = realpath (ocopy, NULL)) == NULL
-      || (bpath = realpath (base, NULL)) == NULL)
+  if ((odir = realpath (ocopy, NULL)) == NULL) {
+    cow_error_errno ("%s: the overlay's directory %s", overlay, ocopy);
     return NULL;
-  if (strcmp (odir, "/") == 0)
-    return strdup (bpath + 1);
+  }
+  if ((bpath = realpath (base, NULL)) == NULL) {
+    cow_error_errno ("%s: cannot resolve the base's path", base);
+    return NULL;
+  }
+  if (strcmp (odir, "/") == 0) {
+    out = strdup (bpath + 1);
+    if (out == NULL)
+      cow_error_errno ("strdup");
+    return out;
+  }
   olen = strlen (odir);
   /* Longest common directory prefix. */
   for (i = 0; i <= olen; i++) {
@@ -59,11 +72,17 @@ backing_name_for (const char *overlay, const char *base)
     if (odir[i] == '/')
       ups++;
   if (common == 0)
-    return strdup (bpath);           /* only the root in common */
-  rest = bpath + common + 1;
-  out = malloc (ups * 3 + strlen (rest) + 1);
-  if (out == NULL)
+    out = strdup (bpath);            /* only the root in common */
+  else {
+    rest = bpath + common + 1;
+    out = malloc (ups * 3 + strlen (rest) + 1);
+  }
+  if (out == NULL) {
+    cow_error_errno ("malloc");
     return NULL;
+  }
+  if (common == 0)
+    return out;
   out[0] = '\0';
   for (i = 0; i < ups; i++)
     strcat (out, "../");
@@ -255,6 +274,7 @@ backing_open_chain (struct cow_disk *d, const struct cow_disk_config *cfg,
     if (is_qcow2 == -1)
       return -1;
     fmt = is_qcow2 ? "qcow2" : "raw";
+    d->base_format_guessed = fmt;
   }
   *base_format = fmt;
   path = realpath (cfg->base, NULL);

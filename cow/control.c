@@ -293,13 +293,24 @@ read_reply (int fd, const char *path, const char *cmd, int timeout_ms,
                      "--timeout)", path, after (timeout_ms, t, sizeof t), cmd);
       goto err;
     }
+    if (r == -1 && len >= 8 && memcmp (buf, "NBDMAGIC", 8) == 0)
+      break;                    /* said below */
     if (r == -1) {
-      cow_error_errno ("%s: reading the reply", path);
+      cow_error_errno ("%s: reading the reply%s", path, errno == ECONNRESET
+                       ? " (is it a cowchain control socket, the server's "
+                       "control= key?)" : "");
       goto err;
     }
     if (r == 0)
       break;
     len += (size_t) r;
+  }
+  /* An NBD server greets first, and drops our request as garbage. */
+  if (len >= 8 && memcmp (buf, "NBDMAGIC", 8) == 0) {
+    cow_error_set (EPROTO, "%s is not a cowchain control socket: an NBD "
+                   "server answers there (give the server's control= "
+                   "socket, not its NBD one)", path);
+    goto err;
   }
   buf[len] = '\0';
   *lenp = len;
@@ -330,10 +341,15 @@ add_line (struct cow_control_reply *reply, const char *line)
 
   for (const char *p = line; *p; p++)
     max += *p == ' ';
-  nl = realloc (reply->lines, (reply->n + 1) * sizeof *nl);
-  if (nl == NULL)
-    return -1;
-  reply->lines = nl;
+  /* The array doubles when n reaches a power of two: a reply of n lines
+   * costs O(n) copying, not O(n^2). */
+  if ((reply->n & (reply->n - 1)) == 0) {
+    nl = realloc (reply->lines, (reply->n ? reply->n * 2 : 1) * sizeof *nl);
+    if (nl == NULL)
+      return -1;
+    reply->lines = nl;
+  }
+  nl = reply->lines;
   l = &nl[reply->n];
   l->words = malloc ((max + 1) * sizeof *l->words + len + 1);
   if (l->words == NULL)

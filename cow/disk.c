@@ -93,7 +93,8 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
       : backing_name_for (cfg->overlay, cfg->base);
     int r;
     if (name == NULL) {
-      cow_error_errno ("%s: cannot resolve the base's path", cfg->base);
+      if (remote_is_uri (cfg->base))    /* else backing_name_for said why */
+        cow_error_errno ("strdup");
       return -1;
     }
     o.backing_file = name;
@@ -266,6 +267,12 @@ uint32_t
 cow_disk_cluster_size (const struct cow_disk *d)
 {
   return qcow2_cluster_size (d->top);
+}
+
+const char *
+cow_disk_base_format_guessed (const struct cow_disk *d)
+{
+  return d->base_format_guessed;
 }
 
 static int

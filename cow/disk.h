@@ -44,6 +44,9 @@ struct cow_disk {
   /* Overlay-mode disks. */
   char *overlay;
   char *base_name;
+  /* The base's format as guessed from its first bytes at open ("raw" or
+   * "qcow2", static strings), or NULL when it was given or recorded. */
+  const char *base_format_guessed;
 
   /* Locks: the lock-order table is at the top of chain.h.
    * admin_lock serialises snapshot, revert, the start and the final

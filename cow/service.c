@@ -425,7 +425,8 @@ cmd_revert (struct cow_service *s, struct cow_export *e, char **args,
   unsigned clients;
 
   if (strcmp (args[2], "force") != 0 && args[2][0] != '\0') {
-    wrong_args ("revert");
+    cow_error_set (EINVAL, "revert: FORCE must be 'force' or empty, not "
+                   "'%.32s'", args[2]);
     return -1;
   }
   force = args[2][0] != '\0';

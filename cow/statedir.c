@@ -94,7 +94,8 @@ statedir_create_layer (struct cow_disk *d, const char *file, const char *backing
     bname = remote_is_uri (d->man.base) ? strdup (d->man.base)
       : backing_name_for (path, d->man.base);
     if (bname == NULL) {
-      cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
+      if (remote_is_uri (d->man.base))  /* else backing_name_for said why */
+        cow_error_errno ("strdup");
       return NULL;
     }
     o.backing_file = bname;
@@ -222,7 +223,8 @@ statedir_check_names (struct cow_disk *d, bool readonly)
           : backing_name_for (p, d->man.base);
         wfmt = d->man.base_format;
         if (want == NULL) {
-          cow_error_errno ("%s: cannot resolve the base's path", d->man.base);
+          if (remote_is_uri (d->man.base))
+            cow_error_errno ("strdup");
           goto next;
         }
       }

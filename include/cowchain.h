@@ -414,6 +414,13 @@ char *cow_text_printable (const char *s);
  * layer file name reaches that snapshot. */
 const char *cow_snapshot_name_reserved (const char *name);
 
+/* CLI task (issue 13): the base's format as cow_disk_open guessed it
+ * from the file's first bytes ("raw" or "qcow2"), or NULL when it was
+ * given (base_format) or recorded in the state directory's manifest.  A
+ * raw image whose first bytes look like a qcow2 header is misread as
+ * qcow2 when guessed; a caller warns about it. */
+const char *cow_disk_base_format_guessed (const struct cow_disk *d);
+
 /* Last error of the calling thread. */
 const char *cow_last_error (void);
 int cow_last_errno (void);

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,7 +31,18 @@ struct disk_entry {
   int compat;
   unsigned max_depth;           /* 0 = no automatic merges */
   uint32_t base_timeout_ms;     /* 0 = the default */
+  unsigned seen;                /* KEY_* given for this disk */
   struct cow_disk *disk;
+};
+
+/* The keys that may be given once (per disk, or per server): a second
+ * one is refused rather than silently winning. */
+enum {
+  KEY_BASE = 1 << 0, KEY_OVERLAY = 1 << 1, KEY_STATE = 1 << 2,
+  KEY_BASE_FORMAT = 1 << 3, KEY_CLUSTER_SIZE = 1 << 4, KEY_COMPAT = 1 << 5,
+  KEY_MAX_DEPTH = 1 << 6, KEY_BASE_TIMEOUT = 1 << 7,
+  KEY_SYNC = 1 << 8, KEY_CACHE_SIZE = 1 << 9, KEY_CONTROL = 1 << 10,
+  KEY_DEFAULT_EXPORT = 1 << 11,
 };
 
 static struct disk_entry disks[MAX_DISKS];
@@ -43,6 +55,7 @@ static enum cow_sync_mode sync_mode;
 static uint32_t sync_interval_ms;
 static uint64_t cache_size;
 static char *control_path;
+static unsigned server_seen;    /* server KEY_* given */
 static uid_t allow_uids[16];
 static size_t n_allow_uids;
 /* The disks as served (from get_ready on): what a connection's export
@@ -77,6 +90,28 @@ cowchain_unload (void)
   n_disks = 0;
   free (default_export);
   free (control_path);
+}
+
+/* Record that key was given; refuse it if it was given before (for
+ * disk, or for the server if disk is NULL). */
+static int
+once (unsigned *seen, unsigned bit, const struct disk_entry *disk,
+      const char *key, const char *value)
+{
+  if (*seen & bit) {
+    if (disk && disk->name[0])
+      nbdkit_error ("%s=%s: %s= was already given for disk '%s'; give it "
+                    "once per disk", key, value, key, disk->name);
+    else if (disk && named_disks)
+      nbdkit_error ("%s=%s: %s= was already given for this disk; give it "
+                    "once per disk", key, value, key);
+    else
+      nbdkit_error ("%s=%s: %s= was already given; give it once", key,
+                    value, key);
+    return -1;
+  }
+  *seen |= bit;
+  return 0;
 }
 
 static int
@@ -147,14 +182,21 @@ new_disk (const char *name)
 static int
 parse_sync (const char *value)
 {
+  if (once (&server_seen, KEY_SYNC, NULL, "sync", value) == -1)
+    return -1;
   if (strcmp (value, "flush") == 0)
     sync_mode = COW_SYNC_FLUSH;
   else if (strcmp (value, "always") == 0)
     sync_mode = COW_SYNC_ALWAYS;
   else {
     uint32_t ms;
-    if (nbdkit_parse_uint32_t ("sync", value, &ms) == -1)
+    /* Digits only: nbdkit's parser names no accepted word. */
+    if (value[0] == '\0' || value[strspn (value, "0123456789")] != '\0'
+        || nbdkit_parse_uint32_t ("sync", value, &ms) == -1) {
+      nbdkit_error ("sync: '%s' is not flush, always or a number of "
+                    "milliseconds from 1 to 3600000", value);
       return -1;
+    }
     if (ms == 0 || ms > 3600000) {
       nbdkit_error ("sync: interval %s ms must be from 1 to 3600000 (or use "
                     "sync=flush or sync=always)", value);
@@ -166,9 +208,25 @@ parse_sync (const char *value)
   return 0;
 }
 
+/* The once-only per-disk keys. */
+static const struct {
+  const char *key;
+  unsigned bit;
+} disk_once_keys[] = {
+  { "base", KEY_BASE }, { "overlay", KEY_OVERLAY }, { "state", KEY_STATE },
+  { "base-format", KEY_BASE_FORMAT }, { "cluster-size", KEY_CLUSTER_SIZE },
+  { "compat", KEY_COMPAT }, { "max-depth", KEY_MAX_DEPTH },
+  { "base-timeout", KEY_BASE_TIMEOUT },
+};
+
 static int
 disk_config (struct disk_entry *e, const char *key, const char *value)
 {
+  for (size_t i = 0; i < sizeof disk_once_keys / sizeof disk_once_keys[0];
+       i++)
+    if (strcmp (key, disk_once_keys[i].key) == 0
+        && once (&e->seen, disk_once_keys[i].bit, e, key, value) == -1)
+      return -1;
   if (strcmp (key, "base") == 0)
     return set_string (&e->base, key, value);
   if (strcmp (key, "overlay") == 0)
@@ -269,7 +327,10 @@ cowchain_config (const char *key, const char *value)
   if (strcmp (key, "sync") == 0)
     return parse_sync (value);
   if (strcmp (key, "cache-size") == 0) {
-    int64_t s = nbdkit_parse_size (value);
+    int64_t s;
+    if (once (&server_seen, KEY_CACHE_SIZE, NULL, key, value) == -1)
+      return -1;
+    s = nbdkit_parse_size (value);
     if (s == -1) {
       nbdkit_error ("cache-size: '%s' is not a size", value);
       return -1;
@@ -286,6 +347,8 @@ cowchain_config (const char *key, const char *value)
      * the background, in /. */
     char *abs;
     int rc;
+    if (once (&server_seen, KEY_CONTROL, NULL, key, value) == -1)
+      return -1;
     if (value[0] == '\0')
       return set_string (&control_path, key, value);
     abs = nbdkit_absolute_path (value);
@@ -311,8 +374,11 @@ cowchain_config (const char *key, const char *value)
     allow_uids[n_allow_uids++] = (uid_t) uid;
     return 0;
   }
-  if (strcmp (key, "default-export") == 0)
+  if (strcmp (key, "default-export") == 0) {
+    if (once (&server_seen, KEY_DEFAULT_EXPORT, NULL, key, value) == -1)
+      return -1;
     return set_string (&default_export, key, value);
+  }
 
   e = current (key);
   if (e == NULL)
@@ -322,6 +388,71 @@ cowchain_config (const char *key, const char *value)
     return r;
   nbdkit_error ("unknown parameter '%s' (see nbdkit cowchain --help)", key);
   return -1;
+}
+
+/* path made absolute with its directory's symbolic links resolved (the
+ * file itself may not exist yet), or NULL if its directory cannot be
+ * resolved (opening it will say why). */
+static char *
+canonical_path (const char *path)
+{
+  char *r = realpath (path, NULL), *copy, *slash, *dir, *out = NULL;
+  const char *name;
+
+  if (r)
+    return r;
+  copy = strdup (path);
+  if (copy == NULL)
+    return NULL;
+  slash = strrchr (copy, '/');
+  name = slash ? slash + 1 : copy;
+  if (slash == copy)
+    dir = strdup ("");
+  else if (slash) {
+    *slash = '\0';
+    dir = realpath (copy, NULL);
+  }
+  else
+    dir = realpath (".", NULL);
+  if (dir) {
+    size_t len = strlen (dir) + strlen (name) + 2;
+    out = malloc (len);
+    if (out)
+      snprintf (out, len, "%s/%s", strcmp (dir, "/") == 0 ? "" : dir, name);
+  }
+  free (dir);
+  free (copy);
+  return out;
+}
+
+/* Two disks on one overlay= file or state= directory would both write
+ * it: say so, rather than let the second fail on the first's lock as if
+ * another process held it. */
+static int
+check_distinct_files (void)
+{
+  static const char *const keys[] = { "overlay", "state" };
+  char *canon[MAX_DISKS];
+  int ret = 0;
+
+  for (size_t k = 0; k < 2 && ret == 0; k++) {
+    for (size_t i = 0; i < n_disks; i++) {
+      const char *v = k == 0 ? disks[i].overlay : disks[i].state;
+      canon[i] = v ? canonical_path (v) : NULL;
+    }
+    for (size_t i = 0; i < n_disks && ret == 0; i++)
+      for (size_t j = i + 1; j < n_disks && ret == 0; j++)
+        if (canon[i] && canon[j] && strcmp (canon[i], canon[j]) == 0) {
+          nbdkit_error ("disks '%s' and '%s' both name the same %s= %s "
+                        "(%s): each disk needs its own", disks[i].name,
+                        disks[j].name, keys[k],
+                        k == 0 ? "file" : "directory", canon[i]);
+          ret = -1;
+        }
+    for (size_t i = 0; i < n_disks; i++)
+      free (canon[i]);
+  }
+  return ret;
 }
 
 static int
@@ -362,6 +493,8 @@ cowchain_config_complete (void)
       return -1;
     }
   }
+  if (check_distinct_files () == -1)
+    return -1;
   if (default_export) {
     size_t i;
     for (i = 0; i < n_disks; i++)
@@ -432,6 +565,14 @@ cowchain_get_ready (void)
         nbdkit_error ("%s", cow_last_error ());
       return -1;
     }
+    if (cow_disk_base_format_guessed (e->disk))
+      nbdkit_error ("warning: %s%s%sbase %s: no base-format= given, so the "
+                    "format was guessed from the file's first bytes: %s.  "
+                    "A raw image that starts like a qcow2 header would be "
+                    "misread; give base-format=raw or base-format=qcow2",
+                    e->name[0] ? "disk '" : "", e->name,
+                    e->name[0] ? "': " : "", e->base,
+                    cow_disk_base_format_guessed (e->disk));
   }
   service = cow_service_new ();
   if (service == NULL) {
