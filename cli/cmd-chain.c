@@ -223,8 +223,8 @@ format_time (int64_t t, char *buf, size_t len)
 const char list_help[] =
   "Usage: cowchain list [OPTION]...\n"
   "List the disk's snapshots, oldest first (like virsh snapshot-list).\n"
-  "JSON: {\"version\": 1, \"disk\": NAME, \"snapshots\": [{\"name\",\n"
-  "\"creation-time\", \"state\", \"description\", \"file\", \"parent\"}]}.\n"
+  "JSON: {\"version\": 1, \"snapshots\": [{\"name\", \"creation-time\",\n"
+  "\"state\", \"description\", \"file\", \"parent\"}]}, oldest first.\n"
   HELP_OPTIONS
   TARGET_HELP
   "      --tree            show them as a tree, the current state last\n"
@@ -280,9 +280,6 @@ cmd_list (int argc, char **argv)
     cli_json_init (&j, stdout, 2);
     cli_json_open (&j, '{');
     cli_json_u64 (&j, "version", 1);
-    cli_json_str_or_null (&j, "disk", t.state ? NULL : t.disk);
-    if (t.state)
-      cli_json_str (&j, "state", t.state);
     cli_json_key (&j, "snapshots");
     cli_json_open (&j, '[');
     for (size_t i = 0; i < n; i++) {

@@ -98,6 +98,9 @@ online_only (const char *cmd)
 int
 cli_target_done (const char *cmd, struct cli_target *t)
 {
+  /* A bad value is reported whatever else is missing. */
+  if (t->timeout && cli_timeout_set (cmd, t->timeout) != EXIT_OK)
+    return EXIT_ERROR;
   if (t->control && t->state)
     return cli_usage_error (cmd, "give --control or --state, not both");
   if (!t->control && !t->state)

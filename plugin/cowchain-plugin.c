@@ -425,33 +425,27 @@ canonical_path (const char *path)
   return out;
 }
 
-/* Two disks on one overlay= file or state= directory would both write
- * it: say so, rather than let the second fail on the first's lock as if
- * another process held it. */
+/* Two disks on one overlay= file would both write it: say so, rather
+ * than let the second fail on the first's lock as if another process
+ * held it.  (Two on one state= directory: the engine says so.) */
 static int
-check_distinct_files (void)
+check_distinct_overlays (void)
 {
-  static const char *const keys[] = { "overlay", "state" };
   char *canon[MAX_DISKS];
   int ret = 0;
 
-  for (size_t k = 0; k < 2 && ret == 0; k++) {
-    for (size_t i = 0; i < n_disks; i++) {
-      const char *v = k == 0 ? disks[i].overlay : disks[i].state;
-      canon[i] = v ? canonical_path (v) : NULL;
-    }
-    for (size_t i = 0; i < n_disks && ret == 0; i++)
-      for (size_t j = i + 1; j < n_disks && ret == 0; j++)
-        if (canon[i] && canon[j] && strcmp (canon[i], canon[j]) == 0) {
-          nbdkit_error ("disks '%s' and '%s' both name the same %s= %s "
-                        "(%s): each disk needs its own", disks[i].name,
-                        disks[j].name, keys[k],
-                        k == 0 ? "file" : "directory", canon[i]);
-          ret = -1;
-        }
-    for (size_t i = 0; i < n_disks; i++)
-      free (canon[i]);
-  }
+  for (size_t i = 0; i < n_disks; i++)
+    canon[i] = disks[i].overlay ? canonical_path (disks[i].overlay) : NULL;
+  for (size_t i = 0; i < n_disks && ret == 0; i++)
+    for (size_t j = i + 1; j < n_disks && ret == 0; j++)
+      if (canon[i] && canon[j] && strcmp (canon[i], canon[j]) == 0) {
+        nbdkit_error ("disks '%s' and '%s' both name the same overlay= file "
+                      "(%s): each disk needs its own", disks[i].name,
+                      disks[j].name, canon[i]);
+        ret = -1;
+      }
+  for (size_t i = 0; i < n_disks; i++)
+    free (canon[i]);
   return ret;
 }
 
@@ -493,7 +487,7 @@ cowchain_config_complete (void)
       return -1;
     }
   }
-  if (check_distinct_files () == -1)
+  if (check_distinct_overlays () == -1)
     return -1;
   if (default_export) {
     size_t i;

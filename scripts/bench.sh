@@ -467,7 +467,7 @@ merge_chain() {
     set -- $("$cow" list --control "$WORK/$name.ctl" --output=json |
         "$COWCHAIN_PYTHON" -c '
 import json, sys
-files = {s["name"]: s["file"] for s in json.load(sys.stdin)}
+files = {s["name"]: s["file"] for s in json.load(sys.stdin)["snapshots"]}
 print(files["s0"], files["s1"])')
     MERGE_L1=${1:-}
     MERGE_L2=${2:-}
@@ -673,7 +673,7 @@ mio_chain() {
             --output=json) || list=""
         if "$COWCHAIN_PYTHON" -c '
 import json, sys
-sys.exit(not any(s["file"] == sys.argv[1] for s in json.load(sys.stdin)))' \
+sys.exit(not any(s["file"] == sys.argv[1] for s in json.load(sys.stdin)["snapshots"]))' \
                 "$MERGE_L2" <<< "$list" 2> /dev/null; then
             return 0
         fi

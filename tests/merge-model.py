@@ -382,7 +382,7 @@ class Tester:
         self.count("refused")
 
     def job_info(self):
-        v = json.loads(self.cow_ok("jobs", "--output=json"))
+        v = json.loads(self.cow_ok("jobs", "--output=json"))["jobs"]
         if len(v) != 1:
             raise ModelFailure("cowchain jobs lists %d rows: %r" % (len(v), v))
         return v[0]
@@ -487,7 +487,7 @@ class Tester:
             raise ModelFailure(msg)
 
     def check_list(self, offline=False):
-        v = json.loads(self.cow_ok("list", "--output=json", offline=offline))
+        v = json.loads(self.cow_ok("list", "--output=json", offline=offline))["snapshots"]
         got = [(s["name"], os.path.basename(s["file"])) for s in v]
         want = [(n, l.file) for l, n in self.chain if n]
         if got != want:

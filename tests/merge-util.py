@@ -107,7 +107,7 @@ def trim(uri, offset, length, model):
 def jobs(cow):
     out = subprocess.run([cow, "jobs", "--output=json"], check=True,
                          stdout=subprocess.PIPE).stdout
-    v = json.loads(out)
+    v = json.loads(out)["jobs"]
     if len(v) != 1:
         die("expected one disk in cowchain jobs, got %r" % v)
     return v[0]

@@ -77,7 +77,7 @@ print("%d writes, %d snapshots" % (len(log), len(snaps)))
 def frozen_files(disk):
     out = subprocess.run([cow, "list", "--disk", disk, "--output=json"],
                          check=True, env=env, capture_output=True).stdout
-    return {s["name"]: s["file"] for s in json.loads(out)}
+    return {s["name"]: s["file"] for s in json.loads(out)["snapshots"]}
 
 
 files = [frozen_files(d) for d in disks]

@@ -104,7 +104,7 @@ printf '%s\n' "$good_manifest" > "$st/manifest"
 
 note "revert to a snapshot whose layer file was removed"
 start_server srv base="$base" state="$st" control="$ctl"
-s1_file=$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; print([s["file"] for s in json.load(sys.stdin) if s["name"] == "s1"][0])')
+s1_file=$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; print([s["file"] for s in json.load(sys.stdin)["snapshots"] if s["name"] == "s1"][0])')
 mv "$s1_file" "$tmpdir/s1.saved"
 before=$(cat "$st/manifest")
 if "$cow" revert s1 --force > "$tmpdir/out" 2> "$tmpdir/err"; then

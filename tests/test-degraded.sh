@@ -101,7 +101,7 @@ EOF
 snapshot_equals () {   # NAME FILE
     local layer
     layer=$("$cow" list --state "$tmpdir/st" --output=json |
-        "$PYTHON" -c 'import json,sys; n=sys.argv[1]; print([s["file"] for s in json.load(sys.stdin) if s["name"] == n][0])' "$1") ||
+        "$PYTHON" -c 'import json,sys; n=sys.argv[1]; print([s["file"] for s in json.load(sys.stdin)["snapshots"] if s["name"] == n][0])' "$1") ||
         fail "no snapshot $1 offline"
     qemu-img convert -O raw "$layer" "$tmpdir/snap.raw"
     cmp -s "$tmpdir/snap.raw" "$2" || fail "snapshot $1 does not hold its state"

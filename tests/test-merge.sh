@@ -84,7 +84,7 @@ compare_offline ()
 snapshot_names ()
 {
     "$cow" list --output=json |
-        "$PYTHON" -c 'import json,sys; print(" ".join(s["name"] for s in json.load(sys.stdin)))'
+        "$PYTHON" -c 'import json,sys; print(" ".join(s["name"] for s in json.load(sys.stdin)["snapshots"]))'
 }
 
 expect_names ()
@@ -98,7 +98,7 @@ snapshot_file ()
 {
     "$cow" list --output=json |
         "$PYTHON" -c 'import json,sys
-for s in json.load(sys.stdin):
+for s in json.load(sys.stdin)["snapshots"]:
     if s["name"] == sys.argv[1]: print(s["file"])' "$1"
 }
 

@@ -104,6 +104,8 @@ grep -q -F " $utf8" "$tmpdir/list" || { cat "$tmpdir/list"; fail "list does not 
 "$PYTHON" - "$tmpdir/list.json" "$utf8" <<'PY'
 import json, sys
 v = json.loads(open(sys.argv[1], "rb").read().decode("utf-8"))
+assert v["version"] == 1, v
+v = v["snapshots"]
 want = sys.argv[2]
 assert [s["description"] for s in v if s["name"] == "s1"] == [want], v
 PY
@@ -213,7 +215,7 @@ bad_json='a\ufffd[31mred\x7f\ufffd\x85\tz'
 "$PYTHON" - "$tmpdir/old.json" "$bad_json" <<'PY'
 import json, sys
 raw = open(sys.argv[1], "rb").read()
-v = json.loads(raw.decode("utf-8"))          # strict: valid UTF-8 JSON
+v = json.loads(raw.decode("utf-8"))["snapshots"]  # strict: valid UTF-8 JSON
 want = sys.argv[2].encode().decode("unicode_escape")
 old = [s for s in v if s["name"] == "active"]
 assert len(old) == 1 and old[0]["description"] == want, (old, want)
@@ -222,7 +224,7 @@ for b in (b"\x9b", b"\x7f", b"\xff", b"\xc2\x85", b"\t"):
 PY
 "$cow" list --state "$st" > "$tmpdir/old.txt"
 no_raw_controls "$tmpdir/old.txt"
-old_file=$("$PYTHON" -c 'import json,os,sys; print(os.path.basename([s["file"] for s in json.load(open(sys.argv[1])) if s["name"] == "active"][0]))' "$tmpdir/old.json")
+old_file=$("$PYTHON" -c 'import json,os,sys; print(os.path.basename([s["file"] for s in json.load(open(sys.argv[1]))["snapshots"] if s["name"] == "active"][0]))' "$tmpdir/old.json")
 grep -q -F " active ($old_file) " "$tmpdir/old.txt" || { cat "$tmpdir/old.txt"; fail "list does not show the old snapshot with its layer file"; }
 grep -q -F 'a\x9b[31mred\u007f\xff\u0085\tz' "$tmpdir/old.txt" || { cat "$tmpdir/old.txt"; fail "list does not show the bad bytes escaped"; }
 
@@ -239,9 +241,9 @@ expect_fail "the snapshot that an older version let take this reserved name is r
 "$cow" revert --force "$old_file" | grep -q "Reverted to snapshot $old_file" ||
     fail "revert by layer file name"
 expect_pattern "nbd+unix:///vm1?socket=$tmpdir/srv2.sock" 0x11 "after the revert to s0"
-"$cow" list --output=json | "$PYTHON" -c 'import json,sys; v=json.load(sys.stdin); assert [s["name"] for s in v] == ["active"], v'
+"$cow" list --output=json | "$PYTHON" -c 'import json,sys; v=json.load(sys.stdin)["snapshots"]; assert [s["name"] for s in v] == ["active"], v'
 "$cow" delete --wait "$old_file" >/dev/null || fail "delete by layer file name"
-"$cow" list --output=json | "$PYTHON" -c 'import json,sys; v=json.load(sys.stdin); assert v == [], v'
+"$cow" list --output=json | "$PYTHON" -c 'import json,sys; v=json.load(sys.stdin); assert v == {"version": 1, "snapshots": []}, v'
 stop_server srv2
 for f in "$st"/layer-*.qcow2; do check_image "$f"; done
 

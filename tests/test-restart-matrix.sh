@@ -205,7 +205,7 @@ def same_file(a, b):
 
 def list_json(args, env=None, leaks=False):
     return json.loads(run([COW, "list", "--output=json"] + args, env=env,
-                          leaks=leaks).stdout)
+                          leaks=leaks).stdout)["snapshots"]
 
 
 # What was checked already, by the identity of the files it depends on
@@ -413,7 +413,7 @@ def online(uri, model_path, statedir, control, names):
             or l.startswith(" (default)")]
     if len(rows) != 1 or not same_file(rows[0][1], active):
         die("cowchain blklist does not show the active layer %s:\n%s" % (active, bl))
-    jobs = json.loads(run([COW, "jobs", "--output=json"], env=env).stdout)
+    jobs = json.loads(run([COW, "jobs", "--output=json"], env=env).stdout)["jobs"]
     if any(j.get("state") not in ("none", None) for j in jobs):
         die("a job after the restart: %r" % jobs)
 

@@ -491,9 +491,9 @@ test_revert_clients (void **state)
   fails (f->s, EBUSY, "2 NBD clients are connected to disk vm1; reverting "
          "changes the disk under them; stop them or use --force",
          "revert", "vm1", "s2", "");
-  fails (f->s, EINVAL, "wrong number of arguments for 'revert'",
+  fails (f->s, EINVAL, "revert: FORCE must be 'force' or empty, not 'yes'",
          "revert", "vm1", "s2", "yes");
-  fails (f->s, EINVAL, "wrong number of arguments for 'revert'",
+  fails (f->s, EINVAL, "revert: FORCE must be 'force' or empty, not '-'",
          "revert", "vm1", "s2", "-");
   cow_export_detach (f->e[0]);
   fails (f->s, EBUSY, "1 NBD client is connected to disk vm1; reverting "

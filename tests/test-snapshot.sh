@@ -41,6 +41,8 @@ grep -q '^ s2 ' "$tmpdir/list" || fail "list lacks s2"
 "$PYTHON" - "$tmpdir/list.json" <<'PY'
 import json, sys, time
 v = json.load(open(sys.argv[1]))
+assert v["version"] == 1, v
+v = v["snapshots"]
 assert [s["name"] for s in v] == ["s1", "s2"], v
 assert v[0]["description"] == "first snapshot" and v[1]["parent"] == "s1", v
 assert all(abs(s["creation-time"] - time.time()) < 600 for s in v), v
@@ -57,7 +59,7 @@ for f in "$tmpdir"/st/layer-*.qcow2; do check_image "$f"; done
 grep -q "^image: $active\$" "$tmpdir/cinfo" || { cat "$tmpdir/cinfo"; fail "cowchain info --disk did not start at the active layer"; }
 
 note "each snapshot, read offline, is the disk as it was"
-files=$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; [print(s["file"]) for s in json.load(sys.stdin)]')
+files=$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; [print(s["file"]) for s in json.load(sys.stdin)["snapshots"]]')
 s1=$(echo "$files" | sed -n 1p); s2=$(echo "$files" | sed -n 2p)
 cp "$tmpdir/base.img" "$tmpdir/m1"; qemu-io -f raw -c 'write -P 0x11 0 1M' "$tmpdir/m1" >/dev/null
 cp "$tmpdir/m1" "$tmpdir/m2"; qemu-io -f raw -c 'write -P 0x22 0 512k' "$tmpdir/m2" >/dev/null
@@ -121,7 +123,7 @@ expect_pattern "$uri" 0x11 512k 512k
 write 0x44 0 64k
 "$cow" revert --force s1
 expect_pattern "$uri" 0x11 0 1M
-[ "$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; print(len(json.load(sys.stdin)))')" = 1 ] ||
+[ "$("$cow" list --output=json | "$PYTHON" -c 'import json,sys; print(len(json.load(sys.stdin)["snapshots"]))')" = 1 ] ||
     fail "s2 should be gone after revert --force s1"
 [ "$(ls "$tmpdir"/st/layer-*.qcow2 | wc -l)" = 2 ] || fail "dropped layer files were not deleted"
 
@@ -139,7 +141,7 @@ start_server srv state="$tmpdir/st" control="$ctl"
 "$cow" list --output=json > "$tmpdir/after.json"
 "$PYTHON" - "$tmpdir/before.json" "$tmpdir/after.json" <<'PY'
 import json, sys
-b, a = (json.load(open(p)) for p in sys.argv[1:])
+b, a = (json.load(open(p))["snapshots"] for p in sys.argv[1:])
 assert a[:len(b)] == b, (b, a)
 assert [s["name"] for s in a] == ["s1", "s3", "s4"] and a[2]["description"] == "offline", a
 PY
