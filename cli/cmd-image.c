@@ -329,7 +329,7 @@ const char check_help[] =
   "\n"
   "Images with internal snapshots or persistent bitmaps are not checked.\n"
   "\n"
-  "Exit status (as qemu-img check):\n"
+  "Exit status:  (those of qemu-img check)\n"
   "  0  no errors were found (or the leaks were repaired)\n"
   "  1  the check could not be completed (or bad usage)\n"
   "  2  the image has errors: data may be corrupted\n"

@@ -92,6 +92,27 @@ cowchain_unload (void)
   free (control_path);
 }
 
+/* value as a decimal number up to max: digits only (nbdkit's own
+ * parser says "empty string where we expected a number" of a word, and
+ * takes blanks and signs).  -1 if it is not one, nothing reported. */
+static int
+parse_decimal (const char *value, uint64_t max, uint64_t *out)
+{
+  uint64_t v = 0;
+
+  if (value[0] == '\0')
+    return -1;
+  for (const char *p = value; *p; p++) {
+    if (*p < '0' || *p > '9')
+      return -1;
+    if (v > (max - (uint64_t) (*p - '0')) / 10)
+      return -1;
+    v = v * 10 + (uint64_t) (*p - '0');
+  }
+  *out = v;
+  return 0;
+}
+
 /* Record that key was given; refuse it if it was given before (for
  * disk, or for the server if disk is NULL). */
 static int
@@ -189,10 +210,8 @@ parse_sync (const char *value)
   else if (strcmp (value, "always") == 0)
     sync_mode = COW_SYNC_ALWAYS;
   else {
-    uint32_t ms;
-    /* Digits only: nbdkit's parser names no accepted word. */
-    if (value[0] == '\0' || value[strspn (value, "0123456789")] != '\0'
-        || nbdkit_parse_uint32_t ("sync", value, &ms) == -1) {
+    uint64_t ms;
+    if (parse_decimal (value, 3600000, &ms) == -1) {
       nbdkit_error ("sync: '%s' is not flush, always or a number of "
                     "milliseconds from 1 to 3600000", value);
       return -1;
@@ -203,7 +222,7 @@ parse_sync (const char *value)
       return -1;
     }
     sync_mode = COW_SYNC_INTERVAL;
-    sync_interval_ms = ms;
+    sync_interval_ms = (uint32_t) ms;
   }
   return 0;
 }
@@ -266,13 +285,13 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
     return 0;
   }
   if (strcmp (key, "max-depth") == 0) {
-    unsigned n;
-    if (nbdkit_parse_unsigned ("max-depth", value, &n) == -1 || n > 1000) {
+    uint64_t n;
+    if (parse_decimal (value, 1000, &n) == -1) {
       nbdkit_error ("max-depth: '%s' is not a number from 0 to 1000 "
                     "(0 = off)", value);
       return -1;
     }
-    e->max_depth = n;
+    e->max_depth = (unsigned) n;
     return 0;
   }
   if (strcmp (key, "base-timeout") == 0) {
@@ -298,7 +317,13 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
     return 0;
   }
   if (strcmp (key, "allow-backing") == 0) {
-    char **v = realloc (e->allow_backing,
+    char **v;
+    if (value[0] == '\0') {
+      nbdkit_error ("allow-backing: empty value (give the path of a file "
+                    "that a qcow2 base's chain may name)");
+      return -1;
+    }
+    v = realloc (e->allow_backing,
                         (e->n_allow_backing + 2) * sizeof *v);
     if (v == NULL) {
       nbdkit_error ("realloc: %m");
@@ -359,11 +384,11 @@ cowchain_config (const char *key, const char *value)
     return rc;
   }
   if (strcmp (key, "control-allow-uid") == 0) {
-    uint32_t uid;
-    if (nbdkit_parse_uint32_t ("control-allow-uid", value, &uid) == -1)
-      return -1;
-    if ((uid_t) uid == (uid_t) -1) {
-      nbdkit_error ("control-allow-uid: %s is not a uid", value);
+    uint64_t uid;
+    if (parse_decimal (value, UINT32_MAX, &uid) == -1
+        || (uid_t) uid == (uid_t) -1) {
+      nbdkit_error ("control-allow-uid: '%s' is not a uid (a number from 0 "
+                    "to 4294967294)", value);
       return -1;
     }
     if (n_allow_uids == sizeof allow_uids / sizeof allow_uids[0]) {
