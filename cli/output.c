@@ -129,7 +129,12 @@ cli_next_option (const char *cmd, int argc, char **argv, const char *shortopts,
   opterr = 0;
   c = getopt_long (argc, argv, opts, longopts, NULL);
   if (c == '?') {
-    if (optopt)
+    const char *word = argv[optind - 1];
+    if (optopt >= '0' && optopt <= '9' && word[0] == '-'
+        && word[1] >= '0' && word[1] <= '9')
+      cli_usage_error (cmd, "'%s' is not an option, and no value of %s is "
+                       "negative", word, cmd);
+    else if (optopt)
       cli_usage_error (cmd, "invalid option -- '%c'", optopt);
     else
       cli_usage_error (cmd, "unrecognized option '%s'", argv[optind - 1]);

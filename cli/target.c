@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -164,7 +165,17 @@ cli_ask (const struct cli_target *t, struct cow_control_reply *reply,
     return EXIT_ERROR;
   if (cow_control_request (t->control, argv, argc, cli_timeout_ms,
                            reply) == -1) {
-    cli_error ("%s", cow_last_error ());
+    struct stat st;
+    /* connect() says "Connection refused" of a file that is no socket. */
+    if (cow_last_errno () == ECONNREFUSED && stat (t->control, &st) == 0
+        && !S_ISSOCK (st.st_mode))
+      cli_error ("%s is not a socket but %s: give the server's control "
+                 "socket (its control= key)", t->control,
+                 S_ISDIR (st.st_mode) ? "a directory"
+                 : S_ISREG (st.st_mode) ? "a regular file" : "another kind "
+                 "of file");
+    else
+      cli_error ("%s", cow_last_error ());
     return EXIT_ERROR;
   }
   return EXIT_OK;

@@ -134,6 +134,10 @@ tool_refuses "list: give --control=SOCKET (or set COWCHAIN_CONTROL) for a runnin
 tool_refuses "$tmpdir/srv.sock is not a cowchain control socket: an NBD server answers there" \
     list --control "$tmpdir/srv.sock"
 grep -q "reset by peer" "$tmpdir/err" && fail "the NBD socket is reported as a reset"
+tool_refuses "$tmpdir is not a socket but a directory: give the server's control socket (its control= key)" \
+    list --control "$tmpdir"
+tool_refuses "$base is not a socket but a regular file" list --control "$base"
+tool_refuses "speed: '-5' is not an option, and no value of speed is negative" speed --control "$ctl" -5
 tool_refuses "list: --output must be 'text' or 'json', not 'xml'" --output=xml list --control "$ctl"
 tool_refuses "unrecognized option '--bogus' before the command" --bogus list
 tool_refuses "option '--control' given twice before the command ('a', then 'b')" --control a -c b list
