@@ -157,7 +157,7 @@ parse_globals (int argc, char **argv, struct global *g, size_t ng, int *used)
     if (strcmp (a, "-h") == 0 || strcmp (a, "--help") == 0
         || strcmp (a, "-V") == 0 || strcmp (a, "--version") == 0)
       break;                    /* main's own */
-    /* -c S, -s D (short forms) and --name[=]V. */
+    /* -c S, -s D (the short forms of g[0] and g[1]) and --name[=]V. */
     if (strcmp (a, "-c") == 0)
       k = 0;
     else if (strcmp (a, "-s") == 0)
@@ -179,7 +179,7 @@ parse_globals (int argc, char **argv, struct global *g, size_t ng, int *used)
     }
     if (v == NULL) {
       if (i + 1 >= argc) {
-        cli_error ("option '--%s' requires an argument", g[k].name);
+        cli_error ("option '--%s' requires a value", g[k].name);
         return EXIT_ERROR;
       }
       v = argv[++i];
