@@ -57,6 +57,8 @@ static const struct command commands[] = {
   { "cancel", "cancel a disk's background job", cancel_help, cmd_cancel },
   { "speed", "change the speed limit of a disk's job", speed_help,
     cmd_speed },
+  { "events", "print the events of a server's disks as they happen",
+    events_help, cmd_events },
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])
