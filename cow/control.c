@@ -46,6 +46,8 @@
 /* What the log shows of each word, and of an error message. */
 #define LOG_WORD_MAX 64
 #define LOG_MESSAGE_MAX 512
+/* The socket buffer of a stream (the kernel doubles it). */
+#define STREAM_SNDBUF 32768
 /* A stopping server sends a stream what its source still has, in at
  * most this many takes (events emitted meanwhile could go on for ever). */
 #define EVENTS_DRAIN_ROUNDS 4
@@ -903,6 +905,11 @@ stream_reply (struct control_server *s, struct control_conn *c,
   int64_t deadline = -1;        /* while lines wait for the client */
   bool client_eof = false;
   const char *why;
+  int sndbuf = STREAM_SNDBUF;
+
+  /* What a reader that lags may have in flight, on top of its queue
+   * (EVENTS_QUEUE_MAX events): beyond, its events are lost and counted. */
+  setsockopt (c->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
 
   for (;;) {
     struct pollfd p[3];
