@@ -1011,6 +1011,16 @@ launch (struct cow_disk *d, struct cow_job *j, bool from_thread)
     j->err = e;
     j->msg = strdup ("cannot start the job thread");
     pthread_mutex_unlock (&d->job_lock);
+    {
+      struct events_fields f = { 0 };
+      events_add (&f, "result", "failed");
+      events_add (&f, "done", "0");
+      events_add (&f, "total", "%" PRIu64, j->total);
+      events_add (&f, "duration-ms", "0");
+      events_add (&f, "errno", "%d", e);
+      events_add (&f, "error", "cannot start the job thread");
+      emit_job (j, "job-end", COW_LOG_ERROR, &f);
+    }
     cow_error_set (e, "cannot start the job thread");
     return -1;
   }
