@@ -11,10 +11,10 @@
  * loses events it cannot count), and writing to the sockets from the
  * emitting thread (a snapshot would wait on a client).
  *
- * Locks: taps_lock (this file's, global) guards every disk's link to its
- * bus (d->events_tap) and is held while an event is delivered, so that
- * a bus can be freed under it; then a bus's lock (its subscribers and
- * their queues).  Both are leaves under the engine's locks (chain.h):
+ * Locks: taps_lock (this file's, global) guards every disk's links to
+ * the buses of the services that serve it (d->events_tap) and is held
+ * while an event is delivered, so that a bus can be freed under it; then
+ * a bus's lock (its subscribers and their queues).  Both are leaves under the engine's locks (chain.h):
  * an event is emitted with admin_lock or job_lock possibly held, and
  * nothing here takes another lock. */
 #include <config.h>
@@ -137,9 +137,10 @@ events_bus_free (struct events_bus *b)
 {
   if (b == NULL)
     return;
+  /* control_stop joined every stream first. */
   if (b->subs)
-    events_debug (COW_DEBUG_EVENTS, "bus freed with %zu subscribers",
-                  b->n_subs);
+    COW_DEBUG (COW_DEBUG_EVENTS, "BUG: a bus freed with %zu subscribers",
+               b->n_subs);
   pthread_mutex_lock (&taps_lock);
   while (b->taps) {
     struct events_tap *t = b->taps, **pp;
