@@ -496,3 +496,25 @@ events_emit (struct cow_disk *d, const char *kind, enum cow_log_level level,
     free (f->value[i]);
   f->n = 0;
 }
+
+void
+events_emit_job (struct cow_disk *d, const char *kind,
+                 enum cow_log_level level, const char *job, const char *top,
+                 const char *base, struct events_fields *f)
+{
+  struct events_fields all = { 0 };
+
+  events_add (&all, "job", "%s", job);
+  events_add (&all, "top", "%s", top);
+  events_add (&all, "base", "%s", base);
+  for (size_t i = 0; i < f->n; i++) {
+    if (all.n < EVENTS_MAX_FIELDS) {
+      all.key[all.n] = f->key[i];
+      all.value[all.n++] = f->value[i];
+    }
+    else
+      free (f->value[i]);
+  }
+  f->n = 0;
+  events_emit (d, kind, level, &all);
+}

@@ -55,6 +55,13 @@ void events_add (struct events_fields *f, const char *key, const char *fmt,
 void events_emit (struct cow_disk *d, const char *kind,
                   enum cow_log_level level, struct events_fields *f);
 
+/* The same for a job's event: its fields after job=JOB top=TOP
+ * base=BASE. */
+void events_emit_job (struct cow_disk *d, const char *kind,
+                      enum cow_log_level level, const char *job,
+                      const char *top, const char *base,
+                      struct events_fields *f);
+
 /*----------------------------------------------------------------------
  * The bus of a service.
  */

@@ -299,25 +299,13 @@ stop_at (struct cow_job *j, const char *stage)
   pthread_mutex_unlock (&d->job_lock);
 }
 
-/* An event of the job (its start, milestones, end), its fields first. */
+/* An event of the job (its start, milestones, end). */
 static void
 emit_job (struct cow_job *j, const char *kind, enum cow_log_level level,
           struct events_fields *f)
 {
-  struct events_fields all = { 0 };
-
-  events_add (&all, "job", "%s", cow_job_kind_name (j->kind));
-  events_add (&all, "top", "%s", j->top_name);
-  events_add (&all, "base", "%s", j->base_name);
-  for (size_t i = 0; i < f->n && all.n < EVENTS_MAX_FIELDS; i++) {
-    all.key[all.n] = f->key[i];
-    all.value[all.n++] = f->value[i];
-    f->value[i] = NULL;
-  }
-  for (size_t i = 0; i < f->n; i++)
-    free (f->value[i]);
-  f->n = 0;
-  events_emit (j->d, kind, level, &all);
+  events_emit_job (j->d, kind, level, cow_job_kind_name (j->kind),
+                   j->top_name, j->base_name, f);
 }
 
 static void
