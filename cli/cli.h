@@ -186,4 +186,8 @@ int cmd_resume (int argc, char **argv);
 int cmd_cancel (int argc, char **argv);
 int cmd_speed (int argc, char **argv);
 
+/* cmd-events.c */
+extern const char events_help[];
+int cmd_events (int argc, char **argv);
+
 #endif /* COWCHAIN_CLI_H */

@@ -19,7 +19,7 @@
 #include "cli.h"
 #include "cowchain.h"
 
-/* How often wait and the progress bar look at a job. */
+/* How often an offline job's wait and its progress bar look at it. */
 #define POLL_INTERVAL_NS (100 * 1000 * 1000)
 #define BAR_WIDTH 20
 
@@ -365,41 +365,92 @@ draw_jobs (const struct job_row *v, size_t n, const struct watched *w)
   draw_progress (label, paused, done, total, rate);
 }
 
-/* Poll until no job of the disk (or of any disk) runs or is paused. */
+/* Waiting rides on the server's events stream: subscribed first, then
+ * the jobs are read once, then again only at each job-end (or, to draw
+ * the bar, at a milestone or each second).  A job that ends between the
+ * subscription and the first read is seen by that read; one that ends
+ * after it sends its job-end, which the stream already holds. */
+struct wait_state {
+  const struct cli_target *t;
+  bool one_disk, bar;
+  struct watched watched;
+  struct job_row *v;            /* the last jobs read */
+  size_t n;
+  bool started, finished;
+  bool reported;                /* an error was already printed */
+};
+
+/* Read the jobs; true when none of them runs or is paused any more. */
+static int
+wait_look (struct wait_state *w, bool *idle)
+{
+  bool active = false;
+
+  free_job_rows (w->v, w->n);
+  w->v = NULL;
+  w->n = 0;
+  if (get_jobs (w->t, w->one_disk, &w->v, &w->n) != EXIT_OK) {
+    w->reported = true;
+    return -1;
+  }
+  for (size_t i = 0; i < w->n; i++)
+    active = active || job_is_active (w->v[i].state);
+  watch_active (&w->watched, w->v, w->n);
+  if (w->bar)
+    draw_jobs (w->v, w->n, &w->watched);
+  *idle = !active;
+  return 0;
+}
+
+static int
+wait_event (void *opaque, const struct cow_control_line *line)
+{
+  struct wait_state *w = opaque;
+  bool idle = false;
+  const char *kind = line && line->n >= 3 ? line->words[2] : "";
+
+  if (line == NULL && w->started && !w->bar)
+    return 0;                   /* idle, or a signal: go on waiting */
+  if (line && strcmp (kind, "job-end") != 0
+      && !(w->bar && strcmp (kind, "job-progress") == 0))
+    return 0;
+  w->started = true;
+  if (wait_look (w, &idle) == -1)
+    return -1;
+  w->finished = idle;
+  return idle ? 1 : 0;
+}
+
+/* Wait until no job of the disk (or of any disk) runs or is paused. */
 static int
 wait_online (const struct cli_target *t, bool one_disk, bool progress)
 {
-  struct watched watched = { 0 };
-  struct job_row *v;
-  size_t n;
-  bool bar = progress && isatty (STDERR_FILENO), active;
-  int status = EXIT_OK;
+  struct wait_state w = {
+    .t = t, .one_disk = one_disk,
+    .bar = progress && isatty (STDERR_FILENO),
+  };
+  const char *req[2] = { "events", t->disk };
+  int status = EXIT_OK, r;
 
-  for (;;) {
-    if (get_jobs (t, one_disk, &v, &n) != EXIT_OK) {
-      if (watched.n && bar)
-        fputc ('\n', stderr);
-      free_watched (&watched);
-      return EXIT_ERROR;
-    }
-    active = false;
-    for (size_t i = 0; i < n; i++)
-      active = active || job_is_active (v[i].state);
-    watch_active (&watched, v, n);
-    if (bar)
-      draw_jobs (v, n, &watched);
-    if (!active)
-      break;
-    free_job_rows (v, n);
-    sleep_poll_interval ();
-  }
-  if (watched.n && bar)
+  if (cli_timeout_set (NULL, NULL) != EXIT_OK)
+    return EXIT_ERROR;
+  r = cow_control_stream (t->control, req, one_disk ? 2 : 1, cli_timeout_ms,
+                          w.bar ? 1000 : 0, wait_event, &w);
+  if (w.watched.n && w.bar)
     fputc ('\n', stderr);
-  for (size_t i = 0; i < n; i++)
-    if (job_outcome (&v[i]) != EXIT_OK)
-      status = EXIT_ERROR;
-  free_job_rows (v, n);
-  free_watched (&watched);
+  if (r == -1 || !w.finished) {
+    if (r == -1 && !w.reported)
+      cli_error ("%s", cow_last_error ());
+    else if (r == 0)
+      cli_error ("%s: the server stopped before the job ended", t->control);
+    status = EXIT_ERROR;
+  }
+  else
+    for (size_t i = 0; i < w.n; i++)
+      if (job_outcome (&w.v[i]) != EXIT_OK)
+        status = EXIT_ERROR;
+  free_job_rows (w.v, w.n);
+  free_watched (&w.watched);
   return status;
 }
 
@@ -867,7 +918,8 @@ cmd_jobs (int argc, char **argv)
 const char wait_help[] =
   "Usage: cowchain wait [OPTION]...\n"
   "Wait until the background job of the disk (without --disk: of every\n"
-  "disk) is neither running nor paused, looking every 100 ms.\n"
+  "disk) is neither running nor paused.  It follows the server's events\n"
+  "(cowchain events) and looks at the jobs when one ends.\n"
   "\n"
   ONLINE_HELP
   "  -p, --progress        draw a progress bar on stderr when it is a\n"

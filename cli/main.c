@@ -70,6 +70,8 @@ static const struct command commands[] = {
     NO_OUTPUT },
   { "speed", "change the speed limit of a disk's job", speed_help,
     cmd_speed, NO_OUTPUT },
+  { "events", "print the events of a server's disks as they happen",
+    events_help, cmd_events, NO_STATE },
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])

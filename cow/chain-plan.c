@@ -43,6 +43,7 @@
 #include "chain.h"
 #include "cleanup.h"
 #include "error.h"
+#include "events.h"
 #include "layer.h"
 #include "manifest.h"
 
@@ -56,6 +57,7 @@ void
 chain_set_degraded (struct cow_disk *d, const char *what)
 {
   char *msg = NULL;
+  int was;
 
   CHAIN_ASSERT_ADMIN (d);
   if (asprintf (&msg, "%s: %s", what, cow_last_error ()) == -1)
@@ -65,7 +67,14 @@ chain_set_degraded (struct cow_disk *d, const char *what)
   d->degraded_msg = msg;
   d->degraded_errno = cow_last_errno () ? cow_last_errno () : EIO;
   pthread_mutex_unlock (&d->health_lock);
-  __atomic_store_n (&d->man_unsaved, 1, __ATOMIC_RELEASE);
+  was = __atomic_exchange_n (&d->man_unsaved, 1, __ATOMIC_ACQ_REL);
+  if (!was) {
+    struct events_fields f = { 0 };
+    events_add (&f, "errno", "%d", cow_last_errno () ? cow_last_errno ()
+                : EIO);
+    events_add (&f, "error", "%s: %s", what, cow_last_error ());
+    events_emit (d, "degraded", COW_LOG_ERROR, &f);
+  }
 }
 
 static void

@@ -25,6 +25,8 @@
  *      inside layer operations under chain_lock shared or exclusive.
  *   8. image locks (image.c: OFD locks on files), taken at open and at
  *      a job's reopen_rw / release, under admin_lock or none.
+ *   9. events.c's taps_lock, then an event bus's lock: leaves, taken to
+ *      emit an event under any lock above; nothing is taken under them.
  *
  * Several disks (snapshot-atomic): each level is taken on every disk
  * before the next level, and over the disks in one canonical order (by

@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -32,6 +33,7 @@
 #include "cowchain.h"
 #include "control.h"
 #include "error.h"
+#include "events.h"
 #include "words.h"
 
 /* A connection over the bound waits this long for a slot, then is told
@@ -44,6 +46,11 @@
 /* What the log shows of each word, and of an error message. */
 #define LOG_WORD_MAX 64
 #define LOG_MESSAGE_MAX 512
+/* The socket buffer of a stream (the kernel doubles it). */
+#define STREAM_SNDBUF 32768
+/* A stopping server sends a stream what its source still has, in at
+ * most this many takes (events emitted meanwhile could go on for ever). */
+#define EVENTS_DRAIN_ROUNDS 4
 /* Refusals logged one by one per second; the rest are counted. */
 #define REFUSALS_LOGGED 10
 
@@ -445,13 +452,192 @@ cow_control_request (const char *socket_path, const char *const *argv,
   return ret;
 }
 
+/* The stream's reader: bytes read and not yet split into lines. */
+struct stream_in {
+  char *buf;
+  size_t len, cap;
+};
+
+/* The first whole line in in (without its newline, NUL-terminated, to
+ * free), or NULL if none yet. */
+static char *
+next_line (struct stream_in *in)
+{
+  char *nl = in->len ? memchr (in->buf, '\n', in->len) : NULL, *line;
+  size_t n;
+
+  if (nl == NULL)
+    return NULL;
+  n = (size_t) (nl - in->buf);
+  line = malloc (n + 1);
+  if (line == NULL)
+    return NULL;
+  memcpy (line, in->buf, n);
+  line[n] = '\0';
+  memmove (in->buf, nl + 1, in->len - n - 1);
+  in->len -= n + 1;
+  return line;
+}
+
+/* Read more into in: bytes read, 0 at the end, -1 with errno (EINTR
+ * when a signal came, ETIMEDOUT after wait_ms, -1 = no limit). */
+static ssize_t
+read_more (int fd, struct stream_in *in, int wait_ms)
+{
+  struct pollfd p = { .fd = fd, .events = POLLIN };
+  ssize_t r;
+
+  if (in->cap - in->len < 4096) {
+    size_t cap = in->cap ? in->cap * 2 : 8192;
+    char *nb;
+    if (cap > CONTROL_MAX_REQUEST * 2u) {
+      errno = EMSGSIZE;
+      return -1;
+    }
+    nb = realloc (in->buf, cap);
+    if (nb == NULL)
+      return -1;
+    in->buf = nb;
+    in->cap = cap;
+  }
+  r = poll (&p, 1, wait_ms);
+  if (r == -1)
+    return -1;
+  if (r == 0) {
+    errno = ETIMEDOUT;
+    return -1;
+  }
+  r = recv (fd, in->buf + in->len, in->cap - in->len, 0);
+  if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK))
+    errno = EINTR;              /* nothing after all: look again */
+  if (r > 0)
+    in->len += (size_t) r;
+  return r;
+}
+
+int
+cow_control_stream (const char *socket_path, const char *const *argv,
+                    int argc, int timeout_ms, int idle_ms,
+                    cow_control_line_fn fn, void *opaque)
+{
+  int64_t deadline = deadline_in (timeout_ms);
+  struct stream_in in = { 0 };
+  struct cow_control_reply one = { 0 };
+  char *req, *line = NULL, t[32];
+  const char *cmd = argc ? argv[0] : "";
+  size_t len = 0;
+  bool started = false;
+  int fd, ret = -1;
+
+  req = encode_request (argv, argc, &len);
+  if (req == NULL)
+    return -1;
+  fd = connect_to (socket_path, timeout_ms, deadline);
+  if (fd == -1) {
+    free (req);
+    return -1;
+  }
+  /* A refusal may close before reading it all: its reply says why. */
+  if (send_all (fd, req, len, deadline, -1) == -1 && errno == ETIMEDOUT) {
+    cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the server to "
+                   "take the request", socket_path,
+                   after (timeout_ms, t, sizeof t));
+    goto out;
+  }
+  for (;;) {
+    ssize_t r;
+    int r_fn;
+
+    free (line);
+    line = next_line (&in);
+    if (line == NULL) {
+      int wait = !started ? (deadline < 0 ? -1 : (int) (deadline - now_ms ()))
+        : idle_ms > 0 ? idle_ms : -1;
+      if (!started && deadline >= 0 && wait <= 0) {
+        errno = ETIMEDOUT;
+        r = -1;
+      }
+      else
+        r = read_more (fd, &in, wait);
+      if (r > 0)
+        continue;
+      if (r == 0 || (r == -1 && (errno == ECONNRESET || errno == EPIPE))) {
+        cow_error_set (EPIPE, "%s: the server ended the '%.32s' stream "
+                       "without its end line (did it crash?)", socket_path,
+                       cmd);
+        goto out;
+      }
+      if (r == -1 && errno == ETIMEDOUT && !started) {
+        cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the reply "
+                       "to '%.32s' (see --timeout)", socket_path,
+                       after (timeout_ms, t, sizeof t), cmd);
+        goto out;
+      }
+      if (r == -1 && errno != ETIMEDOUT && errno != EINTR) {
+        cow_error_errno ("%s: reading the '%.32s' stream", socket_path, cmd);
+        goto out;
+      }
+      if (!started)
+        continue;
+      r_fn = fn (opaque, NULL);
+    }
+    else if (!started) {
+      if (strncmp (line, "error ", 6) == 0) {
+        char *w[3];
+        int n = control_split (line, w, 3), e = n == 3 ? atoi (w[1]) : 0;
+        cow_error_set (e > 0 ? e : EPROTO, "%s",
+                       n == 3 ? w[2] : "malformed error reply");
+        goto out;
+      }
+      if (strcmp (line, "ok") != 0) {
+        cow_error_set (EPROTO, "%s: malformed reply", socket_path);
+        goto out;
+      }
+      started = true;
+      r_fn = fn (opaque, NULL);
+    }
+    else if (strcmp (line, ".") == 0) {
+      ret = 0;
+      goto out;
+    }
+    else {
+      if (add_line (&one, line) == -1) {
+        cow_error_errno ("reply");
+        goto out;
+      }
+      r_fn = fn (opaque, &one.lines[0]);
+      cow_control_free_reply (&one);
+    }
+    if (r_fn != 0) {
+      ret = r_fn > 0 ? 0 : -1;
+      goto out;
+    }
+  }
+ out:
+  cow_control_free_reply (&one);
+  free (line);
+  free (in.buf);
+  free (req);
+  close (fd);
+  return ret;
+}
+
 /*----------------------------------------------------------------------
  * Server.
  */
 
 struct control_reply {
   FILE *f;
+  bool streamed;
+  struct control_stream stream;
 };
+
+void
+control_reply_stream (struct control_reply *r, const struct control_stream *st)
+{
+  r->streamed = true;
+  r->stream = *st;
+}
 
 int
 control_reply_line (struct control_reply *r, const char *fmt, ...)
@@ -466,14 +652,19 @@ control_reply_line (struct control_reply *r, const char *fmt, ...)
   return n < 0 ? -1 : 0;
 }
 
-int
-control_run (control_handler fn, void *opaque, char **words, int n,
-             char **text, size_t *len)
+/* Run fn: 0 with "ok\n" and the lines in *text (and ".\n" unless fn
+ * made the reply a stream: then *st holds it and *streamed is true), or
+ * -1. */
+static int
+run_request (control_handler fn, void *opaque, char **words, int n,
+             char **text, size_t *len, struct control_stream *st,
+             bool *streamed)
 {
-  struct control_reply r;
+  struct control_reply r = { 0 };
 
   *text = NULL;
   *len = 0;
+  *streamed = false;
   r.f = open_memstream (text, len);
   if (r.f == NULL) {
     cow_error_set (ENOMEM, "out of memory");
@@ -487,8 +678,49 @@ control_run (control_handler fn, void *opaque, char **words, int n,
     *len = 0;
     return -1;
   }
-  fputs (".\n", r.f);
+  if (r.streamed) {
+    *st = r.stream;
+    *streamed = true;
+  }
+  else
+    fputs (".\n", r.f);
   fclose (r.f);
+  return 0;
+}
+
+int
+control_run (control_handler fn, void *opaque, char **words, int n,
+             char **text, size_t *len)
+{
+  struct control_stream st;
+  bool streamed;
+  FILE *f;
+  char *more, *all = NULL;
+  size_t more_len = 0, all_len = 0;
+
+  if (run_request (fn, opaque, words, n, text, len, &st, &streamed) == -1)
+    return -1;
+  if (!streamed)
+    return 0;
+  more = st.take (st.opaque, &more_len);
+  st.end (st.opaque);
+  f = open_memstream (&all, &all_len);
+  if (f == NULL) {
+    free (more);
+    free (*text);
+    *text = NULL;
+    cow_error_set (ENOMEM, "out of memory");
+    return -1;
+  }
+  fwrite (*text, 1, *len, f);
+  if (more)
+    fwrite (more, 1, more_len, f);
+  fputs (".\n", f);
+  fclose (f);
+  free (more);
+  free (*text);
+  *text = all;
+  *len = all_len;
   return 0;
 }
 
@@ -676,6 +908,111 @@ read_request (struct control_server *s, int fd, int64_t deadline, int *err,
   return NULL;
 }
 
+/* After "ok" of a streaming reply: send the source's lines as they
+ * come (see control.h) until the server stops (then what is left, and
+ * "."), the client goes away, or it takes nothing for
+ * CONTROL_REPLY_TIMEOUT_MS while lines wait.  Returns why it ended. */
+static const char *
+stream_reply (struct control_server *s, struct control_conn *c,
+              const struct control_stream *st)
+{
+  char *buf = NULL;
+  size_t len = 0, off = 0;
+  int64_t deadline = -1;        /* while lines wait for the client */
+  bool client_eof = false;
+  const char *why;
+  int sndbuf = STREAM_SNDBUF;
+
+  /* What a reader that lags may have in flight, on top of its queue
+   * (EVENTS_QUEUE_MAX events): beyond, its events are lost and counted. */
+  setsockopt (c->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+
+  for (;;) {
+    struct pollfd p[3];
+    int64_t left;
+    int r;
+
+    if (off == len) {
+      free (buf);
+      buf = st->take (st->opaque, &len);
+      off = 0;
+      if (buf == NULL)
+        len = 0;
+      deadline = -1;
+    }
+    if (off < len) {
+      ssize_t k = send (c->fd, buf + off, len - off, MSG_NOSIGNAL);
+      if (k > 0) {
+        off += (size_t) k;
+        deadline = deadline_in (CONTROL_REPLY_TIMEOUT_MS);
+        continue;
+      }
+      if (k == -1 && errno == EINTR)
+        continue;
+      if (k == -1 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        why = "the client went away";
+        goto out;
+      }
+      if (deadline < 0)
+        deadline = deadline_in (CONTROL_REPLY_TIMEOUT_MS);
+    }
+    p[0] = (struct pollfd) { .fd = off < len ? -1 : st->fd, .events = POLLIN };
+    p[1] = (struct pollfd) {
+      .fd = c->fd,
+      .events = (short) ((off < len ? POLLOUT : 0) | (client_eof ? 0 : POLLIN))
+    };
+    p[2] = (struct pollfd) { .fd = s->stop_pipe[0], .events = POLLIN };
+    left = deadline < 0 ? -1 : deadline - now_ms ();
+    if (deadline >= 0 && left <= 0) {
+      why = "the client took nothing for too long: cut off";
+      goto out;
+    }
+    r = poll (p, 3, left > INT32_MAX ? INT32_MAX : (int) left);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1) {
+      why = "poll failed";
+      goto out;
+    }
+    if (p[2].revents)
+      break;
+    if (p[1].revents & (POLLERR | POLLHUP)) {
+      why = "the client went away";
+      goto out;
+    }
+    if (p[1].revents & POLLIN) {
+      /* A stream reads nothing more; a client may half-close. */
+      char junk[256];
+      ssize_t k = recv (c->fd, junk, sizeof junk, 0);
+      if (k == 0)
+        client_eof = true;
+      else if (k == -1 && errno != EAGAIN && errno != EINTR) {
+        why = "the client went away";
+        goto out;
+      }
+    }
+  }
+
+  /* The server stops: what is left, then the end line, briefly. */
+  why = "the server is stopping";
+  for (int i = 0; i < EVENTS_DRAIN_ROUNDS; i++) {
+    int64_t end = deadline_in (DRAIN_MS);
+    if (off < len && send_all (c->fd, buf + off, len - off, end, -1) == -1)
+      goto out;
+    free (buf);
+    buf = st->take (st->opaque, &len);
+    off = 0;
+    if (buf == NULL)
+      break;
+  }
+  send_all (c->fd, ".\n", 2, deadline_in (DRAIN_MS), -1);
+ out:
+  free (buf);
+  COW_DEBUG (COW_DEBUG_CONTROL, "uid %u: stream ended: %s", (unsigned) c->uid,
+             why);
+  return why;
+}
+
 /* Serve the one request of a connection. */
 static void
 serve (struct control_conn *c)
@@ -685,6 +1022,9 @@ serve (struct control_conn *c)
   char *line, *words[CONTROL_MAX_WORDS], *text = NULL;
   const char *why;
   size_t len = 0;
+  struct control_stream st;
+  bool streamed = false;
+  int64_t t0;
   int err, n;
 
   line = read_request (s, c->fd, deadline, &err, &why);
@@ -710,17 +1050,30 @@ serve (struct control_conn *c)
     free (line);
     return;
   }
-  if (control_run (s->fn, s->opaque, words, n, &text, &len) == -1) {
+  t0 = now_ms ();
+  if (run_request (s->fn, s->opaque, words, n, &text, &len, &st,
+                   &streamed) == -1) {
     log_request (s, c->uid, words, n, "error: %s", cow_last_error ());
     send_error (s, c->fd, cow_last_errno (), cow_last_error (),
                 deadline_in (CONTROL_REPLY_TIMEOUT_MS));
   }
   else {
-    log_request (s, c->uid, words, n, "ok");
+    log_request (s, c->uid, words, n, streamed ? "ok (a stream)" : "ok");
+    COW_DEBUG (COW_DEBUG_CONTROL, "uid %u: '%.32s' ran in %" PRId64 " ms, "
+               "%zu bytes of reply", (unsigned) c->uid, words[0],
+               now_ms () - t0, len);
     if (send_all (c->fd, text, len, deadline_in (CONTROL_REPLY_TIMEOUT_MS),
-                  s->stop_pipe[0]) == -1)
+                  s->stop_pipe[0]) == -1) {
       log_request (s, c->uid, words, n, "the reply was not taken: %s",
                    errno == ETIMEDOUT ? "timed out" : strerror (errno));
+      if (streamed)
+        st.end (st.opaque);
+    }
+    else if (streamed) {
+      const char *ended = stream_reply (s, c, &st);
+      st.end (st.opaque);
+      log_request (s, c->uid, words, n, "stream ended: %s", ended);
+    }
     free (text);
   }
   free (line);

@@ -11,6 +11,16 @@
  *             separated by single spaces, then a line "."; or, when the
  *             request failed, "error ERRNO MESSAGE" (ERRNO the errno in
  *             decimal, MESSAGE one encoded word) and a line ".".
+ *   stream:   the reply of a streaming request (events): "ok", then one
+ *             payload line per event as it happens, for as long as the
+ *             client stays, and the line "." only when the server stops.
+ *             No time limit while nothing happens; a client that takes
+ *             nothing for CONTROL_REPLY_TIMEOUT_MS while lines wait is
+ *             cut off (the connection closes without "."), and so is one
+ *             that closes its end.  A stream holds one of the
+ *             CONTROL_MAX_CONNECTIONS slots; the events bus admits at
+ *             most EVENTS_MAX_SUBSCRIBERS (events.h) at once, so that
+ *             requests always find slots.
  *
  * One request per connection.  Before any command runs the server may
  * reply an error with errno EACCES (the peer's uid is not allowed),
@@ -56,9 +66,25 @@ int control_reply_line (struct control_reply *r, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 typedef int (*control_handler) (void *opaque, char **words, int n,
                                 struct control_reply *r);
+/* A streaming reply: instead of adding lines, a handler hands the
+ * connection a source of lines.  After "ok" the connection's thread
+ * sends what take returns each time fd (for poll) is readable, until the
+ * server stops (then what take still has, and "."), the client goes
+ * away or stops reading; then end runs, once, on that thread.  take
+ * returns lines (each ending in a newline) in a malloc'd buffer of *len
+ * bytes, or NULL when there are none. */
+struct control_stream {
+  int fd;
+  char *(*take) (void *opaque, size_t *len);
+  void (*end) (void *opaque);
+  void *opaque;
+};
+void control_reply_stream (struct control_reply *r,
+                           const struct control_stream *st);
 /* Run fn as the server does for each request: 0 with the whole reply
  * ("ok\n", the lines, ".\n") in *text (malloc'd, *len bytes), or -1
- * with fn's error as the last error. */
+ * with fn's error as the last error.  A stream is ended at once (end
+ * runs) after what take has at once. */
 int control_run (control_handler fn, void *opaque, char **words, int n,
                  char **text, size_t *len);
 /* Told each request and its outcome, as one printable line without a

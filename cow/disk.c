@@ -20,6 +20,7 @@
 #include "chain.h"
 #include "cowchain.h"
 #include "error.h"
+#include "events.h"
 #include "layer.h"
 #include "manifest.h"
 
@@ -201,7 +202,11 @@ sync_thread (void *arg)
     pthread_mutex_unlock (&d->sync_lock);
     if (__atomic_exchange_n (&d->dirty, 0, __ATOMIC_ACQ_REL)
         || __atomic_load_n (&d->sync_failed, __ATOMIC_ACQUIRE)) {
+      uint64_t t0 = chain_now_ns ();
       bool failed = cow_disk_flush (d) == -1;
+      COW_DEBUG (COW_DEBUG_SYNC, "%s: interval flush %s in %.3f ms",
+                 d->state_dir ? d->state_dir : d->overlay,
+                 failed ? "failed" : "done", EVENTS_MS (t0, chain_now_ns ()));
       if (failed)
         __atomic_store_n (&d->dirty, 1, __ATOMIC_RELEASE);
       __atomic_store_n (&d->sync_failed, failed, __ATOMIC_RELEASE);

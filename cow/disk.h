@@ -114,6 +114,10 @@ struct cow_disk {
   bool track_dirty;
   /* Atomic: guest I/O happened since the job last looked (job_yield). */
   unsigned guest_io;
+
+  /* The service buses this disk's events go to, with its name on each
+   * (a list; NULL: none); events.c's own, under its taps_lock. */
+  struct events_tap *events_tap;
 };
 
 struct cow_job;

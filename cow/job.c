@@ -37,6 +37,7 @@
 #include "cowchain.h"
 #include "chain.h"
 #include "error.h"
+#include "events.h"
 #include "image.h"
 #include "layer.h"
 #include "manifest.h"
@@ -67,6 +68,7 @@ struct cow_job {
   int err;
   char *msg;
   char *top_name, *base_name;     /* for reports */
+  unsigned milestone;             /* the next job-progress event: 25/50/75 */
 
   /* Fixed at start. */
   bool commit;                    /* commit; else pull (also delete) */
@@ -297,14 +299,40 @@ stop_at (struct cow_job *j, const char *stage)
   pthread_mutex_unlock (&d->job_lock);
 }
 
+/* An event of the job (its start, milestones, end). */
+static void
+emit_job (struct cow_job *j, const char *kind, enum cow_log_level level,
+          struct events_fields *f)
+{
+  events_emit_job (j->d, kind, level, cow_job_kind_name (j->kind),
+                   j->top_name, j->base_name, f);
+}
+
 static void
 add_done (struct cow_job *j, uint64_t n)
 {
+  unsigned from, to;
+  uint64_t done, total;
+
   pthread_mutex_lock (&j->d->job_lock);
   j->done += n;
   if (j->done > j->total)
     j->total = j->done;
+  done = j->done;
+  total = j->total;
+  from = to = j->milestone;
+  while (to <= 75 && total && done * 100 >= total * to)
+    to += 25;
+  j->milestone = to;
   pthread_mutex_unlock (&j->d->job_lock);
+  /* Every milestone passed, even several in one chunk. */
+  for (unsigned m = from; m < to; m += 25) {
+    struct events_fields f = { 0 };
+    events_add (&f, "percent", "%u", m);
+    events_add (&f, "done", "%" PRIu64, done);
+    events_add (&f, "total", "%" PRIu64, total);
+    emit_job (j, "job-progress", COW_LOG_INFO, &f);
+  }
 }
 
 /*----------------------------------------------------------------------
@@ -759,8 +787,16 @@ job_thread (void *arg)
     if (r == 0)
       stop_at (j, "before-switch");
     chain_admin_lock (d);
-    if (r == 0)
+    if (r == 0) {
+      uint64_t t0 = chain_now_ns ();
+      COW_DEBUG (COW_DEBUG_JOB, "%s: %s copied %" PRIu64 " bytes; final "
+                 "switch", d->state_dir, cow_job_kind_name (j->kind), j->done);
       r = switch_chain (j);
+      COW_DEBUG (COW_DEBUG_JOB, "%s: final switch %s in %.3f ms (pause %.3f "
+                 "ms)", d->state_dir, r == 0 ? "done" : "failed",
+                 EVENTS_MS (t0, chain_now_ns ()),
+                 j->active ? EVENTS_MS (0, d->last_pause_ns) : 0.0);
+    }
     finish_locked (j, r);
     if (r != 0 || !next_auto_job (d)) {
       chain_admin_unlock (d);
@@ -808,6 +844,21 @@ finish_locked (struct cow_job *j, int r)
   j->buf = NULL;
   pthread_cond_broadcast (&d->job_cond);
   pthread_mutex_unlock (&d->job_lock);
+  /* After the state: whoever reads the job as running gets this later. */
+  {
+    struct events_fields f = { 0 };
+    events_add (&f, "result", "%s", r == 0 ? "ok"
+                : r == -2 ? "cancelled" : "failed");
+    events_add (&f, "done", "%" PRIu64, j->done);
+    events_add (&f, "total", "%" PRIu64, j->total);
+    events_add (&f, "duration-ms", "%.3f",
+                EVENTS_MS (j->start_ns, j->end_ns));
+    if (r != 0) {
+      events_add (&f, "errno", "%d", j->err);
+      events_add (&f, "error", "%s", j->msg ? j->msg : "unknown");
+    }
+    emit_job (j, "job-end", r == -1 ? COW_LOG_ERROR : COW_LOG_INFO, &f);
+  }
 }
 
 /*----------------------------------------------------------------------
@@ -912,6 +963,8 @@ launch (struct cow_disk *d, struct cow_job *j, bool from_thread)
     }
     __atomic_store_n (&d->track_dirty, true, __ATOMIC_RELEASE);
   }
+  COW_DEBUG (COW_DEBUG_JOB, "%s: %s %s -> %s: measuring", d->state_dir,
+             cow_job_kind_name (j->kind), j->top_name, j->base_name);
   if (measure (j, &j->total) == -1) {
     if (j->active)
       stop_tracking (d);
@@ -928,6 +981,13 @@ launch (struct cow_disk *d, struct cow_job *j, bool from_thread)
   free_job (d->job);
   d->job = j;
   pthread_mutex_unlock (&d->job_lock);
+  j->milestone = 25;
+  {
+    struct events_fields f = { 0 };
+    events_add (&f, "total", "%" PRIu64, j->total);
+    events_add (&f, "speed", "%" PRIu64, j->speed);
+    emit_job (j, "job-start", COW_LOG_INFO, &f);
+  }
   if (from_thread)
     return 0;
   e = pthread_create (&d->job_thread, NULL, job_thread, d);
@@ -939,6 +999,16 @@ launch (struct cow_disk *d, struct cow_job *j, bool from_thread)
     j->err = e;
     j->msg = strdup ("cannot start the job thread");
     pthread_mutex_unlock (&d->job_lock);
+    {
+      struct events_fields f = { 0 };
+      events_add (&f, "result", "failed");
+      events_add (&f, "done", "0");
+      events_add (&f, "total", "%" PRIu64, j->total);
+      events_add (&f, "duration-ms", "0");
+      events_add (&f, "errno", "%d", e);
+      events_add (&f, "error", "cannot start the job thread");
+      emit_job (j, "job-end", COW_LOG_ERROR, &f);
+    }
     cow_error_set (e, "cannot start the job thread");
     return -1;
   }

@@ -21,6 +21,7 @@
 #include "cowchain.h"
 #include "control.h"
 #include "error.h"
+#include "events.h"
 #include "service.h"
 #include "words.h"
 
@@ -38,8 +39,8 @@ struct cow_service {
   size_t n;
   struct cow_export *def;       /* NULL: the first disk */
   struct control_server *control;
-  cow_log_fn log;
-  void *log_opaque;
+  /* The events of the disks, and the log (events.c). */
+  struct events_bus *bus;
 };
 
 struct cow_service *
@@ -47,8 +48,15 @@ cow_service_new (void)
 {
   struct cow_service *s = calloc (1, sizeof *s);
 
-  if (s == NULL)
+  if (s == NULL) {
     cow_error_errno ("calloc");
+    return NULL;
+  }
+  s->bus = events_bus_new ();
+  if (s->bus == NULL) {
+    free (s);
+    return NULL;
+  }
   return s;
 }
 
@@ -57,7 +65,9 @@ cow_service_free (struct cow_service *s)
 {
   if (s == NULL)
     return;
+  /* The streams end first: the bus must have no subscriber left. */
   cow_service_stop_control (s);
+  events_bus_free (s->bus);
   for (size_t i = 0; i < s->n; i++) {
     free (s->exports[i]->name);
     free (s->exports[i]);
@@ -117,6 +127,11 @@ cow_service_add (struct cow_service *s, const char *name,
   }
   e->disk = d;
   atomic_init (&e->clients, 0);
+  if (events_bus_attach (s->bus, d, name) == -1) {
+    free (e->name);
+    free (e);
+    return NULL;
+  }
   s->exports[s->n++] = e;
   return e;
 }
@@ -245,6 +260,12 @@ cow_export_clients (const struct cow_export *e)
  *                                0 unless failed; MESSAGE "" if none)
  *   job-pause DISK, job-resume DISK, job-cancel DISK
  *   job-speed DISK SPEED
+ *
+ *   events [DISK]                a stream (control.h): "ok", then per
+ *                                event of every disk (or of DISK) "TIME
+ *                                DISK KIND KEY=VALUE...", until "." when
+ *                                the server stops.  The kinds and their
+ *                                fields: docs/cowchain-control.pod.
  *
  * Errors before a command runs: "unknown command 'X'", "wrong number of
  * arguments for 'X'" (EINVAL), "no disk named 'X'" (ENOENT).
@@ -560,6 +581,36 @@ cmd_job_speed (struct cow_service *s, struct cow_export *e, char **args,
   return cow_disk_job_set_speed (e->disk, speed);
 }
 
+/* events [DISK]: a stream (control.h) of the events of every disk, or
+ * of DISK, from now until the server stops. */
+static char *
+stream_take (void *sub, size_t *len)
+{
+  return events_sub_take (sub, len);
+}
+
+static void
+stream_end (void *sub)
+{
+  events_unsubscribe (sub);
+}
+
+static int
+cmd_events (struct cow_service *s, struct cow_export *e, char **args, int n,
+            struct control_reply *r)
+{
+  struct events_sub *sub = events_subscribe (s->bus, e ? e->name : NULL);
+  struct control_stream st = {
+    .take = stream_take, .end = stream_end, .opaque = sub,
+  };
+
+  if (sub == NULL)
+    return -1;
+  st.fd = events_sub_fd (sub);
+  control_reply_stream (r, &st);
+  return 0;
+}
+
 const struct cow_command cow_commands[] = {
   { "status", 0, 0, false, cmd_status, "status" },
   { "blklist", 0, 0, false, cmd_blklist, "blklist" },
@@ -576,6 +627,7 @@ const struct cow_command cow_commands[] = {
   { "job-resume", 1, 1, true, cmd_job_resume, "job-resume DISK" },
   { "job-cancel", 1, 1, true, cmd_job_cancel, "job-cancel DISK" },
   { "job-speed", 2, 2, true, cmd_job_speed, "job-speed DISK SPEED" },
+  { "events", 0, 1, true, cmd_events, "events [DISK]" },
 };
 const size_t cow_n_commands = sizeof cow_commands / sizeof cow_commands[0];
 
@@ -613,14 +665,23 @@ cow_service_dispatch (void *service, char **words, int n,
  * The control socket.
  */
 
-/* The front end's log takes its own opaque; the control server passes
- * the service. */
+/* The control server's lines go to the service's log (the bus's). */
 static void
 service_log (void *service, const char *line)
 {
   struct cow_service *s = service;
+  char *l = NULL;
 
-  s->log (s->log_opaque, line);
+  if (asprintf (&l, "control: %s", line) == -1)
+    return;
+  events_bus_log (s->bus, COW_LOG_NOTICE, l);
+  free (l);
+}
+
+void
+cow_service_set_log (struct cow_service *s, cow_log_fn log, void *opaque)
+{
+  events_bus_set_log (s->bus, log, opaque);
 }
 
 int
@@ -632,10 +693,10 @@ cow_service_start_control (struct cow_service *s, const char *path,
     cow_error_set (EBUSY, "%s: the control socket is already started", path);
     return -1;
   }
-  s->log = log;
-  s->log_opaque = opaque;
+  if (log)
+    events_bus_set_log (s->bus, log, opaque);
   s->control = control_start (path, allow_uids, n_allow, cow_service_dispatch,
-                              log ? service_log : NULL, s);
+                              service_log, s);
   return s->control ? 0 : -1;
 }
 

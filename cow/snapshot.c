@@ -5,6 +5,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,7 @@
 #include "cleanup.h"
 #include "cowchain.h"
 #include "error.h"
+#include "events.h"
 #include "layer.h"
 #include "manifest.h"
 
@@ -110,11 +112,18 @@ static int
 commit_freeze (struct cow_disk *d, const char *name)
 {
   struct layer *old = chain_under (d, d->top);
+  uint64_t t0 = chain_now_ns ();
   int e;
 
   if (old->ops->flush (old) == 0) {
+    uint64_t t1 = chain_now_ns ();
     qcow2_mark_frozen (old);
-    if (chain_commit_installed (d, "saving the manifest of a snapshot") == 0)
+    e = chain_commit_installed (d, "saving the manifest of a snapshot");
+    COW_DEBUG (COW_DEBUG_SNAPSHOT, "%s: '%s': frozen layer flushed in %.3f "
+               "ms, manifest %s in %.3f ms", d->state_dir, name,
+               EVENTS_MS (t0, t1), e == 0 ? "saved" : "NOT saved",
+               EVENTS_MS (t1, chain_now_ns ()));
+    if (e == 0)
       return 0;
   }
   else {
@@ -132,9 +141,52 @@ commit_freeze (struct cow_disk *d, const char *name)
   return -1;
 }
 
+/* The event of a snapshot of d, taken (ok: with its pause) or not (the
+ * last error says why). */
+static void
+emit_snapshot (struct cow_disk *d, const char *name, bool ok, uint64_t start,
+               uint64_t pause_ns)
+{
+  struct events_fields f = { 0 };
+
+  events_add (&f, "name", "%s", name);
+  if (ok) {
+    events_add (&f, "layer", "%s", d->man.layers[d->man.n_layers - 2].file);
+    events_add (&f, "pause-ns", "%" PRIu64, pause_ns);
+  }
+  else {
+    events_add (&f, "errno", "%d", cow_last_errno () ? cow_last_errno ()
+                : EIO);
+    events_add (&f, "error", "%s", cow_last_error ());
+  }
+  events_add (&f, "duration-ms", "%.3f",
+              EVENTS_MS (start, chain_now_ns ()));
+  events_emit (d, ok ? "snapshot" : "snapshot-failed",
+               ok ? COW_LOG_INFO : COW_LOG_ERROR, &f);
+}
+
+static int snapshot_group (struct cow_disk *const *disks, size_t n,
+                           const char *name, const char *description,
+                           uint64_t start);
+
 int
 cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
                          const char *name, const char *description)
+{
+  uint64_t start = chain_now_ns ();
+  int ret = snapshot_group (disks, n, name, description, start);
+
+  /* Refused before the switch: nothing changed on any disk.  (After it,
+   * -2, each disk's event was emitted.) */
+  if (ret == -1)
+    for (size_t i = 0; i < n; i++)
+      emit_snapshot (disks[i], name ? name : "", false, start, 0);
+  return ret == 0 ? 0 : -1;
+}
+
+static int
+snapshot_group (struct cow_disk *const *disks, size_t n, const char *name,
+                const char *description, uint64_t start)
 {
   CLEANUP_FREE struct cow_disk **sorted = NULL;
   CLEANUP_FREE struct chain_plan **p = NULL;
@@ -174,6 +226,9 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
     ret = -1;
     goto out;
   }
+  COW_DEBUG (COW_DEBUG_SNAPSHOT, "'%s': %zu new layer%s ready in %.3f ms; "
+             "draining guest I/O", name, n, n == 1 ? "" : "s",
+             EVENTS_MS (start, chain_now_ns ()));
   /* The cut: every disk drained (in bounded windows, all or none), then
    * all switched. */
   if (chain_wait_exclusive (sorted, n,
@@ -189,10 +244,19 @@ cow_disk_snapshot_group (struct cow_disk *const *disks, size_t n,
     chain_plan_install (disks[i], p[i]);
   chain_release (sorted, n, CHAIN_HOLD_CHAIN);
   pause = chain_now_ns () - t0;
+  COW_DEBUG (COW_DEBUG_SNAPSHOT, "'%s': switched; guest I/O paused %.3f ms "
+             "(drain began %.3f ms after the start)", name, EVENTS_MS (0, pause),
+             EVENTS_MS (start, t0));
+  /* Taken on every disk: each says so, or why it is not durable (the
+   * caller then emits nothing more: -2). */
   for (size_t i = 0; i < n; i++) {
     disks[i]->last_pause_ns = pause;
-    if (commit_freeze (disks[i], name) == -1)
-      ret = -1;
+    if (commit_freeze (disks[i], name) == -1) {
+      ret = -2;
+      emit_snapshot (disks[i], name, false, start, 0);
+    }
+    else
+      emit_snapshot (disks[i], name, true, start, pause);
   }
   chain_release (sorted, n, CHAIN_HOLD_DURABILITY);
   for (size_t i = 0; i < n; i++) {
@@ -212,8 +276,36 @@ cow_disk_snapshot (struct cow_disk *d, const char *name,
   return cow_disk_snapshot_group (&d, 1, name, description);
 }
 
+static int revert (struct cow_disk *d, const char *name, bool force,
+                   size_t *dropped);
+
 int
 cow_disk_revert (struct cow_disk *d, const char *name, bool force)
+{
+  struct events_fields f = { 0 };
+  uint64_t start = chain_now_ns ();
+  size_t dropped = 0;
+  int ret = revert (d, name, force, &dropped);
+
+  events_add (&f, "name", "%s", name);
+  if (ret == 0) {
+    events_add (&f, "dropped", "%zu", dropped);
+    events_add (&f, "layer", "%s", d->man.layers[d->man.n_layers - 1].file);
+  }
+  else {
+    events_add (&f, "errno", "%d", cow_last_errno () ? cow_last_errno ()
+                : EIO);
+    events_add (&f, "error", "%s", cow_last_error ());
+  }
+  events_add (&f, "duration-ms", "%.3f", EVENTS_MS (start, chain_now_ns ()));
+  events_emit (d, ret == 0 ? "revert" : "revert-failed",
+               ret == 0 ? COW_LOG_INFO : COW_LOG_ERROR, &f);
+  return ret;
+}
+
+/* *dropped: the layers it took out of the chain. */
+static int
+revert (struct cow_disk *d, const char *name, bool force, size_t *dropped)
 {
   struct chain_plan *p = NULL;
   long k, later;
@@ -256,9 +348,12 @@ cow_disk_revert (struct cow_disk *d, const char *name, bool force)
     goto out;
   if (chain_plan_save (d, p) == 0) {
     chain_plan_install (d, p);
+    *dropped = n - 1 - (size_t) k;
     ret = 0;
   }
   chain_release (&d, 1, CHAIN_HOLD_DURABILITY | CHAIN_HOLD_CHAIN);
+  COW_DEBUG (COW_DEBUG_SNAPSHOT, "%s: revert to '%s': %s", d->state_dir,
+             name, ret == 0 ? "switched" : "manifest not saved");
  out:
   chain_plan_free (d, p);
   chain_admin_unlock (d);

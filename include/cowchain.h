@@ -270,11 +270,25 @@ void cow_export_attach (struct cow_export *e);
 void cow_export_detach (struct cow_export *e);
 unsigned cow_export_clients (const struct cow_export *e);
 
-/* Told each control request and its outcome, as one printable line
- * without a newline ("uid U: WORDS: ok", "uid U: WORDS: error: MESSAGE",
- * "uid U: refused: WHY", "uid U: no request: WHY"); called from the
- * control socket's threads, possibly at once. */
-typedef void (*cow_log_fn) (void *opaque, const char *line);
+/* The service's log: one printable line without a newline, and how
+ * much it matters.  Told each control request and its outcome
+ * (COW_LOG_NOTICE: "control: uid U: WORDS: ok", "control: uid U: WORDS:
+ * error: MESSAGE", "control: uid U: refused: WHY", "control: uid U: no
+ * request: WHY"), each event of its disks ("event: DISK KIND
+ * KEY=VALUE...": COW_LOG_INFO for what went as planned, COW_LOG_ERROR
+ * for a failure; the events are listed in docs/cowchain-control.pod),
+ * and, from cow_debug_set, debug lines (COW_LOG_DEBUG).  Called from the
+ * engine's threads (control, job, I/O), possibly at once; it must not
+ * call back into the engine. */
+enum cow_log_level {
+  COW_LOG_DEBUG,                /* a debug area's line (cow_debug_set) */
+  COW_LOG_INFO,                 /* an event that went as planned */
+  COW_LOG_NOTICE,               /* a control request and its outcome */
+  COW_LOG_ERROR,                /* a failure: snapshot, revert, job, a
+                                   disk that became degraded */
+};
+typedef void (*cow_log_fn) (void *opaque, enum cow_log_level level,
+                            const char *line);
 /* Listen on path (a UNIX socket) and serve the control commands on the
  * service's disks until cow_service_stop_control, each connection on a
  * thread of its own.  Only our euid, root and allow_uids may talk; the
@@ -285,7 +299,8 @@ int cow_service_start_control (struct cow_service *s, const char *path,
                                const uid_t *allow_uids, size_t n_allow,
                                cow_log_fn log, void *opaque);
 /* Stop listening and return once the commands still running have ended
- * (nothing if the socket was not started). */
+ * (nothing if the socket was not started).  Event streams get their
+ * queued events and the end line "." first. */
 void cow_service_stop_control (struct cow_service *s);
 /* Whether the control socket could be started at path (no other kind of
  * file there, no server listening on it, a directory that can take
@@ -388,6 +403,47 @@ int cow_control_request (const char *socket_path, const char *const *argv,
                          int argc, int timeout_ms,
                          struct cow_control_reply *reply);
 void cow_control_free_reply (struct cow_control_reply *reply);
+
+/*----------------------------------------------------------------------
+ * Events, logs and debug areas (the events task's block).
+ */
+
+/* The service's log (events of its disks, control requests) without a
+ * control socket too: a server whose max-depth= merges run with no
+ * control= still logs them.  cow_service_start_control sets it as well
+ * (when its log is not NULL).  Set it before serving. */
+void cow_service_set_log (struct cow_service *s, cow_log_fn log,
+                          void *opaque);
+
+/* Debug areas: lines a developer wants, off by default and costing one
+ * test of a flag when off.  cow_debug_set turns on the areas of the
+ * mask (process-wide, every disk), their lines going to log at
+ * COW_LOG_DEBUG; 0 turns them all off.  Call it before any disk is
+ * used. */
+#define COW_DEBUG_SNAPSHOT 0x01u   /* snapshot and revert steps, timings */
+#define COW_DEBUG_JOB      0x02u   /* merge jobs: plan, copy, final switch */
+#define COW_DEBUG_CONTROL  0x04u   /* control connections and streams */
+#define COW_DEBUG_EVENTS   0x08u   /* event subscribers, queues, drops */
+#define COW_DEBUG_SYNC     0x10u   /* the sync=MS thread's flushes */
+void cow_debug_set (unsigned areas, cow_log_fn log, void *opaque);
+
+/* The control client for a request whose reply is a stream (events):
+ * send argv, and once the server has answered "ok" (within timeout_ms,
+ * 0 = no limit; the stream itself has no time limit) call fn for each
+ * payload line as it arrives, split into its decoded words.  fn is also
+ * called with line NULL: once right after "ok" (the subscription is in
+ * place: what happens from then on is streamed), after each idle_ms
+ * (0 = never) without a line, and when a signal interrupted the wait.
+ * fn returns 0 to go on, 1 to end the stream here, -1 to end it with
+ * its own last error.  Returns 0 when the server ended the stream (the
+ * line ".": it is stopping) or fn returned 1; -1 with the server's
+ * error reply, a time-out before "ok", a stream cut without its end
+ * line (EPIPE), or fn's error. */
+typedef int (*cow_control_line_fn) (void *opaque,
+                                    const struct cow_control_line *line);
+int cow_control_stream (const char *socket_path, const char *const *argv,
+                        int argc, int timeout_ms, int idle_ms,
+                        cow_control_line_fn fn, void *opaque);
 
 /* Text shown to people (snapshot names, descriptions, paths).
  *

@@ -62,6 +62,15 @@ static size_t n_allow_uids;
  * name reaches, and the control socket. */
 static struct cow_service *service;
 
+/* Debug flags, -D cowchain.AREA=1 (shown with -v, as all nbdkit_debug):
+ * the engine's COW_DEBUG_* areas.  Exported, as nbdkit sets them by
+ * name; read once, in get_ready. */
+NBDKIT_DLL_PUBLIC int cowchain_debug_snapshot;
+NBDKIT_DLL_PUBLIC int cowchain_debug_job;
+NBDKIT_DLL_PUBLIC int cowchain_debug_control;
+NBDKIT_DLL_PUBLIC int cowchain_debug_events;
+NBDKIT_DLL_PUBLIC int cowchain_debug_sync;
+
 static void
 free_entry (struct disk_entry *e)
 {
@@ -552,9 +561,17 @@ cowchain_config_complete (void)
   "control-allow-uid=UID    another uid allowed on the control socket\n" \
   "                         (repeatable; makes the socket mode 0666)"
 
+static void log_fn (void *opaque, enum cow_log_level level,
+                    const char *line);
+
 static int
 cowchain_get_ready (void)
 {
+  cow_debug_set ((cowchain_debug_snapshot ? COW_DEBUG_SNAPSHOT : 0)
+                 | (cowchain_debug_job ? COW_DEBUG_JOB : 0)
+                 | (cowchain_debug_control ? COW_DEBUG_CONTROL : 0)
+                 | (cowchain_debug_events ? COW_DEBUG_EVENTS : 0)
+                 | (cowchain_debug_sync ? COW_DEBUG_SYNC : 0), log_fn, NULL);
   /* The control socket starts after the fork; refuse a bad path now,
    * while nbdkit can still exit with an error. */
   if (control_path && cow_control_check_path (control_path) == -1) {
@@ -598,6 +615,7 @@ cowchain_get_ready (void)
     nbdkit_error ("%s", cow_last_error ());
     return -1;
   }
+  cow_service_set_log (service, log_fn, NULL);
   for (size_t i = 0; i < n_disks; i++)
     if (cow_service_add (service, disks[i].name, disks[i].disk) == NULL) {
       nbdkit_error ("%s", cow_last_error ());
@@ -611,12 +629,18 @@ cowchain_get_ready (void)
   return 0;
 }
 
-/* Each control request and its outcome.  nbdkit_error is nbdkit's only
- * channel that is always shown (the log or stderr). */
+/* The engine's log: events, control requests, debug areas.
+ * nbdkit_error is nbdkit's only channel that is always shown (stderr, or
+ * syslog with --log=syslog): failures and control requests go there;
+ * events that went as planned and debug lines go to nbdkit_debug, shown
+ * with -v. */
 static void
-control_log_fn (void *opaque, const char *line)
+log_fn (void *opaque, enum cow_log_level level, const char *line)
 {
-  nbdkit_error ("control: %s", line);
+  if (level >= COW_LOG_NOTICE)
+    nbdkit_error ("%s", line);
+  else
+    nbdkit_debug ("%s", line);
 }
 
 /* Threads started before nbdkit forks into the background would not
@@ -635,8 +659,7 @@ cowchain_after_fork (void)
   }
   if (control_path) {
     if (cow_service_start_control (service, control_path, allow_uids,
-                                   n_allow_uids, control_log_fn,
-                                   NULL) == -1) {
+                                   n_allow_uids, log_fn, NULL) == -1) {
       nbdkit_error ("%s", cow_last_error ());
       return -1;
     }

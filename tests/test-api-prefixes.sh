@@ -17,7 +17,7 @@
 requires nm gcc python3
 
 prefixes="cow qcow2 chain io manifest job control image text word utf8 layer"
-prefixes+=" raw remote backing statedir"
+prefixes+=" raw remote backing statedir events"
 
 : "${COWCHAIN_LIBCOW_OBJECTS:?not set: run through make check, or set it to \$(libcow_la_OBJECTS)}"
 

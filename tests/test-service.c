@@ -22,6 +22,8 @@
 
 #include "cowchain.h"
 #include "control.h"
+#include "error.h"
+#include "events.h"
 #include "io.h"
 #include "service.h"
 #include "words.h"
@@ -49,6 +51,7 @@ static const struct {
   { "job-resume", 1, 1 },
   { "job-cancel", 1, 1 },
   { "job-speed", 2, 2 },
+  { "events", 0, 1 },
 };
 #define N_PROTOCOL (sizeof protocol / sizeof protocol[0])
 
@@ -707,7 +710,7 @@ static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static char log_text[8192];
 
 static void
-log_fn (void *opaque, const char *line)
+log_fn (void *opaque, enum cow_log_level level, const char *line)
 {
   pthread_mutex_lock (&log_lock);
   assert_ptr_equal (opaque, &log_text);
@@ -780,6 +783,188 @@ test_socket (void **state)
   free (nodir);
 }
 
+/*----------------------------------------------------------------------
+ * Events. */
+
+/* A stream's lines, without their time (words[0]), words joined by
+ * '|'; calls counts the calls without a line. */
+struct stream_fx {
+  char *path;
+  struct fx *f;
+  int calls;                    /* atomic */
+  int want;                     /* end after this many lines */
+  char lines[8][512];
+  int n;
+};
+
+static int
+record_line (void *opaque, const struct cow_control_line *line)
+{
+  struct stream_fx *x = opaque;
+  char *p;
+
+  if (line == NULL) {
+    __atomic_add_fetch (&x->calls, 1, __ATOMIC_SEQ_CST);
+    return 0;
+  }
+  assert_true (x->n < 8);
+  p = x->lines[x->n++];
+  p[0] = '\0';
+  for (int i = 1; i < line->n; i++) {
+    strncat (p, line->words[i], 500 - strlen (p));
+    strcat (p, "|");
+  }
+  return x->n == x->want ? 1 : 0;
+}
+
+static void
+wait_subscribed (struct stream_fx *x)
+{
+  while (__atomic_load_n (&x->calls, __ATOMIC_SEQ_CST) == 0)
+    usleep (1000);
+}
+
+/* Once the stream is in place: an event of vm2 (not wanted), then
+ * vm1's. */
+static void *
+events_actor (void *arg)
+{
+  struct stream_fx *x = arg;
+  struct cow_disk *vm1 = x->f->d[0], *vm2 = x->f->d[1];
+
+  wait_subscribed (x);
+  assert_int_equal (cow_disk_snapshot (vm2, "t1", NULL), 0);
+  assert_int_equal (cow_disk_snapshot (vm1, "s2", NULL), 0);
+  assert_int_equal (cow_disk_snapshot (vm1, "s2", NULL), -1);
+  assert_int_equal (cow_disk_revert (vm1, "s1", true), 0);
+  assert_int_equal (cow_disk_revert (vm1, "nosuch", true), -1);
+  cow_error_clear ();
+  return NULL;
+}
+
+static void *
+stream_until_stop (void *arg)
+{
+  struct stream_fx *x = arg;
+  const char *req[] = { "events" };
+  intptr_t r = cow_control_stream (x->path, req, 1, 5000, 0, record_line, x);
+
+  cow_error_clear ();
+  return (void *) r;
+}
+
+static void
+test_events_stream (void **state)
+{
+  struct fx *f = *state;
+  struct stream_fx x = { .path = tu_path (f->dir, "ctl"), .f = f, .want = 4 };
+  struct stream_fx y = { .path = x.path, .f = f, .want = 8 };
+  const char *req[] = { "events", "vm1" }, *bad[] = { "events", "nosuch" };
+  struct cow_control_reply reply;
+  pthread_t th;
+  void *ret;
+
+  log_text[0] = '\0';
+  assert_int_equal (cow_service_start_control (f->s, x.path, NULL, 0, log_fn,
+                                               &log_text), 0);
+  assert_int_equal (cow_control_request (x.path, bad, 2, 5000, &reply), -1);
+  assert_int_equal (cow_last_errno (), ENOENT);
+  /* Before any subscription: logged, not streamed. */
+  assert_int_equal (cow_disk_snapshot (f->d[0], "s1", NULL), 0);
+  assert_int_equal (pthread_create (&th, NULL, events_actor, &x), 0);
+  assert_int_equal (cow_control_stream (x.path, req, 2, 5000, 0, record_line,
+                                        &x), 0);
+  pthread_join (th, NULL);
+  assert_int_equal (x.calls, 1);
+  assert_int_equal (x.n, 4);
+  tu_assert_contains (x.lines[0], "vm1|snapshot|name=s2|layer=layer-");
+  tu_assert_contains (x.lines[0], "|pause-ns=");
+  tu_assert_contains (x.lines[1], "vm1|snapshot-failed|name=s2|errno=17|"
+                      "error=");
+  tu_assert_contains (x.lines[1], "already exists");
+  tu_assert_contains (x.lines[2], "vm1|revert|name=s1|dropped=2|layer=");
+  tu_assert_contains (x.lines[3], "vm1|revert-failed|name=nosuch|errno=2|");
+
+  /* The server's stop ends a stream with its end line: 0. */
+  assert_int_equal (pthread_create (&th, NULL, stream_until_stop, &y), 0);
+  wait_subscribed (&y);
+  cow_service_stop_control (f->s);
+  pthread_join (th, &ret);
+  assert_int_equal ((int) (intptr_t) ret, 0);
+  assert_int_equal (y.n, 0);
+
+  tu_assert_contains (log_text, "event: vm1 snapshot name=s1 layer=");
+  tu_assert_contains (log_text, "event: vm2 snapshot name=t1 layer=");
+  tu_assert_contains (log_text, "event: vm1 snapshot-failed name=s2 errno=17 "
+                      "error=\"");
+  tu_assert_contains (log_text, ": events vm1: ok (a stream)\n");
+  tu_assert_contains (log_text, ": events vm1: stream ended: ");
+  tu_assert_contains (log_text, ": events: stream ended: the server is "
+                      "stopping\n");
+  free (x.path);
+}
+
+/* The bus alone: a subscriber that does not take its events gets at
+ * most EVENTS_QUEUE_MAX of them and one "lost" line with the count of
+ * the rest; a filter on another disk gets none; the subscribers are
+ * bounded. */
+static void
+test_events_bus (void **state)
+{
+  struct fx *f = *state;
+  struct cow_disk *d = open_disk (f->dir, "vm3");
+  struct events_bus *b = events_bus_new ();
+  struct events_sub *all, *other, *subs[EVENTS_MAX_SUBSCRIBERS];
+  char *text, *line, *save;
+  size_t len, n = 0;
+
+  assert_non_null (b);
+  assert_int_equal (events_bus_attach (b, d, "vm3"), 0);
+  all = events_subscribe (b, NULL);
+  other = events_subscribe (b, "vm1");
+  assert_non_null (all);
+  assert_non_null (other);
+  assert_null (events_sub_take (all, &len));
+  for (int i = 0; i < EVENTS_QUEUE_MAX + 10; i++) {
+    struct events_fields ev = { 0 };
+    events_add (&ev, "i", "%d", i);
+    events_add (&ev, "text", "a b%%c");
+    events_emit (d, "test", COW_LOG_INFO, &ev);
+    assert_int_equal (ev.n, 0);
+  }
+  assert_null (events_sub_take (other, &len));
+  text = events_sub_take (all, &len);
+  assert_non_null (text);
+  assert_int_equal (strlen (text), len);
+  for (line = strtok_r (text, "\n", &save); line;
+       line = strtok_r (NULL, "\n", &save), n++) {
+    char want[64];
+    if (n == 0) {
+      tu_assert_contains (line, "Z - lost count=10");
+      continue;
+    }
+    snprintf (want, sizeof want, "Z vm3 test i=%zu text=a%%20b%%25c", n - 1);
+    tu_assert_contains (line, want);
+  }
+  assert_int_equal (n, EVENTS_QUEUE_MAX + 1);
+  free (text);
+  assert_null (events_sub_take (all, &len));
+  for (size_t i = 2; i < EVENTS_MAX_SUBSCRIBERS; i++) {
+    subs[i] = events_subscribe (b, NULL);
+    assert_non_null (subs[i]);
+  }
+  assert_null (events_subscribe (b, NULL));
+  assert_int_equal (cow_last_errno (), EBUSY);
+  for (size_t i = 2; i < EVENTS_MAX_SUBSCRIBERS; i++)
+    events_unsubscribe (subs[i]);
+  events_unsubscribe (all);
+  events_unsubscribe (other);
+  events_bus_free (b);
+  /* Detached: its events go nowhere. */
+  assert_int_equal (cow_disk_snapshot (d, "x", NULL), 0);
+  assert_int_equal (cow_disk_close (d), 0);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -796,6 +981,8 @@ main (int argc, char **argv)
     T (test_jobs_line),
     T (test_names),
     T (test_socket),
+    T (test_events_stream),
+    T (test_events_bus),
 #undef T
   };
 
