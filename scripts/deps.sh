@@ -19,6 +19,7 @@ COWCHAIN_PACKAGES=(
     libcmocka-dev zlib1g-dev
     pkg-config autoconf automake libtool make gcc libc6-dev
     clang libclang-rt-14-dev
+    perl man-db groff-base          # pod2man, podchecker; man -l (tests)
 )
 
 # The repository root: the parent of the directory holding this file.
