@@ -20,6 +20,7 @@ COWCHAIN_PACKAGES=(
     pkg-config autoconf automake libtool make gcc libc6-dev
     clang libclang-rt-14-dev
     bash-completion
+    perl man-db groff-base          # pod2man, podchecker; man -l (tests)
 )
 
 # The repository root: the parent of the directory holding this file.

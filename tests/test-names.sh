@@ -171,10 +171,13 @@ expect_pattern "$uri" 0x11 "after revert --force to s1"
 release_client 2
 wait_clients 0
 write 0x33 0 64k
+# qemu-io has gone, but the server may not have closed its connection yet.
+wait_clients 0
 "$cow" revert s1 | grep -q "Reverted to snapshot s1" || fail "revert once the clients are gone"
 expect_pattern "$uri" 0x11 "after the revert to s1"
 # The later-snapshots rule is still there, and said without clients.
 "$cow" snapshot s2 >/dev/null
+wait_clients 0
 expect_fail "would delete the later snapshot 's2'" "$cow" revert s1
 stop_server srv
 
