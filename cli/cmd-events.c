@@ -15,7 +15,7 @@
 #include "cowchain.h"
 
 const char events_help[] =
-  "Usage: cowchain [GLOBAL OPTION]... events [OPTION]...\n"
+  "Usage: cowchain events [OPTION]...\n"
   "Print the events of a running server's disks as they happen, one line\n"
   "each, until the server stops or the command is interrupted: snapshot,\n"
   "snapshot-failed, revert, revert-failed, job-start, job-progress (at 25,\n"

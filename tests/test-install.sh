@@ -21,6 +21,7 @@ done
 dest=$tmpdir/dest
 plugin=$dest$COWCHAIN_PLUGINDIR/nbdkit-cowchain-plugin.so
 tool=$dest$COWCHAIN_BINDIR/cowchain
+completion=$dest$COWCHAIN_COMPLETIONDIR/cowchain
 pages=(
     "$dest$COWCHAIN_MANDIR/man1/cowchain.1"
     "$dest$COWCHAIN_MANDIR/man1/nbdkit-cowchain-plugin.1"
@@ -49,7 +50,7 @@ run_make install DESTDIR="$dest" > "$tmpdir/install.log" 2>&1 ||
 (cd "$dest" && find . \( -type f -o -type l \) -printf '/%P\n' | sort) \
     > "$tmpdir/installed"
 printf '%s\n' "${plugin#"$dest"}" "${tool#"$dest"}" \
-    "${pages[@]#"$dest"}" | sort > "$tmpdir/expected"
+    "${completion#"$dest"}" "${pages[@]#"$dest"}" | sort > "$tmpdir/expected"
 if ! diff -u "$tmpdir/expected" "$tmpdir/installed" >&2; then
     fail "installed files differ from the expected list (- expected, + installed)"
 fi
