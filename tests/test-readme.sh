@@ -55,21 +55,23 @@ exec "$cowchain_bin" "\$@"
 EOF
 cat > "$T/bin/qemu-system-x86_64" <<'EOF'
 #!/usr/bin/env bash
-# Stand-in for a VM: open every -drive's file= (format= if given) with
-# qemu-io and read its first sector.
+# Stand-in for a VM: open every -drive's file= (with its format= and
+# cache= if given) with qemu-io and read its first sector.
 n=0 prev=
 for a in "$@"; do
     if [ "$prev" = -drive ]; then
-        file= fmt=
+        file= fmt= cache=
         IFS=, read -ra opts <<< "$a"
         for o in "${opts[@]}"; do
             case $o in
                 file=*) file=${o#file=} ;;
                 format=*) fmt=${o#format=} ;;
+                cache=*) cache=${o#cache=} ;;
             esac
         done
         [ -n "$file" ] || { echo "stand-in: -drive without file=: $a" >&2; exit 1; }
-        qemu-io ${fmt:+-f "$fmt"} -r "$file" -c 'read 0 512' > /dev/null ||
+        qemu-io ${fmt:+-f "$fmt"} ${cache:+-t "$cache"} -r "$file" \
+                -c 'read 0 512' > /dev/null ||
             { echo "stand-in: qemu-io cannot open -drive $a" >&2; exit 1; }
         echo "($(basename "$0") stand-in: -drive $a opens and reads)"
         n=$((n + 1))
