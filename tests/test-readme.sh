@@ -83,14 +83,22 @@ EOF
 cp "$T/bin/qemu-system-x86_64" "$T/bin/qemu-kvm"
 chmod +x "$T/bin"/*
 
+# SIGTERM each server an example left running, by the PID in its
+# pidfile; SIGKILL after 10 s.
 stop_readme_servers ()
 {
-    local f pid
+    local f pid i
     [ -f "$T/pidfiles" ] || return 0
     while read -r f; do
         pid=$(cat "$f" 2>/dev/null) || continue
-        [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null
+        [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || continue
+        for (( i = 0; i < 100; i++ )); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
     done < "$T/pidfiles"
+    rm -f "$T/pidfiles"
     return 0
 }
 on_exit stop_readme_servers
@@ -157,6 +165,7 @@ cd "$tmpdir"
 cat "$tmpdir/session.log"
 [ "$rc" = 0 ] || fail "a README example failed (exit $rc), see above"
 stop_readme_servers
+check_sanitizer_log "$tmpdir/session.log"
 
 note "scripts/quickstart.sh"
 rc=0
@@ -167,6 +176,7 @@ if [ "$rc" != 0 ]; then
     cat "$tmpdir/quickstart.log"
     fail "scripts/quickstart.sh failed (exit $rc)"
 fi
+check_sanitizer_log "$tmpdir/quickstart.log"
 for want in "guest I/O paused" "Images are identical." "Content mismatch" \
         "deleted and its layer merged" "Reverted to snapshot before-upgrade" \
         "base unchanged" "overlapped 'cowchain snapshot before-upgrade'"; do

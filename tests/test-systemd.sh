@@ -143,8 +143,13 @@ exec_argv cowchain-activated@.service
 # Like DirectoryMode= of the socket unit: systemd makes the directory.
 mkdir -p "$(dirname "$listen")" \
     "$root/var/lib/$(unit_value cowchain-activated@.service StateDirectory)"
-env ${server_env[@]+"${server_env[@]}"} \
-    systemd-socket-activate -l "$listen" "${argv[@]}" \
+# systemd-socket-activate gives the server only the environment it is
+# told to (-E): the sanitizer build's LD_PRELOAD and options.
+sa_env=()
+for e in ${server_env[@]+"${server_env[@]}"}; do
+    sa_env+=(-E "$e")
+done
+systemd-socket-activate ${sa_env[@]+"${sa_env[@]}"} -l "$listen" "${argv[@]}" \
     </dev/null >"$tmpdir/activated.log" 2>&1 &
 pid=$!
 on_exit "kill -KILL $pid 2>/dev/null"
