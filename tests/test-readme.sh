@@ -96,7 +96,7 @@ stop_readme_servers ()
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
-        kill -KILL "$pid" 2>/dev/null
+        kill -KILL "$pid" 2>/dev/null || :
     done < "$T/pidfiles"
     rm -f "$T/pidfiles"
     return 0
