@@ -575,17 +575,21 @@ cowchain_open (int readonly)
   if (e != NULL && name[0] && strcmp (cow_export_name (e), name) != 0)
     e = NULL;
   if (e == NULL) {
-    char served[512];
-    char *shown = cow_text_printable (name);
+    char served[512], cut[65];
+    char *shown;
 
+    /* The client's bytes, at most 64 of them, escaped for the log (a
+     * character cut in two shows as \xNN escapes). */
+    snprintf (cut, sizeof cut, "%s", name);
+    shown = cow_text_printable (cut);
     if (named_disks)
       served_names (served, sizeof served);
     else
       snprintf (served, sizeof served, "one unnamed disk, export \"\"");
-    nbdkit_error ("no export named '%.64s%s' is served here (%s; \"\" "
+    nbdkit_error ("no export named '%s%s' is served here (%s; \"\" "
                   "reaches the default one); nbdinfo --list shows them",
-                  shown ? shown : "?",
-                  shown && strlen (shown) > 64 ? "..." : "", served);
+                  shown ? shown : "?", strlen (name) > 64 ? "..." : "",
+                  served);
     free (shown);
     errno = ENOENT;
     return NULL;

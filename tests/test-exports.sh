@@ -105,6 +105,12 @@ expect_refused "$tmpdir/two.sock" vdc "$(server_log two)"
 grep -q "exports vda, vdb" "$(server_log two)" ||
     fail "the refusal does not list the exports"
 expect_refused "$tmpdir/two.sock" VDA "$(server_log two)"
+# A long name is cut in the log (64 bytes, then ...).
+long=$(printf 'x%.0s' {1..100})
+nbdinfo "nbd+unix:///$long?socket=$tmpdir/two.sock" > /dev/null 2>&1 &&
+    fail "a 100-byte export name was served"
+grep -q "no export named '$(printf 'x%.0s' {1..64})\.\.\.' is served" \
+    "$(server_log two)" || fail "the long name is not cut at 64 bytes"
 nbdsh -u "nbd+unix:///?socket=$tmpdir/two.sock" \
     -c 'h.pwrite(b"\xbb" * 512, 0); h.flush()'
 qemu-io -f raw -r "nbd+unix:///vdb?socket=$tmpdir/two.sock" \

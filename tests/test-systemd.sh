@@ -123,7 +123,14 @@ pidfile=$(unit_value cowchain@.service PIDFile)
 env ${server_env[@]+"${server_env[@]}"} "${argv[@]/--log=syslog/--log=stderr}" \
     </dev/null >"$tmpdir/service.log" 2>&1 ||
     { cat "$tmpdir/service.log"; fail "nbdkit (Type=forking) failed to start"; }
-[ -s "$pidfile" ] || fail "no PIDFile $pidfile once nbdkit returned"
+# nbdkit writes the pidfile in the child, after the parent has returned,
+# and starts the control socket just after: like systemd (which waits for
+# a PIDFile= that is not there yet), wait for both.
+for (( i = 0; i < 200; i++ )); do
+    [ -s "$pidfile" ] && [ -S "$root/run/cowchain/vm1/control.sock" ] && break
+    sleep 0.05
+done
+[ -s "$pidfile" ] || fail "no PIDFile $pidfile 10 s after nbdkit returned"
 pid=$(cat "$pidfile")
 on_exit "kill -KILL $pid 2>/dev/null"
 use_disks "$root/run/cowchain/vm1/nbd.sock" \
