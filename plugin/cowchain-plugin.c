@@ -667,12 +667,50 @@ cowchain_after_fork (void)
   return 0;
 }
 
+/* The line nbdinfo --list shows for a disk: what it is made of now
+ * (its base and its active layer, which a snapshot or revert changes)
+ * and whether a client that sends no export name reaches it.  Paths are
+ * shown escaped: the description must be printable UTF-8. */
+static int
+add_export (struct nbdkit_exports *exports, const struct disk_entry *e,
+            bool is_default)
+{
+  struct cow_layer_info *layers = NULL;
+  size_t n = 0, snaps = 0;
+  char *base = cow_text_printable (cow_disk_base (e->disk));
+  char *active = NULL;
+  char desc[1024];
+
+  if (cow_disk_layers (e->disk, &layers, &n) == 0 && n > 0) {
+    active = cow_text_printable (layers[n - 1].path);
+    for (size_t i = 0; i < n; i++)
+      snaps += layers[i].snapshot != NULL;
+  }
+  /* Cut (never fail) when the paths are long. */
+  snprintf (desc, sizeof desc,
+            "cowchain disk %s: base %s, active layer %s, %zu layer%s, "
+            "%zu snapshot%s%s",
+            e->name[0] ? e->name : "(unnamed)", base ? base : "?",
+            active ? active : "?", n, n == 1 ? "" : "s",
+            snaps, snaps == 1 ? "" : "s",
+            is_default ? "; the default export" : "");
+  cow_layer_info_free (layers, n);
+  free (base);
+  free (active);
+  return nbdkit_add_export (exports, e->name, desc);
+}
+
+/* Every disk is listed under the one name that reaches it: a disk=NAME
+ * disk as NAME, the one unnamed disk as "".  The default export ("")
+ * also reaches the default disk, which its description says. */
 static int
 cowchain_list_exports (int readonly, int is_tls, struct nbdkit_exports *exports)
 {
+  const char *def = default_export ? default_export : disks[0].name;
+
   for (size_t i = 0; i < n_disks; i++)
-    if (disks[i].name[0] && nbdkit_add_export (exports, disks[i].name,
-                                               NULL) == -1)
+    if (add_export (exports, &disks[i],
+                    strcmp (disks[i].name, def) == 0) == -1)
       return -1;
   return 0;
 }
@@ -685,15 +723,57 @@ cowchain_default_export (int readonly, int is_tls)
   return disks[0].name;
 }
 
+/* The names a client may ask for, for the refusal below. */
+static void
+served_names (char *buf, size_t len)
+{
+  size_t used = 0;
+
+  buf[0] = '\0';
+  for (size_t i = 0; i < n_disks && used < len; i++) {
+    int k = snprintf (buf + used, len - used, "%s%s", i ? ", " : "exports ",
+                      disks[i].name);
+    if (k < 0)
+      break;
+    used += (size_t) k;
+  }
+}
+
 /* The handle of a connection is the served disk its export name
- * reaches, counted as one client of it until the connection closes. */
+ * reaches, counted as one client of it until the connection closes.
+ * Only the listed names and "" (the default disk; oldstyle clients send
+ * no name) reach a disk: a client that asks for another name is refused
+ * rather than given some other disk, also when the one disk is unnamed
+ * (the service itself would serve that disk under any name). */
 static void *
 cowchain_open (int readonly)
 {
-  struct cow_export *e = cow_service_lookup (service, nbdkit_export_name ());
+  const char *name = nbdkit_export_name ();
+  struct cow_export *e;
 
+  if (name == NULL)
+    name = "";
+  e = cow_service_lookup (service, name);
+  if (e != NULL && name[0] && strcmp (cow_export_name (e), name) != 0)
+    e = NULL;
   if (e == NULL) {
-    nbdkit_error ("%s", cow_last_error ());
+    char served[512], cut[65];
+    char *shown;
+
+    /* The client's bytes, at most 64 of them, escaped for the log (a
+     * character cut in two shows as \xNN escapes). */
+    snprintf (cut, sizeof cut, "%s", name);
+    shown = cow_text_printable (cut);
+    if (named_disks)
+      served_names (served, sizeof served);
+    else
+      snprintf (served, sizeof served, "one unnamed disk, export \"\"");
+    nbdkit_error ("no export named '%s%s' is served here (%s; \"\" "
+                  "reaches the default one); nbdinfo --list shows them",
+                  shown ? shown : "?", strlen (name) > 64 ? "..." : "",
+                  served);
+    free (shown);
+    errno = ENOENT;
     return NULL;
   }
   cow_export_attach (e);

@@ -32,6 +32,8 @@
 #   reap_server NAME         wait for a server something else killed
 #   server_alive NAME        true while it runs
 #   server_pid NAME, server_uri NAME, server_log NAME
+#   pidfile_pid FILE         the PID in a background nbdkit's -P file (waits
+#                            for the child to write it)
 #   server_env, server_wrapper
 #                            arrays: VAR=value settings for nbdkit's
 #                            environment, and a command to run it under
@@ -297,6 +299,19 @@ server_uri ()
 server_log ()
 {
     echo "$tmpdir/$1.log"
+}
+
+# pidfile_pid FILE: the PID nbdkit -P wrote to FILE.  A server that
+# forks into the background writes it in the child, after the nbdkit
+# command has returned, so wait for it (10 s at most).
+pidfile_pid ()
+{
+    local i
+    for (( i = 0; i < 200; i++ )); do
+        [ -s "$1" ] && { cat "$1"; return 0; }
+        sleep 0.05
+    done
+    fail "no PID in $1 10 s after nbdkit went into the background"
 }
 
 server_pid ()

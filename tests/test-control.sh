@@ -292,7 +292,7 @@ grep -q "nodir/ctl: control socket: cannot be created in" "$tmpdir/bg.log" ||
     { cat "$tmpdir/bg.log" >&2; fail "no clear error for a missing directory"; }
 ( cd "$tmpdir" && "${bg[@]}" control=rel.ctl </dev/null >"$tmpdir/bg.log" 2>&1 ) ||
     { cat "$tmpdir/bg.log" >&2; fail "the background server did not start"; }
-bgpid=$(cat "$tmpdir/bg.pid")
+bgpid=$(pidfile_pid "$tmpdir/bg.pid")
 on_exit "kill -KILL $bgpid 2>/dev/null"
 for (( i = 0; i < 100; i++ )); do [ -S "$tmpdir/rel.ctl" ] && break; sleep 0.05; done
 [ -S "$tmpdir/rel.ctl" ] || fail "a relative control= was not made in the start directory"

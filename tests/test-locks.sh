@@ -79,7 +79,7 @@ env ${server_env[@]+"${server_env[@]}"} ASAN_OPTIONS=detect_leaks=0 \
     nbdkit -U "$tmpdir/bg.sock" -P "$tmpdir/bg.pid" "$COWCHAIN_PLUGIN" \
     base="$base" state="$st" </dev/null >"$tmpdir/bg.log" 2>&1 ||
     { cat "$tmpdir/bg.log" >&2; fail "the background server did not start"; }
-bg=$(cat "$tmpdir/bg.pid")
+bg=$(pidfile_pid "$tmpdir/bg.pid")
 on_exit "kill -KILL $bg 2>/dev/null"
 expect_fail "in use by another process (pid $bg, nbdkit)" "$cow" list --state "$st"
 kill "$bg"

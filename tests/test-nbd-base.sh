@@ -326,7 +326,7 @@ env ${server_env[@]+"${server_env[@]}"} \
     "$COWCHAIN_PLUGIN" base="$base_uri" overlay="$ov" \
     </dev/null >>"$tmpdir/bg.log" 2>&1 ||
     fail "nbdkit (background) failed to start"
-bg_pid=$(cat "$tmpdir/bg.pid")
+bg_pid=$(pidfile_pid "$tmpdir/bg.pid")
 [ -n "$bg_pid" ] || fail "no pid file from the background nbdkit"
 on_exit "kill -KILL $bg_pid 2>/dev/null"
 [ "$(readlink "/proc/$bg_pid/cwd")" = / ] ||
