@@ -743,6 +743,7 @@ struct control_server {
    * it ends every wait of every thread. */
   int stop_pipe[2];
   pthread_t thread;
+  bool serving;                 /* thread started (control_serve) */
   uid_t *allow;
   size_t n_allow;
   control_handler fn;
@@ -1346,14 +1347,13 @@ remove_stale_socket (const char *path, const struct sockaddr_un *sa)
 }
 
 struct control_server *
-control_start (const char *path, const uid_t *allow, size_t n_allow,
-               control_handler fn, control_log log, void *opaque)
+control_listen (const char *path, const uid_t *allow, size_t n_allow,
+                control_handler fn, control_log log, void *opaque)
 {
   struct sockaddr_un sa;
   pthread_condattr_t ca;
   struct control_server *s;
   bool bound = false, sync_init = false;
-  int e;
 
   if (socket_address (path, &sa) == -1)
     return NULL;
@@ -1407,11 +1407,6 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
     cow_error_errno ("pipe");
     goto err;
   }
-  e = pthread_create (&s->thread, NULL, listen_thread, s);
-  if (e) {
-    cow_error_set (e, "cannot start the control thread");
-    goto err;
-  }
   return s;
 
  err:
@@ -1433,6 +1428,39 @@ control_start (const char *path, const uid_t *allow, size_t n_allow,
   return NULL;
 }
 
+int
+control_serve (struct control_server *s)
+{
+  int e;
+
+  if (s->serving) {
+    cow_error_set (EBUSY, "%s: the control socket is already served",
+                   s->path);
+    return -1;
+  }
+  e = pthread_create (&s->thread, NULL, listen_thread, s);
+  if (e) {
+    cow_error_set (e, "%s: cannot start the control thread", s->path);
+    return -1;
+  }
+  s->serving = true;
+  return 0;
+}
+
+struct control_server *
+control_start (const char *path, const uid_t *allow, size_t n_allow,
+               control_handler fn, control_log log, void *opaque)
+{
+  struct control_server *s = control_listen (path, allow, n_allow, fn, log,
+                                             opaque);
+
+  if (s && control_serve (s) == -1) {
+    control_stop (s);
+    return NULL;
+  }
+  return s;
+}
+
 /* Every thread's waits end at the stop pipe, so this waits only for
  * commands already running in the engine. */
 void
@@ -1442,7 +1470,8 @@ control_stop (struct control_server *s)
     return;
   while (write (s->stop_pipe[1], "x", 1) == -1 && errno == EINTR)
     ;
-  pthread_join (s->thread, NULL);
+  if (s->serving)
+    pthread_join (s->thread, NULL);
   close (s->listen_fd);
   unlink (s->path);
   while (s->conns) {

@@ -104,6 +104,16 @@ struct control_server;
 struct control_server *control_start (const char *path, const uid_t *allow_uids,
                                       size_t n_allow, control_handler fn,
                                       control_log log, void *opaque);
+/* control_start in two steps: control_listen binds and listens (clients
+ * that connect wait in the backlog), control_serve starts the thread
+ * that accepts them.  For a server that forks between the two: its
+ * socket exists before the fork, its threads after.  control_stop ends
+ * either. */
+struct control_server *control_listen (const char *path,
+                                       const uid_t *allow_uids, size_t n_allow,
+                                       control_handler fn, control_log log,
+                                       void *opaque);
+int control_serve (struct control_server *s);
 /* Stop listening, end every connection's waits, and return when the
  * commands still running have ended and every thread is joined. */
 void control_stop (struct control_server *s);

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cowchain.h"
 #include "control.h"
@@ -438,6 +439,8 @@ cmd_snapshot_atomic (struct cow_service *s, struct cow_export *e,
   return ret;
 }
 
+#define REVERT_CLIENT_GRACE_MS 1000
+
 static int
 cmd_revert (struct cow_service *s, struct cow_export *e, char **args,
             int n, struct control_reply *r)
@@ -454,8 +457,17 @@ cmd_revert (struct cow_service *s, struct cow_export *e, char **args,
   /* A client's page cache would go on holding the old disk: refused
    * unless forced.  The count is read once, not held: a client that
    * connects while the revert runs (a few milliseconds) is not
-   * counted, and may read some of the old disk before the switch. */
+   * counted, and may read some of the old disk before the switch.
+   * A client that has just hung up (qemu-img or nbdsh run right before)
+   * is counted until nbdkit has closed its connection, a moment later:
+   * up to REVERT_CLIENT_GRACE_MS is given for the count to fall to 0. */
   clients = atomic_load (&e->clients);
+  for (int waited = 0; clients > 0 && !force
+         && waited < REVERT_CLIENT_GRACE_MS; waited += 10) {
+    const struct timespec ts = { .tv_nsec = 10 * 1000 * 1000 };
+    nanosleep (&ts, NULL);
+    clients = atomic_load (&e->clients);
+  }
   if (clients > 0 && !force) {
     cow_error_set (EBUSY, "%u NBD client%s %s connected to disk %s; "
                    "reverting changes the disk under %s; stop %s or use "
@@ -689,14 +701,26 @@ cow_service_start_control (struct cow_service *s, const char *path,
                            const uid_t *allow_uids, size_t n_allow,
                            cow_log_fn log, void *opaque)
 {
+  if (s->control == NULL
+      && cow_service_listen_control (s, path, allow_uids, n_allow, log,
+                                     opaque) == -1)
+    return -1;
+  return control_serve (s->control);
+}
+
+int
+cow_service_listen_control (struct cow_service *s, const char *path,
+                            const uid_t *allow_uids, size_t n_allow,
+                            cow_log_fn log, void *opaque)
+{
   if (s->control) {
     cow_error_set (EBUSY, "%s: the control socket is already started", path);
     return -1;
   }
   if (log)
     events_bus_set_log (s->bus, log, opaque);
-  s->control = control_start (path, allow_uids, n_allow, cow_service_dispatch,
-                              service_log, s);
+  s->control = control_listen (path, allow_uids, n_allow,
+                               cow_service_dispatch, service_log, s);
   return s->control ? 0 : -1;
 }
 

@@ -298,6 +298,14 @@ typedef void (*cow_log_fn) (void *opaque, enum cow_log_level level,
 int cow_service_start_control (struct cow_service *s, const char *path,
                                const uid_t *allow_uids, size_t n_allow,
                                cow_log_fn log, void *opaque);
+/* The same in two steps, for a server that forks into the background:
+ * cow_service_listen_control creates the socket (clients that connect
+ * wait until it is served), then cow_service_start_control, after the
+ * fork, starts serving it (its other arguments are then not used).  So
+ * the socket exists as soon as the server's start command returns. */
+int cow_service_listen_control (struct cow_service *s, const char *path,
+                                const uid_t *allow_uids, size_t n_allow,
+                                cow_log_fn log, void *opaque);
 /* Stop listening and return once the commands still running have ended
  * (nothing if the socket was not started).  Event streams get their
  * queued events and the end line "." first. */

@@ -572,12 +572,6 @@ cowchain_get_ready (void)
                  | (cowchain_debug_control ? COW_DEBUG_CONTROL : 0)
                  | (cowchain_debug_events ? COW_DEBUG_EVENTS : 0)
                  | (cowchain_debug_sync ? COW_DEBUG_SYNC : 0), log_fn, NULL);
-  /* The control socket starts after the fork; refuse a bad path now,
-   * while nbdkit can still exit with an error. */
-  if (control_path && cow_control_check_path (control_path) == -1) {
-    nbdkit_error ("%s", cow_last_error ());
-    return -1;
-  }
   for (size_t i = 0; i < n_disks; i++) {
     struct disk_entry *e = &disks[i];
     struct cow_disk_config cfg = {
@@ -626,6 +620,16 @@ cowchain_get_ready (void)
     nbdkit_error ("%s", cow_last_error ());
     return -1;
   }
+  /* The control socket is made now, before nbdkit forks into the
+   * background and its start command returns, so that a `cowchain`
+   * command run right after finds it (connections wait in its backlog
+   * until after_fork serves it); a bad path still stops nbdkit here. */
+  if (control_path
+      && cow_service_listen_control (service, control_path, allow_uids,
+                                     n_allow_uids, log_fn, NULL) == -1) {
+    nbdkit_error ("%s", cow_last_error ());
+    return -1;
+  }
   return 0;
 }
 
@@ -644,8 +648,9 @@ log_fn (void *opaque, enum cow_log_level level, const char *line)
 }
 
 /* Threads started before nbdkit forks into the background would not
- * exist in the server, so the sync thread and max-depth (whose merges run
- * on a job thread) wait until after the fork. */
+ * exist in the server, so the sync thread, max-depth (whose merges run
+ * on a job thread) and the control socket's threads wait until after
+ * the fork. */
 static int
 cowchain_after_fork (void)
 {
