@@ -111,6 +111,15 @@ struct cow_disk {
   bool track_dirty;
   /* Atomic: guest I/O happened since the job last looked (job_yield). */
   unsigned guest_io;
+
+  /* The merged map of the frozen layers (chain-map.c): fmap (atomic) the
+   * current chain's, or NULL; fmap_old the one chain_link retired;
+   * fmap_failed: building it failed for this chain.  map_lock is held
+   * by the one thread building it. */
+  struct chain_map *fmap;
+  struct chain_map *fmap_old;
+  bool fmap_failed;
+  pthread_mutex_t map_lock;
 };
 
 struct cow_job;
