@@ -423,6 +423,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   bool degraded = false;
   struct cow_control_reply reply;
   char clients[16] = "-";
+  char memory[160] = "";
   int c, r;
 
   while ((c = cli_next_option (cmd, argc, argv, "c:h", opts)) != -1) {
@@ -472,6 +473,11 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
       snprintf (clients, sizeof clients, "%.15s", w[2]);
       continue;
     }
+    if (status && k == 5 && strcmp (w[0], "memory") == 0) {
+      snprintf (memory, sizeof memory, "metadata cache: %s of %s bytes "
+                "(peak %s); merged maps: %s bytes", w[2], w[1], w[3], w[4]);
+      continue;
+    }
     if (k < 3 || strcmp (w[0], "disk") != 0)
       continue;
     name = w[1][0] ? cli_text (w[1]) : "(default)";
@@ -491,6 +497,8 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
       printf (" %-10s %s\n", name, cli_text (w[2]));
   }
   cow_control_free_reply (&reply);
+  if (memory[0])
+    printf ("%s\n", memory);
   /* Like a failed check: scripts see a degraded disk in the status. */
   return cli_finish_output (degraded ? EXIT_ERROR : EXIT_OK);
 }
