@@ -13,9 +13,8 @@
  * Life cycle.  Every change of the chain goes through chain_link, under
  * chain_lock exclusive (or before the disk serves anyone); it retires the
  * map.  The next read that needs one builds it, under chain_lock shared
- * (the chain cannot change meanwhile), by one thread at a time (map_lock,
- * only ever tried: the others read top down meanwhile), and publishes it
- * with an atomic store.  A map is freed only by chain_link (no reader can
+ * (the chain cannot change meanwhile), by one thread at a time (map_lock:
+ * other readers wait for it), and publishes it with an atomic store.  A map is freed only by chain_link (no reader can
  * hold it then) or by the builder, for the retired one, which readers
  * never see.  After a snapshot the retired map is the new one minus the
  * newly frozen layer, so only that layer is mapped and painted on top.
@@ -259,8 +258,9 @@ verify_wanted (void)
   return w;
 }
 
-/* The map of the current chain, built now if no other thread is
- * building it; NULL: read top down. */
+/* The map of the current chain, built now (or by another reader, whom
+ * this one waits for: reading top down meanwhile would only slow the
+ * build, thrashing the same cache); NULL: read top down. */
 static struct chain_map *
 map_get (struct cow_disk *d)
 {
@@ -268,8 +268,7 @@ map_get (struct cow_disk *d)
 
   if (m || __atomic_load_n (&d->fmap_failed, __ATOMIC_RELAXED))
     return m;
-  if (pthread_mutex_trylock (&d->map_lock) != 0)
-    return NULL;
+  pthread_mutex_lock (&d->map_lock);
   m = __atomic_load_n (&d->fmap, __ATOMIC_ACQUIRE);
   if (m == NULL && !d->fmap_failed) {
     m = map_build (d, d->fmap_old);

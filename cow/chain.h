@@ -22,9 +22,10 @@
  *   6. sync_lock          (mutex)  the sync thread's stop flag; a leaf,
  *                                  never held while flushing.
  *   4a. map_lock          (mutex)  building the merged map of the
- *                                  frozen layers (chain-map.c); only
- *                                  ever tried (trylock) by a reader under
- *                                  chain_lock shared; takes 7 inside.
+ *                                  frozen layers (chain-map.c), by a
+ *                                  reader under chain_lock shared, never
+ *                                  with a lock of a frozen layer held;
+ *                                  takes 7 inside.
  *   7. the qcow2 layer's own locks (qcow2.c, qcow2-cache.c), taken
  *      inside layer operations under chain_lock shared or exclusive.
  *   7a. the metadata cache pool lock (qcow2-cache.c: the budget shared

@@ -42,6 +42,7 @@ struct slot {
   bool dirty;
   size_t next;            /* next slot + 1 in its offset bucket; 0 = end */
   size_t dnext;           /* next slot + 1 in its data-pointer bucket */
+  size_t hpos;            /* its place in held[] while data != NULL */
 };
 
 /* A table read by qcow2_cache_lookup when no slot could take it. */
@@ -61,7 +62,12 @@ struct qcow2_cache {
   qcow2_cache_hook before_write;
   size_t limit;           /* own limit in tables; 0 = the pool's only */
   size_t n_slots, cap;    /* slots in use (some may be empty), allocated */
-  size_t n_held;          /* slots holding memory (data != NULL) */
+  size_t n_held;          /* slots holding memory (data != NULL) ... */
+  size_t *held;           /* ... listed here, so that a search for the
+                           * oldest table sees only those */
+  size_t held_cap;
+  size_t *spare;          /* slots without memory, to use first */
+  size_t n_spare;
   struct slot *slots;
   size_t *buckets;        /* by offset: slot + 1; 0 = empty */
   size_t *dbuckets;       /* by data pointer */
@@ -192,6 +198,15 @@ grow (struct qcow2_cache *c)
   ns = realloc (c->slots, cap * sizeof *ns);
   if (ns == NULL)
     goto oom;
+  {
+    size_t *sp = realloc (c->spare, cap * sizeof *sp);
+    if (sp == NULL) {
+      /* The slots grew: keep them (the old size stays in cap). */
+      c->slots = ns;
+      goto oom;
+    }
+    c->spare = sp;
+  }
   memset (ns + c->cap, 0, (cap - c->cap) * sizeof *ns);
   c->slots = ns;
   c->cap = cap;
@@ -286,6 +301,8 @@ qcow2_cache_destroy (struct qcow2_cache *c)
     free (lt);
   }
   free (c->slots);
+  free (c->held);
+  free (c->spare);
   free (c->buckets);
   free (c->dbuckets);
   free (c);
@@ -330,30 +347,36 @@ write_slot (struct qcow2_cache *c, struct slot *s)
 }
 
 /* Give a slot's memory back to the pool (pool lock held; the table is
- * clean and unpinned, or the slot holds none). */
-static void
+ * clean and unpinned): the buffer is the caller's, to free or to use
+ * again for a table of the same size. */
+static void *
 release (struct qcow2_cache *c, struct slot *s)
 {
+  void *data = s->data;
+  size_t last;
+
   if (s->offset)
     hash_remove (c, s);
   s->offset = 0;
-  if (s->data) {
-    dhash_remove (c, s);
-    free (s->data);
-    s->data = NULL;
-    c->n_held--;
-    pool_sub (c->q->cluster_size);
-  }
+  if (data == NULL)
+    return NULL;
+  dhash_remove (c, s);
+  s->data = NULL;
+  last = c->held[--c->n_held];
+  c->held[s->hpos] = last;
+  c->slots[last].hpos = s->hpos;
+  c->spare[c->n_spare++] = (size_t) (s - c->slots);
+  pool_sub (c->q->cluster_size);
+  return data;
 }
 
-/* A slot without a table (its memory kept if it has some); NULL with
- * the error set if the array cannot grow. */
+/* A slot without a table or memory; NULL with the error set if the
+ * array cannot grow. */
 static struct slot *
 empty_slot (struct qcow2_cache *c)
 {
-  for (size_t i = 0; i < c->n_slots; i++)
-    if (c->slots[i].offset == 0 && c->slots[i].pin == 0)
-      return &c->slots[i];
+  if (c->n_spare)
+    return &c->slots[c->spare[--c->n_spare]];
   if (c->n_slots == c->cap && grow (c) == -1)
     return NULL;
   return &c->slots[c->n_slots++];
@@ -366,8 +389,8 @@ lru (struct qcow2_cache *c, bool dirty)
 {
   struct slot *best = NULL;
 
-  for (size_t i = 0; i < c->n_slots; i++) {
-    struct slot *s = &c->slots[i];
+  for (size_t k = 0; k < c->n_held; k++) {
+    struct slot *s = &c->slots[c->held[k]];
     if (s->offset == 0 || s->pin || (s->dirty && !dirty))
       continue;
     if (best == NULL || s->used < best->used)
@@ -380,9 +403,10 @@ lru (struct qcow2_cache *c, bool dirty)
  * lock can be had (c's own layer's lock is held already) leaves.
  * Returns 2 when it was c's own (*own: its slot, memory and all, to
  * reuse), 1 when it was another cache's (its memory went back to the
- * pool), 0 when no table could leave.  Pool lock held. */
+ * pool; *buf: its buffer if c can use it, else NULL), 0 when no table
+ * could leave.  Pool lock held. */
 static int
-steal_oldest (struct qcow2_cache *c, struct slot **own)
+steal_oldest (struct qcow2_cache *c, struct slot **own, void **buf)
 {
   struct qcow2_cache *best_c = NULL;
   struct slot *best = NULL;
@@ -421,7 +445,11 @@ steal_oldest (struct qcow2_cache *c, struct slot **own)
     *own = best;
     return 2;
   }
-  release (best_c, best);
+  *buf = release (best_c, best);
+  if (best_c->q->cluster_size != c->q->cluster_size) {
+    free (*buf);
+    *buf = NULL;
+  }
   if (held)
     pthread_mutex_unlock (held);
   return 1;
@@ -441,29 +469,46 @@ read_table (struct qcow2_cache *c, void *buf, uint64_t offset)
   return 0;
 }
 
-/* Memory for one more table in an empty slot of c; the caller counted
- * it in the pool already (given back here on failure). */
+/* Memory for one more table in an empty slot of c (buf, or new); the
+ * caller counted it in the pool already (given back here on failure). */
 static struct slot *
-with_memory (struct qcow2_cache *c)
+with_memory (struct qcow2_cache *c, void *buf)
 {
-  struct slot *s = empty_slot (c);
+  struct slot *s = empty_slot (c), *slot = s;
 
+  if (s && c->n_held == c->held_cap) {
+    size_t cap = c->held_cap ? 2 * c->held_cap : 16;
+    size_t *h = realloc (c->held, cap * sizeof *h);
+    if (h == NULL) {
+      cow_error_errno ("%s: metadata cache", c->q->layer.path);
+      s = NULL;
+    }
+    else {
+      c->held = h;
+      c->held_cap = cap;
+    }
+  }
   /* Page aligned for O_DIRECT some day; posix_memalign, unlike
    * aligned_alloc, allows a size below the alignment. */
-  if (s && posix_memalign (&s->data, 4096, c->q->cluster_size) != 0) {
-    s->data = NULL;
+  if (s && buf == NULL && posix_memalign (&buf, 4096, c->q->cluster_size) != 0) {
+    buf = NULL;
     errno = ENOMEM;
     cow_error_errno ("%s: metadata cache", c->q->layer.path);
     s = NULL;
   }
   if (s == NULL) {
+    free (buf);
+    if (slot)
+      c->spare[c->n_spare++] = (size_t) (slot - c->slots);
     pthread_mutex_lock (&pool.lock);
     pool_sub (c->q->cluster_size);
     pthread_mutex_unlock (&pool.lock);
     return NULL;
   }
+  s->data = buf;
   dhash_insert (c, s);
-  c->n_held++;
+  s->hpos = c->n_held;
+  c->held[c->n_held++] = (size_t) (s - c->slots);
   return s;
 }
 
@@ -487,6 +532,7 @@ free_slot (struct qcow2_cache *c)
 {
   uint64_t cs = c->q->cluster_size;
   struct slot *s = NULL;
+  void *buf = NULL;
   bool over;
 
   if (c->limit && c->n_held >= c->limit) {
@@ -505,23 +551,23 @@ free_slot (struct qcow2_cache *c)
     pthread_mutex_lock (&pool.lock);
     pool_add (cs);
     pthread_mutex_unlock (&pool.lock);
-    return with_memory (c);
+    return with_memory (c, NULL);
   }
 
   pthread_mutex_lock (&pool.lock);
   if (pool.used + cs <= pool.budget) {
     pool_add (cs);
     pthread_mutex_unlock (&pool.lock);
-    return with_memory (c);
+    return with_memory (c, NULL);
   }
-  switch (steal_oldest (c, &s)) {
+  switch (steal_oldest (c, &s, &buf)) {
   case 2:
     pthread_mutex_unlock (&pool.lock);
     return s;
   case 1:
     pool_add (cs);
     pthread_mutex_unlock (&pool.lock);
-    return with_memory (c);
+    return with_memory (c, buf);
   }
   pthread_mutex_unlock (&pool.lock);
 
@@ -536,7 +582,7 @@ free_slot (struct qcow2_cache *c)
     pool_add (cs);
   pthread_mutex_unlock (&pool.lock);
   if (!over)
-    return with_memory (c);
+    return with_memory (c, NULL);
   if (s)
     return NULL;                /* with the write-back's error */
 
@@ -556,7 +602,7 @@ load (struct qcow2_cache *c, struct slot *s, uint64_t offset, bool fresh)
     memset (s->data, 0, q->cluster_size);
   else if (read_table (c, s->data, offset) == -1) {
     pthread_mutex_lock (&pool.lock);
-    release (c, s);
+    free (release (c, s));
     pthread_mutex_unlock (&pool.lock);
     return -1;
   }
