@@ -410,15 +410,17 @@ chain_map_check (struct cow_disk *d)
   if (d->n_frozen == 0)
     return 0;
   if (m == NULL) {
-    cow_error_set (EAGAIN, "merged map: not built");
+    cow_error_set (EAGAIN, "merged map: could not be built");
     return -1;
   }
   fresh = map_build (d, NULL);
   if (fresh == NULL)
     return -1;
   if (fresh->n != m->n
-      || memcmp (fresh->start, m->start, m->n * sizeof m->start[0]) != 0
-      || memcmp (fresh->owner, m->owner, m->n * sizeof m->owner[0]) != 0) {
+      || (m->n
+          && (memcmp (fresh->start, m->start, m->n * sizeof m->start[0]) != 0
+              || memcmp (fresh->owner, m->owner,
+                         m->n * sizeof m->owner[0]) != 0))) {
     size_t i;
     for (i = 0; i < m->n && i < fresh->n; i++)
       if (fresh->start[i] != m->start[i] || fresh->owner[i] != m->owner[i])

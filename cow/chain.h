@@ -177,8 +177,8 @@ void chain_map_free (struct cow_disk *d);
 uint64_t chain_map_bytes (void);
 /* Test hook: 0 if the disk's map (built now if need be) equals a map
  * built top down from every frozen layer; -1 with EIO naming the first
- * extent that differs (EAGAIN: another thread was building it).  Caller
- * holds chain_lock shared. */
+ * extent that differs (EAGAIN: it could not be built).  Caller holds
+ * chain_lock shared. */
 int chain_map_check (struct cow_disk *d);
 size_t chain_map_extents (struct cow_disk *d);
 
