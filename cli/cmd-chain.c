@@ -457,7 +457,8 @@ struct disk_row {
 };
 
 static void
-print_disks_json (const struct disk_row *v, size_t n, bool status)
+print_disks_json (const struct disk_row *v, size_t n, bool status,
+                  char **memory)
 {
   struct cli_json j;
 
@@ -486,6 +487,16 @@ print_disks_json (const struct disk_row *v, size_t n, bool status)
     cli_json_close (&j, '}');
   }
   cli_json_close (&j, ']');
+  if (memory) {
+    /* "memory BUDGET USED PEAK MAPBYTES" */
+    cli_json_key (&j, "memory");
+    cli_json_open_inline (&j, '{');
+    cli_json_u64 (&j, "cache-budget", strtoull (memory[1], NULL, 10));
+    cli_json_u64 (&j, "cache-used", strtoull (memory[2], NULL, 10));
+    cli_json_u64 (&j, "cache-peak", strtoull (memory[3], NULL, 10));
+    cli_json_u64 (&j, "map-bytes", strtoull (memory[4], NULL, 10));
+    cli_json_close (&j, '}');
+  }
   cli_json_close (&j, '}');
 }
 
@@ -507,6 +518,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   struct cow_control_reply reply;
   struct disk_row *rows;
   const char *clients = "-";
+  char **memory = NULL;         /* status: the "memory" line's words */
   size_t n = 0;
   int c, r;
 
@@ -553,6 +565,10 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
       clients = w[2];
       continue;
     }
+    if (status && k == 5 && strcmp (w[0], "memory") == 0) {
+      memory = w;
+      continue;
+    }
     if (k < 3 || strcmp (w[0], "disk") != 0 || (status && k != 7))
       continue;
     rows[n].name = w[1];
@@ -570,7 +586,7 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
   }
 
   if (output == CLI_OUTPUT_JSON)
-    print_disks_json (rows, n, status);
+    print_disks_json (rows, n, status, memory);
   else {
     if (status)
       printf (" %-10s %-6s %-8s %-7s %-45s %s\n", "Disk", "Layers", "State",
@@ -600,6 +616,10 @@ disks_command (const char *cmd, int argc, char **argv, const char *help)
       else
         printf (" %-10s %s\n", name, cli_text (d->active));
     }
+    if (memory)
+      printf ("metadata cache: %s of %s bytes (peak %s); merged maps: %s "
+              "bytes\n", cli_text (memory[2]), cli_text (memory[1]),
+              cli_text (memory[3]), cli_text (memory[4]));
   }
   free (rows);
   cow_control_free_reply (&reply);

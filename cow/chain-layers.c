@@ -5,8 +5,8 @@
  * manifest index (chain_layer, chain_index), plus walking down past the
  * state directory's layers into the base chain (chain_base,
  * chain_under).  Only this file and chain-plan.c touch d->lower[]
- * (disk.c's I/O path reads it too, as it always did, to stay as fast).
- * Calls no other engine file. */
+ * (disk.c's extents path and chain-map.c read it too).  Calls only
+ * chain-map.c (the merged map of the frozen layers). */
 #include <config.h>
 
 #include <string.h>
@@ -15,34 +15,24 @@
 #include "chain.h"
 #include "layer.h"
 
-/* Read from one lower layer: past its end reads as zero. */
-static int
-node_read (void *opaque, void *buf, uint32_t count, uint64_t offset)
-{
-  struct chain_node *n = opaque;
-  uint64_t size = n->l->size;
-  uint32_t part = count;
-
-  if (offset >= size) {
-    memset (buf, 0, count);
-    return 0;
-  }
-  if (count > size - offset) {
-    part = (uint32_t) (size - offset);
-    memset ((char *) buf + part, 0, count - part);
-  }
-  return n->l->ops->read (n->l, buf, part, offset, &n->below);
-}
-
 void
 chain_link (struct cow_disk *d)
 {
   for (size_t i = 0; i < d->n_lower; i++) {
-    d->lower[i].below.read = i + 1 < d->n_lower ? node_read : NULL;
+    d->lower[i].below.read = i + 1 < d->n_lower ? chain_node_read : NULL;
     d->lower[i].below.opaque = i + 1 < d->n_lower ? &d->lower[i + 1] : NULL;
   }
-  d->top_below.read = d->n_lower ? node_read : NULL;
-  d->top_below.opaque = d->n_lower ? &d->lower[0] : NULL;
+  /* What the active layer does not hold: through the merged map of the
+   * frozen layers (chain-map.c), rebuilt for the new chain. */
+  chain_map_retire (d);
+  if (d->n_frozen > 0) {
+    d->top_below.read = chain_map_read;
+    d->top_below.opaque = d;
+  }
+  else {
+    d->top_below.read = d->n_lower ? chain_node_read : NULL;
+    d->top_below.opaque = d->n_lower ? &d->lower[0] : NULL;
+  }
 }
 
 struct layer *

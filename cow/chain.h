@@ -21,8 +21,17 @@
  *   5. health_lock        (mutex)  the degraded message; a leaf.
  *   6. sync_lock          (mutex)  the sync thread's stop flag; a leaf,
  *                                  never held while flushing.
+ *   4a. map_lock          (mutex)  building the merged map of the
+ *                                  frozen layers (chain-map.c), by a
+ *                                  reader under chain_lock shared, never
+ *                                  with a lock of a frozen layer held;
+ *                                  takes 7 inside.
  *   7. the qcow2 layer's own locks (qcow2.c, qcow2-cache.c), taken
  *      inside layer operations under chain_lock shared or exclusive.
+ *   7a. the metadata cache pool lock (qcow2-cache.c: the budget shared
+ *      by every layer of every disk); taken under a layer's lock, and
+ *      while held, other layers' locks are only tried (trylock), never
+ *      waited for; no I/O under it.
  *   8. image locks (image.c: OFD locks on files), taken at open and at
  *      a job's reopen_rw / release, under admin_lock or none.
  *   9. events.c's taps_lock, then an event bus's lock: leaves, taken to
@@ -152,6 +161,28 @@ struct layer *chain_base (const struct cow_disk *d);
 /* Layers of the base chain (not named by the manifest). */
 size_t chain_base_depth (const struct cow_disk *d);
 uint64_t chain_now_ns (void);
+
+/*----------------------------------------------------------------------
+ * chain-map.c: the merged map of the frozen layers (which one holds each
+ * range), so that a read missing the active layer costs the same at any
+ * depth.  Retired by chain_link, rebuilt by the next read.
+ */
+/* A struct layer_below read through one chain_node (opaque). */
+int chain_node_read (void *opaque, void *buf, uint32_t count, uint64_t offset);
+/* The active layer's below read (opaque: the disk): through the map.
+ * Caller holds chain_lock shared or exclusive. */
+int chain_map_read (void *opaque, void *buf, uint32_t count, uint64_t offset);
+/* The chain changed (chain_lock exclusive, or not serving yet). */
+void chain_map_retire (struct cow_disk *d);
+void chain_map_free (struct cow_disk *d);
+/* Bytes held by the maps of all disks. */
+uint64_t chain_map_bytes (void);
+/* Test hook: 0 if the disk's map (built now if need be) equals a map
+ * built top down from every frozen layer; -1 with EIO naming the first
+ * extent that differs (EAGAIN: it could not be built).  Caller holds
+ * chain_lock shared. */
+int chain_map_check (struct cow_disk *d);
+size_t chain_map_extents (struct cow_disk *d);
 
 /*----------------------------------------------------------------------
  * chain-plan.c: the one place that changes the chain (see there).

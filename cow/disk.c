@@ -37,6 +37,8 @@ static void
 free_disk (struct cow_disk *d)
 {
   job_disk_destroy (d);
+  chain_map_free (d);
+  pthread_mutex_destroy (&d->map_lock);
   pthread_rwlock_destroy (&d->chain_lock);
   pthread_rwlock_destroy (&d->durability_lock);
   pthread_mutex_destroy (&d->admin_lock);
@@ -145,6 +147,7 @@ cow_disk_open (const struct cow_disk_config *cfg)
   pthread_rwlockattr_destroy (&attr);
   pthread_mutex_init (&d->admin_lock, NULL);
   pthread_mutex_init (&d->health_lock, NULL);
+  pthread_mutex_init (&d->map_lock, NULL);
   pthread_mutex_init (&d->sync_lock, NULL);
   pthread_cond_init (&d->sync_cond, NULL);
   job_disk_init (d);
@@ -497,6 +500,19 @@ cow_disk_extents (struct cow_disk *d, uint32_t count, uint64_t offset,
   return -1;
 }
 
+void
+cow_cache_set_budget (uint64_t bytes)
+{
+  qcow2_cache_set_budget (bytes);
+}
+
+void
+cow_memory_usage (struct cow_memory_usage *u)
+{
+  qcow2_cache_usage (&u->cache_budget, &u->cache_used, &u->cache_peak,
+                     &u->cache_tables);
+  u->map_bytes = chain_map_bytes ();
+}
 
 const char *
 cow_disk_base (const struct cow_disk *d)

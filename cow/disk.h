@@ -118,6 +118,15 @@ struct cow_disk {
   /* The service buses this disk's events go to, with its name on each
    * (a list; NULL: none); events.c's own, under its taps_lock. */
   struct events_tap *events_tap;
+
+  /* The merged map of the frozen layers (chain-map.c): fmap (atomic) the
+   * current chain's, or NULL; fmap_old the one chain_link retired;
+   * fmap_failed: building it failed for this chain.  map_lock is held
+   * by the one thread building it. */
+  struct chain_map *fmap;
+  struct chain_map *fmap_old;
+  bool fmap_failed;
+  pthread_mutex_t map_lock;
 };
 
 struct cow_job;

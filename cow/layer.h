@@ -95,6 +95,11 @@ int qcow2_set_backing (struct layer *l, const char *name, const char *format);
  * what the guest wrote.  offset cluster aligned. */
 int qcow2_layer_populate (struct layer *l, const void *buf, uint32_t count,
                           uint64_t offset);
+/* qcow2-cache.c: the metadata cache budget of the process, shared by
+ * every qcow2 layer (bytes; 0: the default), and what it holds. */
+void qcow2_cache_set_budget (uint64_t bytes);
+void qcow2_cache_usage (uint64_t *budget, uint64_t *used, uint64_t *peak,
+                        uint64_t *tables);
 /* Is this layer a qcow2 one? */
 bool layer_is_qcow2 (const struct layer *l);
 /* Recognise a qcow2 file by its magic: 1 yes, 0 no, -1 error. */

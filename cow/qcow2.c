@@ -438,11 +438,13 @@ open_common (const char *path, unsigned flags, uint64_t cache_size,
     goto err;
   q->file_end = (file_size + q->cluster_size - 1) & ~(q->cluster_size - 1);
 
-  if (cache_size == 0)
-    cache_size = 32u << 20;
+  /* cache_size 0: the process's shared budget alone (qcow2-cache.c). */
   n_l2 = cache_size / q->cluster_size;
+  if (cache_size && n_l2 == 0)
+    n_l2 = 1;                   /* a limit of the least (see create) */
   q->l2_cache = qcow2_cache_create (q, n_l2, true, qcow2_refcounts_sync);
-  q->rb_cache = qcow2_cache_create (q, n_l2 / 4, false, NULL);
+  q->rb_cache = qcow2_cache_create (q, n_l2 / 4 ? n_l2 / 4 : n_l2, false,
+                                    NULL);
   if (q->l2_cache == NULL || q->rb_cache == NULL)
     goto err;
   free (h);

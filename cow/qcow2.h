@@ -128,9 +128,13 @@ void qcow2_mark_corrupt (struct qcow2 *q, const char *fmt, ...)
  * written: the L2 cache's writes refcounts first (qcow2.h, write order),
  * without the cache calling into the refcount code. */
 typedef int (*qcow2_cache_hook) (struct qcow2 *q);
-struct qcow2_cache *qcow2_cache_create (struct qcow2 *q, size_t n_entries,
+/* limit: the most tables this cache holds (0: only the pool's budget
+ * bounds it; see qcow2-cache.c). */
+struct qcow2_cache *qcow2_cache_create (struct qcow2 *q, size_t limit,
                                         bool is_l2,
                                         qcow2_cache_hook before_write);
+/* The pool every cache draws from (qcow2_cache_set_budget, layer.h). */
+#define QCOW2_CACHE_DEFAULT_BUDGET (64ull << 20)
 void qcow2_cache_destroy (struct qcow2_cache *c);
 /* Get the table at host offset; fresh: do not read, start zeroed.  The
  * table is pinned until qcow2_cache_put.  Caller holds q->lock. */

@@ -225,7 +225,11 @@ cow_export_clients (const struct cow_export *e)
  *                                file, BASE as configured ("" once
  *                                self-contained), DEPTH the number of
  *                                layers, HEALTH "ok" or "degraded",
- *                                REASON why ("" when ok)
+ *                                REASON why ("" when ok); last, one
+ *                                "memory BUDGET USED PEAK MAPS" (bytes:
+ *                                the metadata cache budget of the
+ *                                server, held now, held at most; the
+ *                                merged maps of the frozen layers)
  *   blklist                      per disk: "disk NAME ACTIVE-PATH"
  *   list DISK                    per layer, bottom to top: "layer PATH
  *                                CREATED SNAPSHOT DESCRIPTION STATE"
@@ -365,6 +369,16 @@ reply_disks (struct cow_service *s, bool status, struct control_reply *r)
     free (why);
     free (ewhy);
     cow_layer_info_free (v, k);
+  }
+  if (status) {
+    /* The server's memory (memory task): the metadata cache budget
+     * shared by all disks, what it holds and held at most, and the
+     * merged maps' bytes. */
+    struct cow_memory_usage u;
+    cow_memory_usage (&u);
+    control_reply_line (r, "memory %" PRIu64 " %" PRIu64 " %" PRIu64
+                        " %" PRIu64, u.cache_budget, u.cache_used,
+                        u.cache_peak, u.map_bytes);
   }
   return 0;
 }

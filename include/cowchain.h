@@ -35,7 +35,10 @@ struct cow_disk_config {
   uint32_t cluster_size;     /* for a new overlay; 0 = 65536 */
   enum cow_sync_mode sync_mode;
   uint32_t sync_interval_ms; /* for COW_SYNC_INTERVAL */
-  uint64_t cache_size;       /* metadata cache bytes; 0 = default */
+  /* A limit of each layer's own metadata caches in bytes (tests use a
+   * small one to force evictions); 0 = none: the process's shared budget
+   * alone bounds them (cow_cache_set_budget). */
+  uint64_t cache_size;
   bool readonly;             /* open everything read-only */
   int compat;                /* new overlay: 3 = compat 1.1 (default), 2 = 0.10 */
   /* Absolute backing file names inside a qcow2 base chain are followed
@@ -478,12 +481,28 @@ char *cow_text_printable (const char *s);
  * layer file name reaches that snapshot. */
 const char *cow_snapshot_name_reserved (const char *name);
 
-/* CLI task (issue 13): the base's format as cow_disk_open guessed it
+/* The base's format as cow_disk_open guessed it
  * from the file's first bytes ("raw" or "qcow2"), or NULL when it was
  * given (base_format) or recorded in the state directory's manifest.  A
  * raw image whose first bytes look like a qcow2 header is misread as
  * qcow2 when guessed; a caller warns about it. */
 const char *cow_disk_base_format_guessed (const struct cow_disk *d);
+
+/* Memory: one metadata cache budget for the whole
+ * process, shared by every layer of every disk (default
+ * COW_CACHE_DEFAULT_BUDGET); the tables of idle layers leave first.
+ * Set it before opening disks (a smaller budget later is reached as
+ * tables leave). */
+#define COW_CACHE_DEFAULT_BUDGET (64ull << 20)
+void cow_cache_set_budget (uint64_t bytes);
+struct cow_memory_usage {
+  uint64_t cache_budget;      /* bytes */
+  uint64_t cache_used;        /* bytes of metadata tables held now */
+  uint64_t cache_peak;        /* the most held so far */
+  uint64_t cache_tables;      /* tables held now */
+  uint64_t map_bytes;         /* merged maps of the frozen layers (all disks) */
+};
+void cow_memory_usage (struct cow_memory_usage *u);
 
 /* Last error of the calling thread. */
 const char *cow_last_error (void);

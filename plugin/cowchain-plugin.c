@@ -53,7 +53,6 @@ static char *default_export;
 /* Keys for every disk. */
 static enum cow_sync_mode sync_mode;
 static uint32_t sync_interval_ms;
-static uint64_t cache_size;
 static char *control_path;
 static unsigned server_seen;    /* server KEY_* given */
 static uid_t allow_uids[16];
@@ -373,7 +372,7 @@ cowchain_config (const char *key, const char *value)
       nbdkit_error ("cache-size: %s is below the minimum of 64K", value);
       return -1;
     }
-    cache_size = (uint64_t) s;
+    cow_cache_set_budget ((uint64_t) s);
     return 0;
   }
   if (strcmp (key, "control") == 0) {
@@ -556,7 +555,8 @@ cowchain_config_complete (void)
   "                         above that follow belong to it\n" \
   "default-export=NAME      disk for clients that send no export name\n" \
   "sync=flush|always|MS     durability policy (default flush)\n" \
-  "cache-size=SIZE          metadata cache size per layer (default 32M)\n" \
+  "cache-size=SIZE          metadata cache of the whole server, all layers\n" \
+  "                         of all disks (default 64M)\n" \
   "control=SOCKET           control socket for the cowchain tool\n" \
   "control-allow-uid=UID    another uid allowed on the control socket\n" \
   "                         (repeatable; makes the socket mode 0666)"
@@ -583,7 +583,6 @@ cowchain_get_ready (void)
       .compat = e->compat,
       .sync_mode = sync_mode,
       .sync_interval_ms = sync_interval_ms,
-      .cache_size = cache_size,
       .allow_backing = (const char *const *) e->allow_backing,
       .base_timeout_ms = e->base_timeout_ms,
     };

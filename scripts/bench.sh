@@ -63,7 +63,7 @@ ROWS=(
     seqwrite_1m_qd1 seqwrite_1m_qd16
     fresh_randwrite_4k_qd1 fresh_randwrite_4k_qd16
     snapshot_pause depth_read
-    merge_speed merge_iops
+    merge_speed merge_iops memory
 )
 if [ -n "${BENCH_ROWS:-}" ]; then
     read -r -a ROWS <<< "$BENCH_ROWS"
@@ -403,6 +403,49 @@ row_depth_read() {
         note "depth read, 4k randread qd16 at chain depth $depth: $1 IOPS"
         stop_server depth
     done
+}
+
+# memory: the server's peak RSS (VmHWM of the nbdkit process) for a
+# BENCH_MEM_SIZE (default 1T) sparse raw base with BENCH_MEM_WRITE
+# (default 2G) written as scattered 64k random writes, spread over 1 and
+# over 64 layers (a snapshot after each share), then BENCH_RUNTIME seconds
+# of 4k random reads over the whole disk; cache-size default (64M).
+row_memory() {
+    local label="memory" cow=$COWCHAIN_BUILDDIR/cowchain depth i per hwm
+    local vsize=${BENCH_MEM_SIZE:-1T} written=${BENCH_MEM_WRITE:-2G} result
+    local written_bytes
+    written_bytes=$(numfmt --from=iec "$written")
+    cowchain_log "$label"
+    truncate -s "$vsize" "$WORK/membase.raw"
+    for depth in 1 64; do
+        rm -rf "$WORK/memstate"
+        start_nbdkit mem "$PLUGIN" base="$WORK/membase.raw" base-format=raw \
+            state="$WORK/memstate" control="$WORK/mem.ctl" \
+            cluster-size="$BENCH_CLUSTER"
+        per=$(( written_bytes / depth / 65536 * 65536 ))
+        for (( i = 0; i < depth; i++ )); do
+            if (( i > 0 )); then
+                "$cow" snapshot --control "$WORK/mem.ctl" "m$i" > /dev/null
+            fi
+            result=$(run_fio "$(uri_of mem)" "$WORK/mem-fill-$depth-$i.json" \
+                --rw=randwrite --bs=64k --iodepth=16 --io_size="$per" \
+                --randseed=$(( depth * 1000 + i )))
+            if [ "$result" = "ERR ERR" ]; then
+                echo "error: writing layer $i of the memory row failed" >&2
+                return 1
+            fi
+        done
+        # shellcheck disable=SC2046  # fio_common is a word list
+        result=$(run_fio "$(uri_of mem)" "$(json_name "$label" "$depth" 1)" \
+            $(fio_common) --rw=randread --bs=4k --iodepth=16)
+        hwm=$(awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/${PID[mem]}/status")
+        # shellcheck disable=SC2086
+        set -- $result
+        note "memory, $vsize disk, $written scattered over $depth layer(s)," \
+            "cache-size 64M: nbdkit peak RSS (VmHWM) $hwm MiB; then 4k randread qd16 $1 IOPS"
+        stop_server mem
+    done
+    rm -f "$WORK/membase.raw"
 }
 
 # now_ns: the wall clock in nanoseconds (for spans of seconds).

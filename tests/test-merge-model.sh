@@ -63,6 +63,9 @@ serve ()
             start)
                 saved_env=(${server_env[@]+"${server_env[@]}"})
                 [ "$arg" = - ] || server_env+=(COWCHAIN_JOB_STOP_AT="$arg")
+                # Every read through the merged map of the frozen layers
+                # is also read top down and compared (cow/chain-map.c).
+                server_env+=(COWCHAIN_VERIFY_MAP=1)
                 # shellcheck disable=SC2086 # keys: words without spaces
                 start_server "$srv" base="$dir/base.raw" state="$dir/state" \
                     control="$tmpdir/$srv.ctl" $keys 3<&- 4>&-

@@ -515,12 +515,27 @@ test_revert_clients (void **state)
   cow_export_detach (f->e[1]);
 }
 
+/* The last line of a status reply: the process's metadata cache and
+ * merged maps, as they are now (malloc'd). */
+static char *
+memory_line (void)
+{
+  struct cow_memory_usage u;
+  char *line;
+
+  cow_memory_usage (&u);
+  assert_true (asprintf (&line, "memory %" PRIu64 " %" PRIu64 " %" PRIu64
+                         " %" PRIu64 "\n", u.cache_budget, u.cache_used,
+                         u.cache_peak, u.map_bytes) != -1);
+  return line;
+}
+
 /* The exact lines of status, blklist, list, jobs and snapshot-atomic. */
 static void
 test_replies (void **state)
 {
   struct fx *f = *state;
-  char *a1, *a2, *b1, *b2, *reply;
+  char *a1, *a2, *b1, *b2, *reply, *mem;
   size_t k1, k2;
   unsigned long long ns;
 
@@ -530,9 +545,13 @@ test_replies (void **state)
   b2 = enc (cow_disk_base (f->d[1]));
   assert_int_equal (k1, 1);
   cow_export_attach (f->e[1]);
-  assert_reply (ok (f->s, "status", NULL),
+  reply = ok (f->s, "status", NULL);
+  mem = memory_line ();
+  assert_reply (reply,
                 "clients vm1 0\ndisk vm1 %s %s 1 ok -\n"
-                "clients vm2 1\ndisk vm2 %s %s 1 ok -\n", a1, b1, a2, b2);
+                "clients vm2 1\ndisk vm2 %s %s 1 ok -\n%s", a1, b1, a2, b2,
+                mem);
+  free (mem);
   cow_export_detach (f->e[1]);
   assert_reply (ok (f->s, "blklist", NULL), "disk vm1 %s\ndisk vm2 %s\n",
                 a1, a2);
@@ -575,9 +594,13 @@ test_replies (void **state)
   a2 = active_enc (f->d[1], &k2);
   assert_int_equal (k1, 2);
   assert_int_equal (k2, 3);
-  assert_reply (ok (f->s, "status", NULL),
+  reply = ok (f->s, "status", NULL);
+  mem = memory_line ();
+  assert_reply (reply,
                 "clients vm1 0\ndisk vm1 %s %s 2 ok -\n"
-                "clients vm2 0\ndisk vm2 %s %s 3 ok -\n", a1, b1, a2, b2);
+                "clients vm2 0\ndisk vm2 %s %s 3 ok -\n%s", a1, b1, a2, b2,
+                mem);
+  free (mem);
   free (a1);
   free (a2);
   free (b1);
@@ -695,8 +718,9 @@ test_names (void **state)
   cow_export_detach (e);
   {
     char *a = active_enc (f->d[0], NULL), *b = enc (cow_disk_base (f->d[0]));
-    assert_reply (ok (s, "status", NULL),
-                  "clients - 0\ndisk - %s %s 1 ok -\n", a, b);
+    char *reply = ok (s, "status", NULL), *mem = memory_line ();
+    assert_reply (reply, "clients - 0\ndisk - %s %s 1 ok -\n%s", a, b, mem);
+    free (mem);
     free (a);
     free (b);
   }
@@ -747,7 +771,7 @@ test_socket (void **state)
   assert_int_equal (cow_last_errno (), EADDRINUSE);
 
   assert_int_equal (cow_control_request (path, status, 1, 5000, &reply), 0);
-  assert_true (reply.n == 4);
+  assert_true (reply.n == 5);
   assert_int_equal (reply.lines[0].n, 3);
   assert_string_equal (reply.lines[0].words[0], "clients");
   assert_string_equal (reply.lines[0].words[1], "vm1");
@@ -759,6 +783,8 @@ test_socket (void **state)
   assert_string_equal (reply.lines[2].words[0], "clients");
   assert_string_equal (reply.lines[2].words[1], "vm2");
   assert_string_equal (reply.lines[2].words[2], "0");
+  assert_int_equal (reply.lines[4].n, 5);
+  assert_string_equal (reply.lines[4].words[0], "memory");
   cow_control_free_reply (&reply);
   assert_int_equal (cow_control_request (path, bad, 2, 5000, &reply), -1);
   assert_int_equal (cow_last_errno (), ENOENT);
