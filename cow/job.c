@@ -42,6 +42,10 @@
 #include "manifest.h"
 
 #define JOB_CHUNK (1u << 20)
+/* The target's dirty pages are sent to the disk every this many bytes
+ * copied, so that the flush of the last step finds little left to write
+ * and the disk works while the copy goes on. */
+#define WRITEBACK_STEP (32u << 20)
 /* Active commit: copy under the exclusive lock once this little is left
  * dirty, or after this many passes. */
 #define FINAL_DIRTY_BYTES (4u << 20)
@@ -82,7 +86,10 @@ struct cow_job {
   uint64_t work_ns;               /* time the last chunk took */
   uint64_t window_t0, window_done;
   uint64_t rate_t0, rate_done;
-  char *buf;
+  uint64_t unsent;                /* written into target since the last
+                                     writeback */
+  char *buf;                      /* the job thread's chunk buffer */
+  struct crew *crew;              /* helpers of copy_all, or NULL */
 };
 
 /*----------------------------------------------------------------------
@@ -349,7 +356,8 @@ all_zero (const char *p, uint64_t n)
 /* Commit: write the view at top over [pos, pos+len) into the target,
  * where the merged layers hold something. */
 static int
-commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
+commit_range (struct cow_job *j, char *buf, uint64_t pos, uint64_t len,
+              bool count)
 {
   struct cow_disk *d = j->d;
   const struct layer_below *tb = chain_below (d, j->target);
@@ -365,8 +373,8 @@ commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
     if (n > JOB_CHUNK)
       n = JOB_CHUNK;
     if (st == LAYER_DATA) {
-      if (j->top->ops->read (j->top, j->buf, (uint32_t) n, pos, topb) == -1
-          || j->target->ops->write (j->target, j->buf, (uint32_t) n, pos,
+      if (j->top->ops->read (j->top, buf, (uint32_t) n, pos, topb) == -1
+          || j->target->ops->write (j->target, buf, (uint32_t) n, pos,
                                     tb) == -1)
         return -1;
     }
@@ -385,7 +393,7 @@ commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
 /* Pull: fill what the target does not hold over [pos, pos+len) with
  * what it reads from below, where the merged layers hold something. */
 static int
-pull_range (struct cow_job *j, uint64_t pos, uint64_t len)
+pull_range (struct cow_job *j, char *buf, uint64_t pos, uint64_t len)
 {
   struct cow_disk *d = j->d;
   struct layer *x = j->target;
@@ -421,10 +429,10 @@ pull_range (struct cow_job *j, uint64_t pos, uint64_t len)
         return -1;
     }
     else if (st != LAYER_ABSENT && xb->read) {
-      if (xb->read (xb->opaque, j->buf, (uint32_t) (b - a), a) == -1)
+      if (xb->read (xb->opaque, buf, (uint32_t) (b - a), a) == -1)
         return -1;
-      if (!(j->bk == BASE_NONE && all_zero (j->buf, b - a))
-          && qcow2_layer_populate (x, j->buf, (uint32_t) (b - a), a) == -1)
+      if (!(j->bk == BASE_NONE && all_zero (buf, b - a))
+          && qcow2_layer_populate (x, buf, (uint32_t) (b - a), a) == -1)
         return -1;
     }
     if (st != LAYER_ABSENT)
@@ -459,28 +467,204 @@ measure (struct cow_job *j, uint64_t *total)
   return 0;
 }
 
-/* One pass over the whole disk, a chunk at a time. */
+/* After n bytes were copied into the target: start writing its dirty
+ * pages back once WRITEBACK_STEP of them piled up (without chain_lock:
+ * the kernel may make this wait for a congested device).  A failure
+ * only loses the head start: the flush of the last step reports it. */
+static void
+send_written (struct cow_job *j, uint64_t n)
+{
+  uint64_t pos = 0;
+
+  j->unsent += n;
+  if (j->unsent < WRITEBACK_STEP || j->target->ops->writeback == NULL)
+    return;
+  j->unsent = 0;
+  if (j->target->ops->writeback (j->target, &pos, UINT64_MAX, false) == -1)
+    cow_error_clear ();
+}
+
+/* One chunk of a pass, under chain_lock shared. */
+static int
+copy_chunk (struct cow_job *j, char *buf, uint64_t pos, uint64_t len)
+{
+  struct cow_disk *d = j->d;
+  int r;
+
+  pthread_rwlock_rdlock (&d->chain_lock);
+  r = j->commit ? commit_range (j, buf, pos, len, true)
+    : pull_range (j, buf, pos, len);
+  pthread_rwlock_unlock (&d->chain_lock);
+  return r;
+}
+
+/* Several requests in flight.  copy_all goes over the disk in rounds of
+ * up to JOB_CREW chunks: between rounds the job thread alone checks the
+ * controls (job_yield), exactly as it did between chunks; then it hands
+ * one chunk to each helper thread, copies one itself and waits for all.
+ * So pause, cancel and the speed limit act between rounds, and a paused
+ * job copies nothing.  The first failure of a round fails the job; the
+ * other chunks of that round are written all the same, which only adds
+ * data that reads the same (invariant 4).  With a page-cached source the
+ * copy costs two memory copies per byte and the helpers spread them
+ * over the CPUs; with a cold source they keep reads in flight.
+ * A speed limit under CREW_MIN_SPEED copies one chunk per round: it
+ * needs no parallel copies, and its pace stays as fine as one chunk.
+ * Rejected: helpers that each honour the controls (a pause would then be
+ * reported while others still copy). */
+#define JOB_CREW 3
+#define CREW_MIN_SPEED (64u << 20)
+
+struct crew_slot {
+  struct crew *c;
+  uint64_t pos, len;              /* len 0: nothing this round */
+  int r, err;
+  char msg[256];
+  char *buf;
+};
+
+struct crew {
+  struct cow_job *j;
+  pthread_mutex_t lock;           /* protects round, busy, quit */
+  pthread_cond_t go, done;
+  uint64_t round;                 /* bumped to start a round */
+  unsigned busy;                  /* helpers still copying this round */
+  bool quit;
+  size_t n;                       /* helpers running */
+  pthread_t threads[JOB_CREW - 1];
+  struct crew_slot slot[JOB_CREW - 1];
+};
+
+static void *
+crew_thread (void *arg)
+{
+  struct crew_slot *me = arg;
+  struct crew *c = me->c;
+  uint64_t seen = 0;
+
+  pthread_mutex_lock (&c->lock);
+  for (;;) {
+    while (!c->quit && c->round == seen)
+      pthread_cond_wait (&c->go, &c->lock);
+    if (c->quit)
+      break;
+    seen = c->round;
+    pthread_mutex_unlock (&c->lock);
+    me->r = me->len ? copy_chunk (c->j, me->buf, me->pos, me->len) : 0;
+    if (me->r == -1) {
+      me->err = cow_last_errno () ? cow_last_errno () : EIO;
+      snprintf (me->msg, sizeof me->msg, "%s", cow_last_error ());
+      cow_error_clear ();
+    }
+    pthread_mutex_lock (&c->lock);
+    if (--c->busy == 0)
+      pthread_cond_signal (&c->done);
+  }
+  pthread_mutex_unlock (&c->lock);
+  return NULL;
+}
+
+static void
+crew_stop (struct cow_job *j)
+{
+  struct crew *c = j->crew;
+
+  if (c == NULL)
+    return;
+  pthread_mutex_lock (&c->lock);
+  c->quit = true;
+  pthread_cond_broadcast (&c->go);
+  pthread_mutex_unlock (&c->lock);
+  for (size_t i = 0; i < c->n; i++)
+    pthread_join (c->threads[i], NULL);
+  for (size_t i = 0; i < JOB_CREW - 1; i++)
+    free (c->slot[i].buf);
+  pthread_mutex_destroy (&c->lock);
+  pthread_cond_destroy (&c->go);
+  pthread_cond_destroy (&c->done);
+  free (c);
+  j->crew = NULL;
+}
+
+/* Start the helpers; with fewer (or none) if memory or threads run
+ * short: the job then copies with what it has. */
+static void
+crew_start (struct cow_job *j)
+{
+  struct crew *c = calloc (1, sizeof *c);
+
+  if (c == NULL)
+    return;
+  c->j = j;
+  pthread_mutex_init (&c->lock, NULL);
+  pthread_cond_init (&c->go, NULL);
+  pthread_cond_init (&c->done, NULL);
+  j->crew = c;
+  for (size_t i = 0; i < JOB_CREW - 1; i++) {
+    c->slot[i].c = c;
+    c->slot[i].buf = malloc (JOB_CHUNK + (4u << 20));
+    if (c->slot[i].buf == NULL
+        || pthread_create (&c->threads[i], NULL, crew_thread,
+                           &c->slot[i]) != 0)
+      break;
+    c->n++;
+  }
+}
+
+/* One pass over the whole disk, a round of chunks at a time. */
 static int
 copy_all (struct cow_job *j)
 {
   struct cow_disk *d = j->d;
+  struct crew *c = j->crew;
   bool half = false;
+  uint64_t pos = 0;
 
-  for (uint64_t pos = 0; pos < d->size; pos += JOB_CHUNK) {
-    uint64_t len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
+  while (pos < d->size) {
+    uint64_t mine = pos, len, t0, speed;
+    size_t helpers = c ? c->n : 0;
     int r;
-
-    uint64_t t0;
 
     if (job_yield (j) == -1)
       return -2;
+    pthread_mutex_lock (&d->job_lock);
+    speed = j->speed;
+    pthread_mutex_unlock (&d->job_lock);
+    if (speed && speed < CREW_MIN_SPEED)
+      helpers = 0;
     t0 = chain_now_ns ();
-    pthread_rwlock_rdlock (&d->chain_lock);
-    r = j->commit ? commit_range (j, pos, len, true) : pull_range (j, pos, len);
-    pthread_rwlock_unlock (&d->chain_lock);
+    len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
+    pos += len;
+    if (helpers) {
+      pthread_mutex_lock (&c->lock);
+      for (size_t i = 0; i < helpers; i++) {
+        struct crew_slot *s = &c->slot[i];
+        s->pos = pos;
+        s->len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
+        s->r = 0;
+        pos += s->len;
+      }
+      c->busy = (unsigned) helpers;
+      c->round++;
+      pthread_cond_broadcast (&c->go);
+      pthread_mutex_unlock (&c->lock);
+    }
+    r = copy_chunk (j, j->buf, mine, len);
+    if (helpers) {
+      pthread_mutex_lock (&c->lock);
+      while (c->busy > 0)
+        pthread_cond_wait (&c->done, &c->lock);
+      pthread_mutex_unlock (&c->lock);
+      for (size_t i = 0; i < helpers && r == 0; i++)
+        if (c->slot[i].r == -1) {
+          cow_error_set (c->slot[i].err, "%s", c->slot[i].msg);
+          r = -1;
+        }
+    }
     j->work_ns = chain_now_ns () - t0;
     if (r == -1)
       return -1;
+    send_written (j, pos - mine);
     if (!half && j->done * 2 >= j->total && j->total > 0) {
       half = true;
       stop_at (j, "mid-copy");
@@ -548,7 +732,7 @@ copy_dirty (struct cow_job *j, bool locked)
       if (bits & (1ull << b)) {
         uint64_t pos = ((uint64_t) w * 64 + b) * c;
         uint64_t len = pos + c > d->size ? d->size - pos : c;
-        r = commit_range (j, pos, len, false);
+        r = commit_range (j, j->buf, pos, len, false);
       }
     if (!locked) {
       pthread_rwlock_unlock (&d->chain_lock);
@@ -730,7 +914,9 @@ run_copy (struct cow_job *j)
   j->window_t0 = j->rate_t0 = chain_now_ns ();
   pthread_mutex_unlock (&d->job_lock);
   stop_at (j, "before-copy");
+  crew_start (j);
   r = copy_all (j);
+  crew_stop (j);
   if (r != 0 || !j->active)
     return r;
   /* Active commit: go over what the guest changed until little is left. */
