@@ -705,13 +705,90 @@ dirty_bytes (struct cow_disk *d)
   return n * d->cluster_size;
 }
 
+/* The stripe locks of the clusters of [offset, offset+count), taken
+ * (or dropped) in ascending order. */
+#define MIRROR_STRIPES 64
+_Static_assert (MIRROR_STRIPES
+                == sizeof ((struct cow_disk *) 0)->mirror_stripe
+                / sizeof ((struct cow_disk *) 0)->mirror_stripe[0],
+                "one stripe lock per bit of a word");
+
+static uint64_t
+stripes_of (struct cow_disk *d, uint64_t offset, uint64_t count)
+{
+  uint64_t c = d->cluster_size;
+  uint64_t first = offset / c, last = count ? (offset + count - 1) / c : first;
+  uint64_t mask = 0;
+
+  if (last - first >= MIRROR_STRIPES - 1)
+    return UINT64_MAX;
+  for (uint64_t i = first; i <= last; i++)
+    mask |= 1ull << (i % MIRROR_STRIPES);
+  return mask;
+}
+
+static void
+stripes_lock (struct cow_disk *d, uint64_t mask)
+{
+  for (unsigned i = 0; i < MIRROR_STRIPES; i++)
+    if (mask & (1ull << i))
+      pthread_mutex_lock (&d->mirror_stripe[i]);
+}
+
+static void
+stripes_unlock (struct cow_disk *d, uint64_t mask)
+{
+  for (unsigned i = MIRROR_STRIPES; i-- > 0; )
+    if (mask & (1ull << i))
+      pthread_mutex_unlock (&d->mirror_stripe[i]);
+}
+
+/* Write-blocking mirror (the last phase of an active commit): the guest's
+ * change goes into the active layer and then into the target, both under
+ * the stripe locks of its clusters, so that the job's copy of a cluster
+ * (copy_dirty, under the same lock) never lands between them and two
+ * overlapping guest changes reach both layers in the same order.  The
+ * change is not marked dirty: the target already has it.  If the target
+ * refuses it, it is marked dirty instead, so the job copies it again
+ * (and fails there if the target keeps failing); the guest's answer is
+ * the active layer's. */
+int
+job_mirror_change (struct cow_disk *d, const void *buf, uint32_t count,
+                   uint64_t offset, bool fast)
+{
+  struct layer *t = d->mirror_target;
+  uint64_t mask = stripes_of (d, offset, count);
+  int r;
+
+  stripes_lock (d, mask);
+  if (buf)
+    r = d->top->ops->write (d->top, buf, count, offset, &d->top_below);
+  else
+    r = d->top->ops->zero (d->top, count, offset, fast, &d->top_below);
+  if (r == 0) {
+    const struct layer_below *tb = chain_below (d, t);
+    int m = buf ? t->ops->write (t, buf, count, offset, tb)
+      : t->ops->zero (t, count, offset, false, tb);
+    if (m == -1) {
+      cow_error_clear ();
+      job_mark_dirty (d, offset, count);
+    }
+  }
+  stripes_unlock (d, mask);
+  __atomic_store_n (&d->guest_io, 1, __ATOMIC_RELAXED);
+  return r;
+}
+
 /* Copy the clusters marked dirty (clearing the marks first).  locked:
- * the caller holds chain_lock exclusive; else it is taken per word. */
+ * the caller holds chain_lock exclusive; else it is taken per word.
+ * While mirroring, each cluster's copy holds its stripe lock. */
 static int
 copy_dirty (struct cow_job *j, bool locked)
 {
   struct cow_disk *d = j->d;
   uint64_t c = d->cluster_size;
+  bool stripes = !locked
+    && __atomic_load_n (&d->mirroring, __ATOMIC_ACQUIRE);
 
   for (size_t w = 0; w < dirty_words (d); w++) {
     uint64_t bits = __atomic_exchange_n (&d->dirty_map[w], 0, __ATOMIC_ACQ_REL);
@@ -732,7 +809,10 @@ copy_dirty (struct cow_job *j, bool locked)
       if (bits & (1ull << b)) {
         uint64_t pos = ((uint64_t) w * 64 + b) * c;
         uint64_t len = pos + c > d->size ? d->size - pos : c;
+        uint64_t mask = stripes ? stripes_of (d, pos, len) : 0;
+        stripes_lock (d, mask);
         r = commit_range (j, j->buf, pos, len, false);
+        stripes_unlock (d, mask);
       }
     if (!locked) {
       pthread_rwlock_unlock (&d->chain_lock);
@@ -744,15 +824,17 @@ copy_dirty (struct cow_job *j, bool locked)
   return 0;
 }
 
-/* Writers test track_dirty and then mark the map, under chain_lock
- * shared: once the exclusive lock was held after the store, none can
- * still be marking it, and it can go.  If guest I/O does not drain in
+/* Writers test track_dirty (and mirroring) and then mark the map (or
+ * write the target), under chain_lock shared: once the exclusive lock
+ * was held after the stores, none can still be doing so, and the map
+ * can go.  If guest I/O does not drain in
  * time, the map stays (a later active commit clears and reuses it, the
  * disk's close frees it): a late mark only costs an extra copy. */
 static void
 stop_tracking (struct cow_disk *d)
 {
   __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
+  __atomic_store_n (&d->mirroring, false, __ATOMIC_RELEASE);
   if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, "ending an active commit",
                             NULL) == -1) {
     cow_error_clear ();
@@ -812,7 +894,10 @@ switch_commit (struct cow_job *j, struct chain_plan *p)
 
 /* Active commit: the final copy, flush and manifest under the exclusive
  * chain lock; base becomes the active layer (or, committing into the
- * original base, a new empty layer on it does). */
+ * original base, a new empty layer on it does).  run_copy flushed the
+ * target just before, and the guest's writes since went to both layers:
+ * the copy finds little or nothing (trims, writes that began before the
+ * mirror), the flush only the mirrored writes of the last moments. */
 static int
 switch_active_commit (struct cow_job *j, struct chain_plan *p)
 {
@@ -836,6 +921,7 @@ switch_active_commit (struct cow_job *j, struct chain_plan *p)
     r = chain_plan_save (d, p);
   if (r == 0) {
     __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
+    __atomic_store_n (&d->mirroring, false, __ATOMIC_RELEASE);
     chain_plan_install (d, p);
     d->last_pause_ns = chain_now_ns () - t0;
   }
@@ -919,7 +1005,12 @@ run_copy (struct cow_job *j)
   crew_stop (j);
   if (r != 0 || !j->active)
     return r;
-  /* Active commit: go over what the guest changed until little is left. */
+  /* Active commit.  From now on the guest's writes and zeroes reach the
+   * target too (job_mirror_change), so the set left to copy (what the
+   * guest changed during the first pass, and trims) only shrinks,
+   * whatever the guest's write rate: go over it until little is left. */
+  d->mirror_target = j->target;
+  __atomic_store_n (&d->mirroring, true, __ATOMIC_RELEASE);
   for (int pass = 0; pass < MAX_DIRTY_PASSES; pass++) {
     if (dirty_bytes (d) <= FINAL_DIRTY_BYTES)
       break;
@@ -927,7 +1018,15 @@ run_copy (struct cow_job *j)
     if (r != 0)
       return r;
   }
-  return 0;
+  /* The pre-flush: the rest, then the target to stable storage while
+   * the guest runs, so that the final switch, which holds guest I/O,
+   * copies and flushes only what changed since (invariant 10: the
+   * pause is milliseconds, not the flush of the whole merge). */
+  if ((r = copy_dirty (j, false)) != 0)
+    return r;
+  if (j->target->ops->flush (j->target) == -1)
+    return -1;
+  return copy_dirty (j, false);
 }
 
 static void finish_locked (struct cow_job *j, int r);
@@ -1559,6 +1658,8 @@ job_disk_init (struct cow_disk *d)
 {
   pthread_mutex_init (&d->job_lock, NULL);
   pthread_cond_init (&d->job_cond, NULL);
+  for (size_t i = 0; i < MIRROR_STRIPES; i++)
+    pthread_mutex_init (&d->mirror_stripe[i], NULL);
 }
 
 void
@@ -1581,6 +1682,8 @@ job_disk_destroy (struct cow_disk *d)
   free_job (d->job);
   d->job = NULL;
   free (d->dirty_map);
+  for (size_t i = 0; i < MIRROR_STRIPES; i++)
+    pthread_mutex_destroy (&d->mirror_stripe[i]);
   pthread_mutex_destroy (&d->job_lock);
   pthread_cond_destroy (&d->job_cond);
 }
