@@ -21,6 +21,10 @@
  *   5. health_lock        (mutex)  the degraded message; a leaf.
  *   6. sync_lock          (mutex)  the sync thread's stop flag; a leaf,
  *                                  never held while flushing.
+ *   6a. mirror_stripe[]   (mutexes) an active commit's mirrored guest
+ *                                  changes against the job's copies
+ *                                  (job.c); under chain_lock shared,
+ *                                  several in ascending order.
  *   7. the qcow2 layer's own locks (qcow2.c, qcow2-cache.c), taken
  *      inside layer operations under chain_lock shared or exclusive.
  *   8. image locks (image.c: OFD locks on files), taken at open and at

@@ -14,14 +14,18 @@
  * (the commit point), take the merged layers out of the in-memory chain
  * under the exclusive chain lock, rewrite one backing name in a header
  * (a crash before that is repaired at open, see statedir_check_names), and
- * delete the merged files.  An active commit does its final copy, flush
- * and manifest update under the exclusive chain lock, so that no guest
- * write lands between the copy and the switch.
+ * delete the merged files.  An active commit mirrors the guest's changes
+ * into the target once its first pass is done (job_mirror_change), copies
+ * what is left, flushes the target while the guest runs, and then does
+ * its final copy (what changed since), flush and manifest update under
+ * the exclusive chain lock, so that no guest write lands between the
+ * copy and the switch and the pause is short.
  *
  * Locks (the table is in chain.h): admin_lock (chain changes, taken
  * first) -> job_lock (the job's state and controls).  The copy holds
- * chain_lock shared for one chunk at a time and never waits on job_cond
- * with it held.  The chain itself is read and changed only through the
+ * chain_lock shared for one chunk at a time (on each of the crew's
+ * threads) and never waits on job_cond with it held; the mirror's stripe
+ * locks come after chain_lock.  The chain itself is read and changed only through the
  * chain module (chain.h): manifest indexes, chain_from / chain_below for
  * the copy, plans for the last step.
  */
