@@ -28,7 +28,7 @@
 #   active_commit   4k randwrite qd16 latency (p99, max) with and without
 #                   an active commit (`cowchain commit --top active`) of
 #                   BENCH_SIZE running, and whether it completed while fio
-#                   ran (about 60 s)
+#                   ran (about 90 s)
 # snapshot_pause also runs qemu-storage-daemon (a qcow2 overlay over the
 # same base, exported over NBD) with the same fio job, once idle and once
 # with QMP blockdev-snapshot-sync every second, when it is installed
@@ -949,11 +949,14 @@ row_merge_iops() {
 # `cowchain commit --top active --force` merges the active layer into
 # s1's (started after BENCH_RAMP s; its final switch holds guest I/O).
 # Reports IOPS, p99 and max write latency of both runs, their ratios,
-# and whether the commit completed while fio ran (and after how long).
+# and whether the commit completed while fio ran (and after how long):
+# if not, its final switch was not measured.  Both runs last at least
+# 30 s (BENCH_RUNTIME if longer), so that a commit slowed down by the
+# guest's writes still ends inside the run.
 row_active_commit() {
     local label="active commit" cow=$COWCHAIN_BUILDDIR/cowchain mode out lat
     local -a idle=() busy=()
-    local result t0 status waiter
+    local result t0 status waiter runtime=$(( BENCH_RUNTIME > 30 ? BENCH_RUNTIME : 30 ))
     if ! has_server cowchain; then
         note "active commit: skipped (cowchain is not in BENCH_SERVERS)"
         return 0
@@ -988,16 +991,15 @@ row_active_commit() {
             ) &
             waiter=$!
         fi
-        # shellcheck disable=SC2046  # fio_common is a word list
-        run_fio "$(uri_of ac)" "$out" $(fio_common) --rw=randwrite --bs=4k \
-            --iodepth=16 > /dev/null
+        run_fio "$(uri_of ac)" "$out" --time_based --runtime="$runtime" \
+            --ramp_time="$BENCH_RAMP" --rw=randwrite --bs=4k --iodepth=16 > /dev/null
         if [ "$mode" = commit ]; then
             # Done by the end of fio?  Then wait for the verdict.
             if [ -s "$WORK/ac.status" ]; then
                 status="$(cat "$WORK/ac.status") (before fio ended)"
             else
                 wait "$waiter" || :
-                status="$(cat "$WORK/ac.status" 2> /dev/null || echo "no verdict") (after fio ended)"
+                status="$(cat "$WORK/ac.status" 2> /dev/null || echo "no verdict") (after fio ended: its final switch is not in the figures)"
             fi
             wait "$waiter" 2> /dev/null || :
         fi
