@@ -834,7 +834,7 @@ copy_dirty (struct cow_job *j, bool locked)
  * can go.  If guest I/O does not drain in
  * time, the map stays (a later active commit clears and reuses it, the
  * disk's close frees it): a late mark only costs an extra copy. */
-static void
+static bool
 stop_tracking (struct cow_disk *d)
 {
   __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
@@ -842,11 +842,12 @@ stop_tracking (struct cow_disk *d)
   if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, "ending an active commit",
                             NULL) == -1) {
     cow_error_clear ();
-    return;
+    return false;
   }
   chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   free (d->dirty_map);
   d->dirty_map = NULL;
+  return true;
 }
 
 /*----------------------------------------------------------------------
@@ -1066,15 +1067,18 @@ finish_locked (struct cow_job *j, int r)
   struct cow_disk *d = j->d;
   char *msg = NULL;
   int err = 0;
+  bool drained = true;
 
   if (r == -1) {
     err = cow_last_errno () ? cow_last_errno () : EIO;
     msg = strdup (cow_last_error ());
   }
   if (j->active && d->dirty_map)
-    stop_tracking (d);
-  /* Under the chain, the target takes no more writes. */
-  if (layer_is_qcow2 (j->target) && j->target != d->top)
+    drained = stop_tracking (d);
+  /* Under the chain, the target takes no more writes: unless a guest
+   * write that saw the mirror on may still be on its way to it (guest
+   * I/O did not drain), and then it stays unfrozen (its reads lock). */
+  if (layer_is_qcow2 (j->target) && j->target != d->top && drained)
     qcow2_mark_frozen (j->target);
   /* A base that a commit wrote into is shared again (other disks may
    * open it): nothing writes it until another commit, whose reopen_rw
