@@ -32,6 +32,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +45,7 @@
 #include "cleanup.h"
 #include "error.h"
 #include "events.h"
+#include "io.h"
 #include "layer.h"
 #include "manifest.h"
 
@@ -390,6 +392,63 @@ chain_commit_installed (struct cow_disk *d, const char *what)
   return -1;
 }
 
+static void *
+close_thread (void *arg)
+{
+  int *fds = arg;
+
+  for (size_t i = 0; fds[i] != -1; i++)
+    io_close (fds[i]);
+  free (fds);
+  return NULL;
+}
+
+/* Delete the files that left the chain.  The last close of a deleted
+ * file frees its cached pages and its blocks, which for a merged layer
+ * of a GiB takes a good part of a second: so each file is opened once
+ * more before its name goes, and that descriptor, which outlives the
+ * layer's own, is closed by a detached thread (close_later) once the
+ * layers are closed, while the job goes on to report its end.  Returns
+ * the descriptors (-1 ends the array), or NULL without memory. */
+static int *
+unlink_files (struct cow_disk *d, struct chain_plan *p)
+{
+  int *fds = calloc (p->n_gone_files + 1, sizeof *fds);
+  size_t n = 0;
+
+  for (size_t i = 0; i < p->n_gone_files; i++) {
+    CLEANUP_FREE char *path = statedir_path (d, p->gone_files[i]);
+    int fd = fds && path
+      ? io_open (path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC, 0) : -1;
+
+    statedir_unlink_layer (d, p->gone_files[i]);
+    if (fd != -1)
+      fds[n++] = fd;
+  }
+  if (fds)
+    fds[n] = -1;
+  return fds;
+}
+
+static void
+close_later (int *fds)
+{
+  pthread_t t;
+  pthread_attr_t attr;
+
+  if (fds == NULL)
+    return;
+  if (fds[0] != -1 && pthread_attr_init (&attr) == 0) {
+    bool started;
+    pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+    started = pthread_create (&t, &attr, close_thread, fds) == 0;
+    pthread_attr_destroy (&attr);
+    if (started)
+      return;
+  }
+  close_thread (fds);
+}
+
 void
 chain_plan_free (struct cow_disk *d, struct chain_plan *p)
 {
@@ -400,14 +459,16 @@ chain_plan_free (struct cow_disk *d, struct chain_plan *p)
      * one): exactly the layers mark_rebases marked, so a change without
      * marks (snapshot, revert, names) has nothing to check.  A failure is
      * repaired at the next open (statedir_check_names). */
+    int *fds = NULL;
+
     if (d->man.n_rebase > 0 && statedir_check_names (d, false) == -1)
       cow_error_clear ();
-    for (size_t i = 0; i < p->n_gone; i++)
-      p->gone[i]->ops->close (p->gone[i]);
     /* Only once the manifest that drops them is on disk. */
     if (!chain_degraded (d))
-      for (size_t i = 0; i < p->n_gone_files; i++)
-        statedir_unlink_layer (d, p->gone_files[i]);
+      fds = unlink_files (d, p);
+    for (size_t i = 0; i < p->n_gone; i++)
+      p->gone[i]->ops->close (p->gone[i]);
+    close_later (fds);
   }
   else if (p->added) {
     p->added->ops->close (p->added);

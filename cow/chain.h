@@ -26,6 +26,10 @@
  *                                  reader under chain_lock shared, never
  *                                  with a lock of a frozen layer held;
  *                                  takes 7 inside.
+ *   6a. mirror_stripe[]   (mutexes) an active commit's mirrored guest
+ *                                  changes against the job's copies
+ *                                  (job.c); under chain_lock shared,
+ *                                  several in ascending order.
  *   7. the qcow2 layer's own locks (qcow2.c, qcow2-cache.c), taken
  *      inside layer operations under chain_lock shared or exclusive.
  *   7a. the metadata cache pool lock (qcow2-cache.c: the budget shared

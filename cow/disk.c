@@ -391,8 +391,12 @@ cow_disk_pwrite (struct cow_disk *d, const void *buf, uint32_t count,
     return -1;
   durable = wants_durable (d, flags);
   change_begin (d, durable);
-  r = d->top->ops->write (d->top, buf, count, offset, &d->top_below);
-  note_change (d, count, offset);
+  if (__atomic_load_n (&d->mirroring, __ATOMIC_ACQUIRE))
+    r = job_mirror_change (d, buf, count, offset, false);
+  else {
+    r = d->top->ops->write (d->top, buf, count, offset, &d->top_below);
+    note_change (d, count, offset);
+  }
   return change_end (d, durable, r);
 }
 
@@ -407,9 +411,14 @@ cow_disk_zero (struct cow_disk *d, uint32_t count, uint64_t offset,
     return -1;
   durable = wants_durable (d, flags);
   change_begin (d, durable);
-  r = d->top->ops->zero (d->top, count, offset,
-                         (flags & COW_FLAG_FAST_ZERO) != 0, &d->top_below);
-  note_change (d, count, offset);
+  if (__atomic_load_n (&d->mirroring, __ATOMIC_ACQUIRE))
+    r = job_mirror_change (d, NULL, count, offset,
+                           (flags & COW_FLAG_FAST_ZERO) != 0);
+  else {
+    r = d->top->ops->zero (d->top, count, offset,
+                           (flags & COW_FLAG_FAST_ZERO) != 0, &d->top_below);
+    note_change (d, count, offset);
+  }
   return change_end (d, durable, r);
 }
 

@@ -112,6 +112,17 @@ struct cow_disk {
    * each completed write while track_dirty; stable under chain_lock. */
   uint64_t *dirty_map;
   bool track_dirty;
+  /* Active commit, once the first pass is done: guest writes and
+   * zeroes go to the target too (job_mirror_change), so that what is
+   * left to copy can only shrink.  mirroring is atomic, set and cleared
+   * by the job thread (cleared with chain_lock exclusive); mirror_target
+   * is fixed while it is set.  A stripe lock (cluster number modulo
+   * MIRROR_STRIPES) orders a guest change of a cluster in both layers
+   * against the job's copy of that cluster (lock order: after chain_lock,
+   * before the layers' own locks; several in ascending order). */
+  bool mirroring;
+  struct layer *mirror_target;
+  pthread_mutex_t mirror_stripe[64];
   /* Atomic: guest I/O happened since the job last looked (job_yield). */
   unsigned guest_io;
 
@@ -157,5 +168,10 @@ bool job_active_commit (struct cow_disk *d);
 void job_check_depth (struct cow_disk *d);
 /* Record a completed guest change for an active commit. */
 void job_mark_dirty (struct cow_disk *d, uint64_t offset, uint64_t count);
+/* While d->mirroring (caller holds chain_lock shared): a guest write
+ * (buf) or zero (buf NULL) into the active layer and the commit's
+ * target. */
+int job_mirror_change (struct cow_disk *d, const void *buf, uint32_t count,
+                       uint64_t offset, bool fast);
 
 #endif /* COW_DISK_H */

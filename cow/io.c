@@ -236,3 +236,22 @@ io_file_size (int fd, uint64_t *size)
   *size = (uint64_t) st.st_size;
   return 0;
 }
+
+int
+io_writeback (int fd, uint64_t *pos, uint64_t max, bool wait)
+{
+  unsigned flags = SYNC_FILE_RANGE_WRITE;
+  uint64_t size, len;
+
+  if (io_file_size (fd, &size) == -1)
+    return -1;
+  if (*pos >= size)
+    return 0;
+  len = size - *pos < max ? size - *pos : max;
+  if (wait)
+    flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER;
+  if (sync_file_range (fd, (off64_t) *pos, (off64_t) len, flags) == -1)
+    return -1;
+  *pos += len;
+  return *pos < size;
+}

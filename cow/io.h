@@ -11,6 +11,7 @@
 #ifndef COW_IO_H
 #define COW_IO_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -57,5 +58,13 @@ int io_reopen_rw (const char *path, int fd);
 /* fsync the directory that holds path. */
 int io_fsync_dir_of (const char *path);
 int io_file_size (int fd, uint64_t *size);
+/* Start writing fd's dirty pages in [*pos, *pos+max) to the disk and
+ * advance *pos (to at most the file's end); wait: return once they are
+ * written.  A pace for the flush to come (merges, the frozen layer of a
+ * snapshot), not a promise: it makes nothing durable (no metadata, no
+ * disk cache), so it is not an operation of the seam's table and a
+ * power-loss test still treats the pages as unsynced.  Returns 1 while
+ * the file goes on past *pos, 0 at its end, -1 with errno. */
+int io_writeback (int fd, uint64_t *pos, uint64_t max, bool wait);
 
 #endif /* COW_IO_H */

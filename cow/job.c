@@ -14,14 +14,18 @@
  * (the commit point), take the merged layers out of the in-memory chain
  * under the exclusive chain lock, rewrite one backing name in a header
  * (a crash before that is repaired at open, see statedir_check_names), and
- * delete the merged files.  An active commit does its final copy, flush
- * and manifest update under the exclusive chain lock, so that no guest
- * write lands between the copy and the switch.
+ * delete the merged files.  An active commit mirrors the guest's changes
+ * into the target once its first pass is done (job_mirror_change), copies
+ * what is left, flushes the target while the guest runs, and then does
+ * its final copy (what changed since), flush and manifest update under
+ * the exclusive chain lock, so that no guest write lands between the
+ * copy and the switch and the pause is short.
  *
  * Locks (the table is in chain.h): admin_lock (chain changes, taken
  * first) -> job_lock (the job's state and controls).  The copy holds
- * chain_lock shared for one chunk at a time and never waits on job_cond
- * with it held.  The chain itself is read and changed only through the
+ * chain_lock shared for one chunk at a time (on each of the crew's
+ * threads) and never waits on job_cond with it held; the mirror's stripe
+ * locks come after chain_lock.  The chain itself is read and changed only through the
  * chain module (chain.h): manifest indexes, chain_from / chain_below for
  * the copy, plans for the last step.
  */
@@ -43,6 +47,10 @@
 #include "manifest.h"
 
 #define JOB_CHUNK (1u << 20)
+/* The target's dirty pages are sent to the disk every this many bytes
+ * copied, so that the flush of the last step finds little left to write
+ * and the disk works while the copy goes on. */
+#define WRITEBACK_STEP (32u << 20)
 /* Active commit: copy under the exclusive lock once this little is left
  * dirty, or after this many passes. */
 #define FINAL_DIRTY_BYTES (4u << 20)
@@ -84,7 +92,10 @@ struct cow_job {
   uint64_t work_ns;               /* time the last chunk took */
   uint64_t window_t0, window_done;
   uint64_t rate_t0, rate_done;
-  char *buf;
+  uint64_t unsent;                /* written into target since the last
+                                     writeback */
+  char *buf;                      /* the job thread's chunk buffer */
+  struct crew *crew;              /* helpers of copy_all, or NULL */
 };
 
 /*----------------------------------------------------------------------
@@ -377,7 +388,8 @@ all_zero (const char *p, uint64_t n)
 /* Commit: write the view at top over [pos, pos+len) into the target,
  * where the merged layers hold something. */
 static int
-commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
+commit_range (struct cow_job *j, char *buf, uint64_t pos, uint64_t len,
+              bool count)
 {
   struct cow_disk *d = j->d;
   const struct layer_below *tb = chain_below (d, j->target);
@@ -393,8 +405,8 @@ commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
     if (n > JOB_CHUNK)
       n = JOB_CHUNK;
     if (st == LAYER_DATA) {
-      if (j->top->ops->read (j->top, j->buf, (uint32_t) n, pos, topb) == -1
-          || j->target->ops->write (j->target, j->buf, (uint32_t) n, pos,
+      if (j->top->ops->read (j->top, buf, (uint32_t) n, pos, topb) == -1
+          || j->target->ops->write (j->target, buf, (uint32_t) n, pos,
                                     tb) == -1)
         return -1;
     }
@@ -413,7 +425,7 @@ commit_range (struct cow_job *j, uint64_t pos, uint64_t len, bool count)
 /* Pull: fill what the target does not hold over [pos, pos+len) with
  * what it reads from below, where the merged layers hold something. */
 static int
-pull_range (struct cow_job *j, uint64_t pos, uint64_t len)
+pull_range (struct cow_job *j, char *buf, uint64_t pos, uint64_t len)
 {
   struct cow_disk *d = j->d;
   struct layer *x = j->target;
@@ -449,10 +461,10 @@ pull_range (struct cow_job *j, uint64_t pos, uint64_t len)
         return -1;
     }
     else if (st != LAYER_ABSENT && xb->read) {
-      if (xb->read (xb->opaque, j->buf, (uint32_t) (b - a), a) == -1)
+      if (xb->read (xb->opaque, buf, (uint32_t) (b - a), a) == -1)
         return -1;
-      if (!(j->bk == BASE_NONE && all_zero (j->buf, b - a))
-          && qcow2_layer_populate (x, j->buf, (uint32_t) (b - a), a) == -1)
+      if (!(j->bk == BASE_NONE && all_zero (buf, b - a))
+          && qcow2_layer_populate (x, buf, (uint32_t) (b - a), a) == -1)
         return -1;
     }
     if (st != LAYER_ABSENT)
@@ -487,28 +499,204 @@ measure (struct cow_job *j, uint64_t *total)
   return 0;
 }
 
-/* One pass over the whole disk, a chunk at a time. */
+/* After n bytes were copied into the target: start writing its dirty
+ * pages back once WRITEBACK_STEP of them piled up (without chain_lock:
+ * the kernel may make this wait for a congested device).  A failure
+ * only loses the head start: the flush of the last step reports it. */
+static void
+send_written (struct cow_job *j, uint64_t n)
+{
+  uint64_t pos = 0;
+
+  j->unsent += n;
+  if (j->unsent < WRITEBACK_STEP || j->target->ops->writeback == NULL)
+    return;
+  j->unsent = 0;
+  if (j->target->ops->writeback (j->target, &pos, UINT64_MAX, false) == -1)
+    cow_error_clear ();
+}
+
+/* One chunk of a pass, under chain_lock shared. */
+static int
+copy_chunk (struct cow_job *j, char *buf, uint64_t pos, uint64_t len)
+{
+  struct cow_disk *d = j->d;
+  int r;
+
+  pthread_rwlock_rdlock (&d->chain_lock);
+  r = j->commit ? commit_range (j, buf, pos, len, true)
+    : pull_range (j, buf, pos, len);
+  pthread_rwlock_unlock (&d->chain_lock);
+  return r;
+}
+
+/* Several requests in flight.  copy_all goes over the disk in rounds of
+ * up to JOB_CREW chunks: between rounds the job thread alone checks the
+ * controls (job_yield), exactly as it did between chunks; then it hands
+ * one chunk to each helper thread, copies one itself and waits for all.
+ * So pause, cancel and the speed limit act between rounds, and a paused
+ * job copies nothing.  The first failure of a round fails the job; the
+ * other chunks of that round are written all the same, which only adds
+ * data that reads the same (invariant 4).  With a page-cached source the
+ * copy costs two memory copies per byte and the helpers spread them
+ * over the CPUs; with a cold source they keep reads in flight.
+ * A speed limit under CREW_MIN_SPEED copies one chunk per round: it
+ * needs no parallel copies, and its pace stays as fine as one chunk.
+ * Rejected: helpers that each honour the controls (a pause would then be
+ * reported while others still copy). */
+#define JOB_CREW 3
+#define CREW_MIN_SPEED (64u << 20)
+
+struct crew_slot {
+  struct crew *c;
+  uint64_t pos, len;              /* len 0: nothing this round */
+  int r, err;
+  char msg[256];
+  char *buf;
+};
+
+struct crew {
+  struct cow_job *j;
+  pthread_mutex_t lock;           /* protects round, busy, quit */
+  pthread_cond_t go, done;
+  uint64_t round;                 /* bumped to start a round */
+  unsigned busy;                  /* helpers still copying this round */
+  bool quit;
+  size_t n;                       /* helpers running */
+  pthread_t threads[JOB_CREW - 1];
+  struct crew_slot slot[JOB_CREW - 1];
+};
+
+static void *
+crew_thread (void *arg)
+{
+  struct crew_slot *me = arg;
+  struct crew *c = me->c;
+  uint64_t seen = 0;
+
+  pthread_mutex_lock (&c->lock);
+  for (;;) {
+    while (!c->quit && c->round == seen)
+      pthread_cond_wait (&c->go, &c->lock);
+    if (c->quit)
+      break;
+    seen = c->round;
+    pthread_mutex_unlock (&c->lock);
+    me->r = me->len ? copy_chunk (c->j, me->buf, me->pos, me->len) : 0;
+    if (me->r == -1) {
+      me->err = cow_last_errno () ? cow_last_errno () : EIO;
+      snprintf (me->msg, sizeof me->msg, "%s", cow_last_error ());
+      cow_error_clear ();
+    }
+    pthread_mutex_lock (&c->lock);
+    if (--c->busy == 0)
+      pthread_cond_signal (&c->done);
+  }
+  pthread_mutex_unlock (&c->lock);
+  return NULL;
+}
+
+static void
+crew_stop (struct cow_job *j)
+{
+  struct crew *c = j->crew;
+
+  if (c == NULL)
+    return;
+  pthread_mutex_lock (&c->lock);
+  c->quit = true;
+  pthread_cond_broadcast (&c->go);
+  pthread_mutex_unlock (&c->lock);
+  for (size_t i = 0; i < c->n; i++)
+    pthread_join (c->threads[i], NULL);
+  for (size_t i = 0; i < JOB_CREW - 1; i++)
+    free (c->slot[i].buf);
+  pthread_mutex_destroy (&c->lock);
+  pthread_cond_destroy (&c->go);
+  pthread_cond_destroy (&c->done);
+  free (c);
+  j->crew = NULL;
+}
+
+/* Start the helpers; with fewer (or none) if memory or threads run
+ * short: the job then copies with what it has. */
+static void
+crew_start (struct cow_job *j)
+{
+  struct crew *c = calloc (1, sizeof *c);
+
+  if (c == NULL)
+    return;
+  c->j = j;
+  pthread_mutex_init (&c->lock, NULL);
+  pthread_cond_init (&c->go, NULL);
+  pthread_cond_init (&c->done, NULL);
+  j->crew = c;
+  for (size_t i = 0; i < JOB_CREW - 1; i++) {
+    c->slot[i].c = c;
+    c->slot[i].buf = malloc (JOB_CHUNK + (4u << 20));
+    if (c->slot[i].buf == NULL
+        || pthread_create (&c->threads[i], NULL, crew_thread,
+                           &c->slot[i]) != 0)
+      break;
+    c->n++;
+  }
+}
+
+/* One pass over the whole disk, a round of chunks at a time. */
 static int
 copy_all (struct cow_job *j)
 {
   struct cow_disk *d = j->d;
+  struct crew *c = j->crew;
   bool half = false;
+  uint64_t pos = 0;
 
-  for (uint64_t pos = 0; pos < d->size; pos += JOB_CHUNK) {
-    uint64_t len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
+  while (pos < d->size) {
+    uint64_t mine = pos, len, t0, speed;
+    size_t helpers = c ? c->n : 0;
     int r;
-
-    uint64_t t0;
 
     if (job_yield (j) == -1)
       return -2;
+    pthread_mutex_lock (&d->job_lock);
+    speed = j->speed;
+    pthread_mutex_unlock (&d->job_lock);
+    if (speed && speed < CREW_MIN_SPEED)
+      helpers = 0;
     t0 = chain_now_ns ();
-    pthread_rwlock_rdlock (&d->chain_lock);
-    r = j->commit ? commit_range (j, pos, len, true) : pull_range (j, pos, len);
-    pthread_rwlock_unlock (&d->chain_lock);
+    len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
+    pos += len;
+    if (helpers) {
+      pthread_mutex_lock (&c->lock);
+      for (size_t i = 0; i < helpers; i++) {
+        struct crew_slot *s = &c->slot[i];
+        s->pos = pos;
+        s->len = d->size - pos < JOB_CHUNK ? d->size - pos : JOB_CHUNK;
+        s->r = 0;
+        pos += s->len;
+      }
+      c->busy = (unsigned) helpers;
+      c->round++;
+      pthread_cond_broadcast (&c->go);
+      pthread_mutex_unlock (&c->lock);
+    }
+    r = copy_chunk (j, j->buf, mine, len);
+    if (helpers) {
+      pthread_mutex_lock (&c->lock);
+      while (c->busy > 0)
+        pthread_cond_wait (&c->done, &c->lock);
+      pthread_mutex_unlock (&c->lock);
+      for (size_t i = 0; i < helpers && r == 0; i++)
+        if (c->slot[i].r == -1) {
+          cow_error_set (c->slot[i].err, "%s", c->slot[i].msg);
+          r = -1;
+        }
+    }
     j->work_ns = chain_now_ns () - t0;
     if (r == -1)
       return -1;
+    send_written (j, pos - mine);
     if (!half && j->done * 2 >= j->total && j->total > 0) {
       half = true;
       stop_at (j, "mid-copy");
@@ -549,13 +737,90 @@ dirty_bytes (struct cow_disk *d)
   return n * d->cluster_size;
 }
 
+/* The stripe locks of the clusters of [offset, offset+count), taken
+ * (or dropped) in ascending order. */
+#define MIRROR_STRIPES 64
+_Static_assert (MIRROR_STRIPES
+                == sizeof ((struct cow_disk *) 0)->mirror_stripe
+                / sizeof ((struct cow_disk *) 0)->mirror_stripe[0],
+                "one stripe lock per bit of a word");
+
+static uint64_t
+stripes_of (struct cow_disk *d, uint64_t offset, uint64_t count)
+{
+  uint64_t c = d->cluster_size;
+  uint64_t first = offset / c, last = count ? (offset + count - 1) / c : first;
+  uint64_t mask = 0;
+
+  if (last - first >= MIRROR_STRIPES - 1)
+    return UINT64_MAX;
+  for (uint64_t i = first; i <= last; i++)
+    mask |= 1ull << (i % MIRROR_STRIPES);
+  return mask;
+}
+
+static void
+stripes_lock (struct cow_disk *d, uint64_t mask)
+{
+  for (unsigned i = 0; i < MIRROR_STRIPES; i++)
+    if (mask & (1ull << i))
+      pthread_mutex_lock (&d->mirror_stripe[i]);
+}
+
+static void
+stripes_unlock (struct cow_disk *d, uint64_t mask)
+{
+  for (unsigned i = MIRROR_STRIPES; i-- > 0; )
+    if (mask & (1ull << i))
+      pthread_mutex_unlock (&d->mirror_stripe[i]);
+}
+
+/* Write-blocking mirror (the last phase of an active commit): the guest's
+ * change goes into the active layer and then into the target, both under
+ * the stripe locks of its clusters, so that the job's copy of a cluster
+ * (copy_dirty, under the same lock) never lands between them and two
+ * overlapping guest changes reach both layers in the same order.  The
+ * change is not marked dirty: the target already has it.  If the target
+ * refuses it, it is marked dirty instead, so the job copies it again
+ * (and fails there if the target keeps failing); the guest's answer is
+ * the active layer's. */
+int
+job_mirror_change (struct cow_disk *d, const void *buf, uint32_t count,
+                   uint64_t offset, bool fast)
+{
+  struct layer *t = d->mirror_target;
+  uint64_t mask = stripes_of (d, offset, count);
+  int r;
+
+  stripes_lock (d, mask);
+  if (buf)
+    r = d->top->ops->write (d->top, buf, count, offset, &d->top_below);
+  else
+    r = d->top->ops->zero (d->top, count, offset, fast, &d->top_below);
+  if (r == 0) {
+    const struct layer_below *tb = chain_below (d, t);
+    int m = buf ? t->ops->write (t, buf, count, offset, tb)
+      : t->ops->zero (t, count, offset, false, tb);
+    if (m == -1) {
+      cow_error_clear ();
+      job_mark_dirty (d, offset, count);
+    }
+  }
+  stripes_unlock (d, mask);
+  __atomic_store_n (&d->guest_io, 1, __ATOMIC_RELAXED);
+  return r;
+}
+
 /* Copy the clusters marked dirty (clearing the marks first).  locked:
- * the caller holds chain_lock exclusive; else it is taken per word. */
+ * the caller holds chain_lock exclusive; else it is taken per word.
+ * While mirroring, each cluster's copy holds its stripe lock. */
 static int
 copy_dirty (struct cow_job *j, bool locked)
 {
   struct cow_disk *d = j->d;
   uint64_t c = d->cluster_size;
+  bool stripes = !locked
+    && __atomic_load_n (&d->mirroring, __ATOMIC_ACQUIRE);
 
   for (size_t w = 0; w < dirty_words (d); w++) {
     uint64_t bits = __atomic_exchange_n (&d->dirty_map[w], 0, __ATOMIC_ACQ_REL);
@@ -576,7 +841,10 @@ copy_dirty (struct cow_job *j, bool locked)
       if (bits & (1ull << b)) {
         uint64_t pos = ((uint64_t) w * 64 + b) * c;
         uint64_t len = pos + c > d->size ? d->size - pos : c;
-        r = commit_range (j, pos, len, false);
+        uint64_t mask = stripes ? stripes_of (d, pos, len) : 0;
+        stripes_lock (d, mask);
+        r = commit_range (j, j->buf, pos, len, false);
+        stripes_unlock (d, mask);
       }
     if (!locked) {
       pthread_rwlock_unlock (&d->chain_lock);
@@ -588,23 +856,26 @@ copy_dirty (struct cow_job *j, bool locked)
   return 0;
 }
 
-/* Writers test track_dirty and then mark the map, under chain_lock
- * shared: once the exclusive lock was held after the store, none can
- * still be marking it, and it can go.  If guest I/O does not drain in
+/* Writers test track_dirty (and mirroring) and then mark the map (or
+ * write the target), under chain_lock shared: once the exclusive lock
+ * was held after the stores, none can still be doing so, and the map
+ * can go.  If guest I/O does not drain in
  * time, the map stays (a later active commit clears and reuses it, the
  * disk's close frees it): a late mark only costs an extra copy. */
-static void
+static bool
 stop_tracking (struct cow_disk *d)
 {
   __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
+  __atomic_store_n (&d->mirroring, false, __ATOMIC_RELEASE);
   if (chain_wait_exclusive (&d, 1, CHAIN_HOLD_CHAIN, "ending an active commit",
                             NULL) == -1) {
     cow_error_clear ();
-    return;
+    return false;
   }
   chain_release (&d, 1, CHAIN_HOLD_CHAIN);
   free (d->dirty_map);
   d->dirty_map = NULL;
+  return true;
 }
 
 /*----------------------------------------------------------------------
@@ -656,7 +927,10 @@ switch_commit (struct cow_job *j, struct chain_plan *p)
 
 /* Active commit: the final copy, flush and manifest under the exclusive
  * chain lock; base becomes the active layer (or, committing into the
- * original base, a new empty layer on it does). */
+ * original base, a new empty layer on it does).  run_copy flushed the
+ * target just before, and the guest's writes since went to both layers:
+ * the copy finds little or nothing (trims, writes that began before the
+ * mirror), the flush only the mirrored writes of the last moments. */
 static int
 switch_active_commit (struct cow_job *j, struct chain_plan *p)
 {
@@ -680,6 +954,7 @@ switch_active_commit (struct cow_job *j, struct chain_plan *p)
     r = chain_plan_save (d, p);
   if (r == 0) {
     __atomic_store_n (&d->track_dirty, false, __ATOMIC_RELEASE);
+    __atomic_store_n (&d->mirroring, false, __ATOMIC_RELEASE);
     chain_plan_install (d, p);
     d->last_pause_ns = chain_now_ns () - t0;
   }
@@ -758,10 +1033,17 @@ run_copy (struct cow_job *j)
   j->window_t0 = j->rate_t0 = chain_now_ns ();
   pthread_mutex_unlock (&d->job_lock);
   stop_at (j, "before-copy");
+  crew_start (j);
   r = copy_all (j);
+  crew_stop (j);
   if (r != 0 || !j->active)
     return r;
-  /* Active commit: go over what the guest changed until little is left. */
+  /* Active commit.  From now on the guest's writes and zeroes reach the
+   * target too (job_mirror_change), so the set left to copy (what the
+   * guest changed during the first pass, and trims) only shrinks,
+   * whatever the guest's write rate: go over it until little is left. */
+  d->mirror_target = j->target;
+  __atomic_store_n (&d->mirroring, true, __ATOMIC_RELEASE);
   for (int pass = 0; pass < MAX_DIRTY_PASSES; pass++) {
     if (dirty_bytes (d) <= FINAL_DIRTY_BYTES)
       break;
@@ -769,7 +1051,15 @@ run_copy (struct cow_job *j)
     if (r != 0)
       return r;
   }
-  return 0;
+  /* The pre-flush: the rest, then the target to stable storage while
+   * the guest runs, so that the final switch, which holds guest I/O,
+   * copies and flushes only what changed since (invariant 10: the
+   * pause is milliseconds, not the flush of the whole merge). */
+  if ((r = copy_dirty (j, false)) != 0)
+    return r;
+  if (j->target->ops->flush (j->target) == -1)
+    return -1;
+  return copy_dirty (j, false);
 }
 
 static void finish_locked (struct cow_job *j, int r);
@@ -813,15 +1103,18 @@ finish_locked (struct cow_job *j, int r)
   struct cow_disk *d = j->d;
   char *msg = NULL;
   int err = 0;
+  bool drained = true;
 
   if (r == -1) {
     err = cow_last_errno () ? cow_last_errno () : EIO;
     msg = strdup (cow_last_error ());
   }
   if (j->active && d->dirty_map)
-    stop_tracking (d);
-  /* Under the chain, the target takes no more writes. */
-  if (layer_is_qcow2 (j->target) && j->target != d->top)
+    drained = stop_tracking (d);
+  /* Under the chain, the target takes no more writes: unless a guest
+   * write that saw the mirror on may still be on its way to it (guest
+   * I/O did not drain), and then it stays unfrozen (its reads lock). */
+  if (layer_is_qcow2 (j->target) && j->target != d->top && drained)
     qcow2_mark_frozen (j->target);
   /* A base that a commit wrote into is shared again (other disks may
    * open it): nothing writes it until another commit, whose reopen_rw
@@ -1443,6 +1736,8 @@ job_disk_init (struct cow_disk *d)
 {
   pthread_mutex_init (&d->job_lock, NULL);
   pthread_cond_init (&d->job_cond, NULL);
+  for (size_t i = 0; i < MIRROR_STRIPES; i++)
+    pthread_mutex_init (&d->mirror_stripe[i], NULL);
 }
 
 void
@@ -1465,6 +1760,8 @@ job_disk_destroy (struct cow_disk *d)
   free_job (d->job);
   d->job = NULL;
   free (d->dirty_map);
+  for (size_t i = 0; i < MIRROR_STRIPES; i++)
+    pthread_mutex_destroy (&d->mirror_stripe[i]);
   pthread_mutex_destroy (&d->job_lock);
   pthread_cond_destroy (&d->job_cond);
 }

@@ -45,6 +45,11 @@ struct layer_ops {
   int (*close) (struct layer *l);
   /* Accept writes from now on (a merge's target); NULL: cannot. */
   int (*reopen_rw) (struct layer *l);
+  /* Start writing the file's dirty pages in [*pos, *pos+max) (file
+   * bytes) to the disk, advancing *pos; wait: until they are written.
+   * Paces a flush to come, makes nothing durable (io_writeback).  1:
+   * the file goes on, 0: its end, -1: error.  NULL: nothing to pace. */
+  int (*writeback) (struct layer *l, uint64_t *pos, uint64_t max, bool wait);
 };
 
 struct layer {

@@ -350,6 +350,13 @@ qcow2_layer_close (struct layer *l)
 
 static int qcow2_layer_reopen_rw (struct layer *l);
 
+static int
+qcow2_layer_writeback (struct layer *l, uint64_t *pos, uint64_t max,
+                       bool wait)
+{
+  return io_writeback (((struct qcow2 *) l)->fd, pos, max, wait);
+}
+
 static const struct layer_ops qcow2_ops = {
   .kind = "qcow2",
   .read = qcow2_layer_read,
@@ -360,6 +367,7 @@ static const struct layer_ops qcow2_ops = {
   .map = qcow2_layer_map,
   .close = qcow2_layer_close,
   .reopen_rw = qcow2_layer_reopen_rw,
+  .writeback = qcow2_layer_writeback,
 };
 
 static struct qcow2 *

@@ -177,6 +177,12 @@ raw_reopen_rw (struct layer *l)
   return 0;
 }
 
+static int
+raw_writeback (struct layer *l, uint64_t *pos, uint64_t max, bool wait)
+{
+  return io_writeback (((struct raw *) l)->fd, pos, max, wait);
+}
+
 static const struct layer_ops raw_ops = {
   .kind = "raw",
   .read = raw_read,
@@ -187,6 +193,7 @@ static const struct layer_ops raw_ops = {
   .map = raw_map,
   .close = raw_close,
   .reopen_rw = raw_reopen_rw,
+  .writeback = raw_writeback,
 };
 
 struct layer *

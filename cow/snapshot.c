@@ -104,6 +104,31 @@ prepare_freeze (struct cow_disk *d, const char *name, const char *desc)
   return NULL;
 }
 
+/* Before the cut: the active layer's dirty pages go to the disk in steps
+ * of PACE_STEP, each written before the next is sent, so that the flush
+ * after the switch (which FLUSH and FUA wait for, on durability_lock)
+ * finds little left, and the device never holds more than one step of
+ * ours ahead of the guest's requests, as one big flush would.  At most
+ * PACE_BOUND_NS: what the guest keeps dirtying is the flush's.  A pace
+ * only (io_writeback): durability is still the flush's (invariant 3). */
+#define PACE_STEP (8u << 20)
+#define PACE_BOUND_NS (2000u * 1000000u)
+
+static void
+pace_writeback (struct layer *l)
+{
+  uint64_t pos = 0, t0 = chain_now_ns ();
+  int r;
+
+  if (l->ops->writeback == NULL)
+    return;
+  do
+    r = l->ops->writeback (l, &pos, PACE_STEP, true);
+  while (r == 1 && chain_now_ns () - t0 < PACE_BOUND_NS);
+  if (r == -1)
+    cow_error_clear ();
+}
+
 /* After the switch: flush the frozen layer, then record the new chain.
  * A failure cannot undo the switch (guest writes already went to the new
  * layer): the disk is degraded until chain_settle succeeds, and no FLUSH
@@ -229,6 +254,8 @@ snapshot_group (struct cow_disk *const *disks, size_t n, const char *name,
   COW_DEBUG (COW_DEBUG_SNAPSHOT, "'%s': %zu new layer%s ready in %.3f ms; "
              "draining guest I/O", name, n, n == 1 ? "" : "s",
              EVENTS_MS (start, chain_now_ns ()));
+  for (size_t i = 0; i < n; i++)
+    pace_writeback (disks[i]->top);
   /* The cut: every disk drained (in bounded windows, all or none), then
    * all switched. */
   if (chain_wait_exclusive (sorted, n,

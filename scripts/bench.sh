@@ -25,6 +25,17 @@
 #                   as long as fio runs; their ratio, and the merge's own
 #                   MB/s then and alone (about 80 s, plus 50 s per extra
 #                   BENCH_REPEAT pass)
+#   active_commit   4k randwrite qd16 latency (p99, max) with and without
+#                   an active commit (`cowchain commit --top active`) of
+#                   BENCH_SIZE running, and whether it completed while fio
+#                   ran (about 90 s)
+#   memory          peak RSS (VmHWM) of the server for a 1 TiB disk with
+#                   2 GiB written scattered over 1 and over 64 layers,
+#                   against the metadata cache budget (cache-size=)
+# snapshot_pause also runs qemu-storage-daemon (a qcow2 overlay over the
+# same base, exported over NBD) with the same fio job, once idle and once
+# with QMP blockdev-snapshot-sync every second, when it is installed
+# (Debian 12: qemu-system-common).
 # One pass of these is one sample on a noisy machine: BENCH_REPEAT=3 or 5.
 #
 # Environment:
@@ -63,7 +74,7 @@ ROWS=(
     seqwrite_1m_qd1 seqwrite_1m_qd16
     fresh_randwrite_4k_qd1 fresh_randwrite_4k_qd16
     snapshot_pause depth_read
-    merge_speed merge_iops memory
+    merge_speed merge_iops active_commit memory
 )
 if [ -n "${BENCH_ROWS:-}" ]; then
     read -r -a ROWS <<< "$BENCH_ROWS"
@@ -376,6 +387,134 @@ PY
             note "snapshot pause: $pauses"
         fi
         stop_server snap
+    done
+    snapshot_pause_qsd
+}
+
+# fio_lat JSON: "IOPS P99-MS P99.99-MS MAX-MS" of a fio job's writes.
+fio_lat() {
+    "$COWCHAIN_PYTHON" - "$1" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+c = w["clat_ns"]
+print("%.0f %.2f %.2f %.2f" % (w["iops"], c["percentile"]["99.000000"] / 1e6,
+                               c["percentile"]["99.990000"] / 1e6, c["max"] / 1e6))
+PY
+}
+
+# qmp_snapshots QMP-SOCKET NODE DIR STOPFILE OUT: a small QMP client.
+# After the greeting and qmp_capabilities, every second until STOPFILE
+# exists: blockdev-snapshot-sync of the current top node (first NODE)
+# into DIR/snapN.qcow2, node snapN, which then is the top.  Writes to OUT
+# one line per snapshot: the time the command took in ms (QEMU drains
+# and flushes the old top inside it, with guest I/O stopped), or
+# "error ..." and stops.
+qmp_snapshots() {
+    "$COWCHAIN_PYTHON" - "$@" <<'PY'
+import json, os, socket, sys, time
+path, node, dirname, stop, out = sys.argv[1:6]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+f = s.makefile("rw")
+
+def reply():
+    while True:
+        line = f.readline()
+        if not line:
+            raise RuntimeError("QMP connection closed")
+        m = json.loads(line)
+        if "return" in m or "error" in m:
+            return m
+
+def execute(cmd, **args):
+    f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
+    f.flush()
+    m = reply()
+    if "error" in m:
+        raise RuntimeError("%s: %s" % (cmd, m["error"].get("desc")))
+    return m["return"]
+
+json.loads(f.readline())                  # the greeting
+execute("qmp_capabilities")
+with open(out, "w") as o:
+    i = 0
+    while not os.path.exists(stop):
+        i += 1
+        new = "snap%d" % i
+        t0 = time.monotonic()
+        try:
+            execute("blockdev-snapshot-sync", **{
+                "node-name": node, "snapshot-node-name": new,
+                "snapshot-file": os.path.join(dirname, new + ".qcow2"),
+                "format": "qcow2"})
+        except (RuntimeError, OSError) as e:
+            o.write("error %s\n" % e)
+            break
+        o.write("%.3f\n" % ((time.monotonic() - t0) * 1000))
+        o.flush()
+        node = new
+        time.sleep(1)
+PY
+}
+
+# snapshot_pause_qsd: the snapshot_pause measure for qemu-storage-daemon:
+# a qcow2 overlay over $BASE (cluster BENCH_CLUSTER) exported over NBD on
+# a UNIX socket, the same fio job once idle and once with QMP
+# blockdev-snapshot-sync every second (qmp_snapshots).
+snapshot_pause_qsd() {
+    local label="snapshot pause qsd" mode out dir snapper lat times
+    if ! command -v qemu-storage-daemon > /dev/null; then
+        note "snapshot pause, qemu-storage-daemon: not installed (Debian 12:" \
+            "qemu-system-common), skipped"
+        return 0
+    fi
+    cowchain_log "$label"
+    for mode in idle snapshots; do
+        dir=$WORK/qsd
+        rm -rf "$dir"
+        mkdir "$dir"
+        qemu-img create -q -f qcow2 -o cluster_size="$BENCH_CLUSTER" \
+            -b "$BASE" -F raw "$dir/top.qcow2"
+        SOCK[qsd]=$WORK/qsd.sock
+        rm -f "${SOCK[qsd]}" "$WORK/qsd.qmp"
+        qemu-storage-daemon \
+            --blockdev driver=file,node-name=file0,filename="$dir/top.qcow2" \
+            --blockdev driver=qcow2,node-name=top,file=file0 \
+            --nbd-server addr.type=unix,addr.path="${SOCK[qsd]}" \
+            --export type=nbd,id=exp0,node-name=top,name=disk,writable=on \
+            --chardev socket,id=qmp0,path="$WORK/qsd.qmp",server=on,wait=off \
+            --monitor chardev=qmp0 > "$WORK/qsd.log" 2>&1 &
+        PID[qsd]=$!
+        wait_ready qsd
+        out=$(json_name "$label" "$mode" 1)
+        : > "$WORK/qsd.times"
+        if [ "$mode" = snapshots ]; then
+            rm -f "$WORK/qsd.stop"
+            ( sleep "$BENCH_RAMP"
+              qmp_snapshots "$WORK/qsd.qmp" top "$dir" "$WORK/qsd.stop" \
+                  "$WORK/qsd.times" ) &
+            snapper=$!
+        fi
+        # shellcheck disable=SC2046  # fio_common is a word list
+        run_fio "nbd+unix:///disk?socket=${SOCK[qsd]}" "$out" $(fio_common) \
+            --rw=randwrite --bs=4k --iodepth=16 > /dev/null
+        if [ "$mode" = snapshots ]; then
+            touch "$WORK/qsd.stop"
+            wait "$snapper" || :
+        fi
+        lat=$(fio_lat "$out")
+        # shellcheck disable=SC2086
+        set -- $lat
+        note "snapshot pause, qemu-storage-daemon, 4k randwrite qd16, $mode: $1 IOPS," \
+            "clat p99 $2 ms, p99.99 $3 ms, max $4 ms"
+        if [ "$mode" = snapshots ]; then
+            times=$(grep -v '^error' "$WORK/qsd.times" | sort -n |
+                awk '{a[NR]=$1} END {if (NR) printf "%d snapshots, QMP command median %.3f ms, max %.3f ms", NR, a[int((NR+1)/2)], a[NR]; else print "no snapshots taken"}')
+            note "snapshot pause, qemu-storage-daemon: $times$(grep '^error' "$WORK/qsd.times" | head -n1 | sed 's/^/; /')"
+        fi
+        stop_server qsd
+        rm -rf "$dir"
     done
 }
 
@@ -848,6 +987,86 @@ row_merge_iops() {
     done
     stop_server mio
     rm -rf "$WORK/mio.state"
+}
+
+# active_commit: what an active commit costs the guest.  On a state
+# directory whose active layer holds BENCH_SIZE (fio fills it after a
+# snapshot s1), fio 4k randwrite qd16, once with no job and once while
+# `cowchain commit --top active --force` merges the active layer into
+# s1's (started after BENCH_RAMP s; its final switch holds guest I/O).
+# Reports IOPS, p99 and max write latency of both runs, their ratios,
+# and whether the commit completed while fio ran (and after how long):
+# if not, its final switch was not measured.  Both runs last at least
+# 30 s (BENCH_RUNTIME if longer), so that a commit slowed down by the
+# guest's writes still ends inside the run.
+row_active_commit() {
+    local label="active commit" cow=$COWCHAIN_BUILDDIR/cowchain mode out lat
+    local -a idle=() busy=()
+    local result t0 status waiter runtime=$(( BENCH_RUNTIME > 30 ? BENCH_RUNTIME : 30 ))
+    if ! has_server cowchain; then
+        note "active commit: skipped (cowchain is not in BENCH_SERVERS)"
+        return 0
+    fi
+    cowchain_log "$label"
+    for mode in idle commit; do
+        rm -rf "$WORK/ac.state"
+        start_nbdkit ac "$PLUGIN" base="$BASE" base-format=raw \
+            state="$WORK/ac.state" control="$WORK/ac.ctl" \
+            cluster-size="$BENCH_CLUSTER"
+        "$cow" snapshot --control "$WORK/ac.ctl" s1 > /dev/null
+        result=$(run_fio "$(uri_of ac)" "$WORK/ac-fill.json" \
+            --rw=write --bs=1M --iodepth=16 --size="$SIZE_BYTES")
+        if [ "$result" = "ERR ERR" ]; then
+            echo "error: filling the active layer of ac failed" >&2
+            return 1
+        fi
+        sync -f "$WORK"
+        out=$(json_name "$label" "$mode" 1)
+        if [ "$mode" = commit ]; then
+            rm -f "$WORK/ac.status"
+            (
+                sleep "$BENCH_RAMP"
+                t0=$(now_ns)
+                if "$cow" commit --control "$WORK/ac.ctl" --top active --force \
+                        > /dev/null 2> "$WORK/ac.err" &&
+                        "$cow" wait --control "$WORK/ac.ctl" 2>> "$WORK/ac.err"; then
+                    echo "completed in $(secs $(( $(now_ns) - t0 ))) s" > "$WORK/ac.status"
+                else
+                    echo "FAILED: $(tr '\n' ' ' < "$WORK/ac.err")" > "$WORK/ac.status"
+                fi
+            ) &
+            waiter=$!
+        fi
+        run_fio "$(uri_of ac)" "$out" --time_based --runtime="$runtime" \
+            --ramp_time="$BENCH_RAMP" --rw=randwrite --bs=4k --iodepth=16 > /dev/null
+        if [ "$mode" = commit ]; then
+            # Done by the end of fio?  Then wait for the verdict.
+            if [ -s "$WORK/ac.status" ]; then
+                status="$(cat "$WORK/ac.status") (before fio ended)"
+            else
+                wait "$waiter" || :
+                status="$(cat "$WORK/ac.status" 2> /dev/null || echo "no verdict") (after fio ended: its final switch is not in the figures)"
+            fi
+            wait "$waiter" 2> /dev/null || :
+        fi
+        lat=$(fio_lat "$out")
+        # shellcheck disable=SC2086
+        set -- $lat
+        if [ "$mode" = idle ]; then
+            idle=("$@")
+        else
+            busy=("$@")
+        fi
+        stop_server ac
+    done
+    note "active commit, 4k randwrite qd16, no job: ${idle[0]} IOPS, clat p99" \
+        "${idle[1]} ms, max ${idle[3]} ms"
+    note "active commit, 4k randwrite qd16, during an active commit of" \
+        "$BENCH_SIZE: ${busy[0]} IOPS, clat p99 ${busy[1]} ms, max ${busy[3]} ms;" \
+        "ratios IOPS $(ratio "${busy[0]}" "${idle[0]}"), p99" \
+        "$(ratio "${busy[1]}" "${idle[1]}"), max $(ratio "${busy[3]}" "${idle[3]}")"
+    note "active commit: $status"
+    rm -rf "$WORK/ac.state"
 }
 
 #----------------------------------------------------------------------

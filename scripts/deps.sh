@@ -17,6 +17,7 @@ COWCHAIN_PACKAGES=(
     libnbd-dev libnbd-bin python3-libnbd
     qemu-utils fio
     systemd
+    qemu-system-common      # qemu-storage-daemon, a peer in scripts/bench.sh
     libcmocka-dev zlib1g-dev
     pkg-config autoconf automake libtool make gcc libc6-dev
     clang libclang-rt-14-dev
