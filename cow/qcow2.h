@@ -61,6 +61,9 @@ struct qcow2 {
   uint32_t cluster_bits;
   uint64_t cluster_size;
   uint32_t l2_bits;             /* log2 of entries per L2 table */
+  bool ext_l2;                  /* extended L2 entries (subclusters) */
+  uint32_t sc_bits;             /* log2 of the subcluster size (the
+                                   cluster size without ext_l2) */
   uint32_t refcount_order;
   uint32_t rb_bits;             /* log2 of refcounts per refcount block */
   uint64_t incompat, compat, autoclear;

@@ -38,6 +38,9 @@ struct cow_disk_config {
   uint64_t cache_size;       /* metadata cache bytes; 0 = default */
   bool readonly;             /* open everything read-only */
   int compat;                /* new overlay: 3 = compat 1.1 (default), 2 = 0.10 */
+  /* Subclusters task: extended L2 entries in new layers: 1 = on, -1 = off,
+   * 0 = on where QEMU allows them (compat 1.1, clusters of 16K or more). */
+  int subclusters;
   /* Absolute backing file names inside a qcow2 base chain are followed
    * only if listed here (NULL-terminated); relative ones only if they stay
    * in the base's directory. */
