@@ -1009,9 +1009,11 @@ write_subclusters (struct qcow2 *q, uint64_t gc, uint64_t to, uint64_t need,
     if (data && ((alloc >> (last - 1)) & 1) && e < we)
       we = e;
   }
-  buf = malloc (we - ws);
+  /* Zeroed: subclusters in the span that stay unallocated are written
+   * too (one write), and must not carry our memory into the file. */
+  buf = calloc (1, we - ws);
   if (buf == NULL) {
-    cow_error_errno ("malloc");
+    cow_error_errno ("calloc");
     return -1;
   }
   for (unsigned sc = first; sc < last; sc++) {
@@ -1025,8 +1027,12 @@ write_subclusters (struct qcow2 *q, uint64_t gc, uint64_t to, uint64_t need,
                      below) == -1)
       goto out;
   }
-  if (data)
-    memcpy (buf + (b - ws), data, e - b);
+  if (data) {
+    /* The part of [b, e) that the write covers. */
+    uint64_t cb = b > ws ? b : ws, ce = e < we ? e : we;
+    if (cb < ce)
+      memcpy (buf + (cb - ws), data + (cb - b), ce - cb);
+  }
   if (in_place && !data) {
     /* populate in place: one write per run of needed subclusters, never
      * over the allocated ones. */
@@ -1098,7 +1104,14 @@ alloc_step_ext (struct qcow2 *q, const char *data, uint64_t count,
     if (touched == 0)
       return (int64_t) (e - b);
   }
-  move = ct == QCOW2_SHARED || ct == QCOW2_COMPRESSED;
+  /* A write over both allocated and unallocated subclusters of a cluster
+   * of our own moves the cluster too: written in place, its allocated
+   * part would be visible at once and the rest only with the L2 entry,
+   * and a request inside one cluster is to be all there or not at all
+   * after the process is killed (tests/test-restart-matrix.sh). */
+  move = ct == QCOW2_SHARED || ct == QCOW2_COMPRESSED
+    || (!pdata && ct == QCOW2_NORMAL && (touched & alloc)
+        && (touched & ~alloc));
   fresh = ohost == 0 || move;
   need = touched | (move ? alloc : 0);
   nalloc = alloc | touched;
@@ -1198,12 +1211,20 @@ write_step_ext (struct qcow2 *q, const char *data, uint64_t count,
     pthread_mutex_unlock (&q->lock);
     return -1;
   }
-  if (type == QCOW2_NORMAL) {
-    /* Allocated subclusters of a cluster of our own: in place. */
+  if (type == QCOW2_NORMAL
+      && len >= (count < cs (q) - (offset & (cs (q) - 1))
+                 ? count : cs (q) - (offset & (cs (q) - 1)))) {
+    /* Allocated subclusters of a cluster of our own: in place, in this
+     * cluster only (the one checked not to be in flight: a cluster being
+     * moved, see alloc_step_ext, is never written in place), and only
+     * when the request's part in this cluster is all allocated. */
+    uint64_t in_cl = offset & (cs (q) - 1);
     data_io_begin (q);
     pthread_mutex_unlock (&q->lock);
     if (len > count)
       len = count;
+    if (len > cs (q) - in_cl)
+      len = cs (q) - in_cl;
     if (io_pwrite (q->fd, data, len, host) == -1) {
       cow_error_errno ("%s: write at offset %" PRIu64, q->layer.path, host);
       data_io_end (q);
@@ -1374,6 +1395,32 @@ qcow2_layer_write (struct layer *l, const void *buf, uint32_t count,
 
   if (check_writable (q) == -1)
     return -1;
+  /* Subclusters are written a cluster at a time, each step reading what
+   * it needs from below first.  So that a request whose later step could
+   * not read below (a base gone away) leaves nothing written, the partly
+   * covered subclusters at both ends are read once before the first step
+   * of a request over several clusters. */
+  if (q->ext_l2 && (offset & (cs (q) - 1)) + count > cs (q)) {
+    uint64_t sc = 1ull << q->sc_bits, end = offset + count;
+    char *tmp = malloc (sc);
+    int r = 0;
+
+    if (tmp == NULL) {
+      cow_error_errno ("malloc");
+      return -1;
+    }
+    if (offset & (sc - 1))
+      r = qcow2_layer_read (l, tmp, (uint32_t) sc, offset & ~(sc - 1), below);
+    if (r == 0 && (end & (sc - 1))) {
+      uint64_t t = end & ~(sc - 1);
+      r = qcow2_layer_read (l, tmp, (uint32_t) (l->size - t < sc
+                                                ? l->size - t : sc),
+                            t, below);
+    }
+    free (tmp);
+    if (r == -1)
+      return -1;
+  }
   while (count > 0) {
     int64_t done = q->ext_l2 ? write_step_ext (q, p, count, offset, below)
       : write_step (q, p, count, offset, below);
