@@ -31,6 +31,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
@@ -1128,6 +1129,17 @@ alloc_step_ext (struct qcow2 *q, const char *data, uint64_t count,
       qcow2_free_unused (q, to, 1);
     return -1;
   }
+  /* A cluster of our own being moved: in-place writes into its allocated
+   * subclusters that started before it was in flight (none can start
+   * now) must land before they are copied. */
+  if (ct == QCOW2_NORMAL && move) {
+    unsigned *slot = &q->inplace[gc % QCOW2_INPLACE_SLOTS];
+    while (__atomic_load_n (slot, __ATOMIC_ACQUIRE) > 0) {
+      pthread_mutex_unlock (&q->lock);
+      sched_yield ();
+      pthread_mutex_lock (&q->lock);
+    }
+  }
   pthread_mutex_unlock (&q->lock);
 
   if (ct == QCOW2_COMPRESSED) {
@@ -1219,19 +1231,22 @@ write_step_ext (struct qcow2 *q, const char *data, uint64_t count,
      * moved, see alloc_step_ext, is never written in place), and only
      * when the request's part in this cluster is all allocated. */
     uint64_t in_cl = offset & (cs (q) - 1);
+    unsigned *slot = &q->inplace[(offset >> q->cluster_bits)
+                                 % QCOW2_INPLACE_SLOTS];
+
     data_io_begin (q);
+    __atomic_add_fetch (slot, 1, __ATOMIC_ACQ_REL);
     pthread_mutex_unlock (&q->lock);
     if (len > count)
       len = count;
     if (len > cs (q) - in_cl)
       len = cs (q) - in_cl;
-    if (io_pwrite (q->fd, data, len, host) == -1) {
+    r = io_pwrite (q->fd, data, len, host);
+    if (r == -1)
       cow_error_errno ("%s: write at offset %" PRIu64, q->layer.path, host);
-      data_io_end (q);
-      return -1;
-    }
+    __atomic_sub_fetch (slot, 1, __ATOMIC_ACQ_REL);
     data_io_end (q);
-    return (int64_t) len;
+    return r == -1 ? -1 : (int64_t) len;
   }
   r = alloc_step_ext (q, data, count, offset, below, NULL);
   pthread_mutex_unlock (&q->lock);

@@ -111,6 +111,12 @@ struct qcow2 {
   /* Data reads and writes running outside the lock on mapped clusters.
    * Atomic; raised under lock. */
   unsigned data_io;
+  /* In-place writes running outside the lock, counted by guest cluster
+   * number modulo QCOW2_INPLACE_SLOTS (atomic; raised under lock): a
+   * cluster with subclusters that is moved to a new host cluster waits
+   * for those on its slot before copying. */
+#define QCOW2_INPLACE_SLOTS 64
+  unsigned inplace[QCOW2_INPLACE_SLOTS];
 
   bool corrupt;                 /* a broken invariant was found */
   bool frozen;                  /* atomic: no more writes will come (its

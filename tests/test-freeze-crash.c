@@ -36,7 +36,7 @@ open_state (const char *state, const char *base)
 {
   /* Subclusters need clusters of 16K or more: with them on, 32K. */
   struct cow_disk_config cfg = { .state_dir = state, .base = base,
-                                 .cluster_size = tu_subclusters () > 0
+                                 .cluster_size = tu_subclusters_wanted ()
                                  ? 32768 : 4096,
                                  .subclusters = tu_subclusters () };
   struct cow_disk *d = cow_disk_open (&cfg);

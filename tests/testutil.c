@@ -521,11 +521,19 @@ tu_subclusters (void)
   if (s == NULL || *s == 0)
     return 0;
   if (strcmp (s, "on") == 0)
-    return 1;
+    return 0;
   if (strcmp (s, "off") == 0)
     return -1;
   fprintf (stderr, "COWCHAIN_TEST_SUBCLUSTERS=%s: not on or off\n", s);
   abort ();
+}
+
+bool
+tu_subclusters_wanted (void)
+{
+  const char *s = getenv ("COWCHAIN_TEST_SUBCLUSTERS");
+
+  return s && strcmp (s, "on") == 0;
 }
 
 uint32_t
