@@ -321,6 +321,7 @@ struct cow_image_info {
   unsigned version;           /* 2 (compat 0.10) or 3 (compat 1.1) */
   unsigned refcount_bits;
   bool lazy_refcounts, corrupt, dirty;
+  bool extended_l2;           /* subclusters task: extended L2 entries */
   char *backing_file;         /* as stored; NULL if none */
   char *backing_format;       /* header extension; NULL if none */
   char *full_backing;         /* the path it stands for; NULL if not a file */

@@ -63,6 +63,8 @@ for variant in 65536 512 4096 2097152 65536:off; do
     if [ "$tu" != "$cs" ]; then
         [ "$(img_info "$ov" format-specific.data.extended-l2)" = True ] ||
             fail "cluster size $cs: the new overlay has no subclusters"
+        "$abs_top_builddir/cowchain" info -U "$ov" | grep -q "extended l2: true" ||
+            fail "cluster size $cs: cowchain info does not show extended L2 entries"
     else
         [ "$(img_info "$ov" format-specific.data.extended-l2 2>/dev/null)" != True ] ||
             fail "cluster size $cs ($variant): the overlay has subclusters"
