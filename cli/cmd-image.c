@@ -115,7 +115,7 @@ print_info_human (const struct cow_image_info *ii)
   if (ii->version >= 3) {
     printf ("    corrupt: %s\n", ii->corrupt ? "true" : "false");
     printf ("    dirty: %s\n", ii->dirty ? "true" : "false");
-    printf ("    extended l2: false\n");
+    printf ("    extended l2: %s\n", ii->extended_l2 ? "true" : "false");
   }
 }
 
@@ -144,7 +144,7 @@ print_info_json (struct cli_json *j, const struct cow_image_info *ii)
     cli_json_u64 (j, "refcount-bits", ii->refcount_bits);
     if (ii->version >= 3) {
       cli_json_bool (j, "corrupt", ii->corrupt);
-      cli_json_bool (j, "extended-l2", false);
+      cli_json_bool (j, "extended-l2", ii->extended_l2);
     }
     cli_json_close (j, '}');
     cli_json_close (j, '}');

@@ -92,6 +92,8 @@ open_overlay (struct cow_disk *d, const struct cow_disk_config *cfg)
       .cluster_size = cfg->cluster_size ? cfg->cluster_size : 65536,
       .backing_format = fmt,
     };
+    o.extended_l2 = qcow2_want_extended_l2 (cfg->subclusters, o.version,
+                                            o.cluster_size);
     char *name = remote_is_uri (cfg->base) ? strdup (cfg->base)
       : backing_name_for (cfg->overlay, cfg->base);
     int r;
@@ -131,6 +133,14 @@ cow_disk_open (const struct cow_disk_config *cfg)
   }
   if (cfg->compat != 0 && cfg->compat != 2 && cfg->compat != 3) {
     cow_error_set (EINVAL, "compat must be 0.10 or 1.1");
+    return NULL;
+  }
+  if (cfg->subclusters > 0
+      && !qcow2_want_extended_l2 (1, cfg->compat ? cfg->compat : 3,
+                                  cfg->cluster_size ? cfg->cluster_size
+                                  : 65536)) {
+    cow_error_set (EINVAL, "subclusters=on needs compat 1.1 and a cluster "
+                   "size of at least 16K");
     return NULL;
   }
   d = calloc (1, sizeof *d);

@@ -40,6 +40,7 @@ struct cow_disk {
   int lock_fd;
   int compat;
   uint32_t cluster_size;
+  int subclusters;              /* cow_disk_config.subclusters */
   uint64_t cache_size;
   /* Overlay-mode disks. */
   char *overlay;

@@ -52,6 +52,7 @@ qcow2_info (const char *path, unsigned flags, struct cow_image_info *ii)
   ii->lazy_refcounts = q->compat & 1;
   ii->corrupt = q->incompat & QCOW2_INCOMPAT_CORRUPT;
   ii->dirty = q->incompat & QCOW2_INCOMPAT_DIRTY;
+  ii->extended_l2 = q->ext_l2;
   if (q->backing_file
       && (ii->backing_file = dup_or_error (q->backing_file)) == NULL)
     goto out;

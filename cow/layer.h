@@ -79,6 +79,8 @@ struct qcow2_create_opts {
   const char *backing_file;     /* as stored in the header */
   const char *backing_format;   /* header extension; NULL = none */
   int version;                  /* 3 (compat 1.1, default) or 2 (0.10) */
+  bool extended_l2;             /* subclusters (version 3, clusters of at
+                                   least 16K only) */
 };
 int qcow2_create (const char *path, const struct qcow2_create_opts *opts);
 struct layer *qcow2_open (const char *path, unsigned flags,
@@ -89,6 +91,12 @@ const char *qcow2_backing_file (struct layer *l);
 const char *qcow2_backing_format (struct layer *l);
 uint32_t qcow2_cluster_size (struct layer *l);
 int qcow2_version (struct layer *l);
+/* Does the layer use extended L2 entries (32 subclusters a cluster)? */
+bool qcow2_extended_l2 (struct layer *l);
+/* Should a new layer use them?  setting: the subclusters key (1 on, -1
+ * off, 0 default: on where QEMU allows them, compat 1.1 and clusters of
+ * at least 16K). */
+bool qcow2_want_extended_l2 (int setting, int version, uint32_t cluster_size);
 /* The layer will get no more writes (it was frozen under a snapshot):
  * reads may skip locking where its L1 table says a range is empty. */
 void qcow2_mark_frozen (struct layer *l);

@@ -19,6 +19,13 @@
  *   3. the COPIED flag of each L1 and L2 entry must be set exactly when
  *      the stored refcount of its cluster is 1 (after any repair).
  *
+ * With extended L2 entries each entry also has a subcluster bitmap; as
+ * qemu-img check does, pass 1 counts as corruptions a subcluster both
+ * allocated and zero, allocated subclusters without a host cluster, a
+ * bitmap on a compressed cluster, and the descriptor's zero flag (which
+ * is reserved there).  Bits of subclusters past the end of the disk are
+ * not errors: QEMU itself allocates whole subclusters there.
+ *
  * The verdict agrees with qemu-img check (see tests/test-check.sh): the
  * same images are clean, leaking or corrupt, with the same counts in the
  * cases the tests build.  Known differences, all on images that are
@@ -259,14 +266,51 @@ read_l2 (struct checker *ck, uint64_t l1_index, uint64_t offset)
   return 0;
 }
 
+/* Entry j of the L2 table in ck->buf: the descriptor, and the subcluster
+ * bitmap with extended L2 entries (0 without). */
+static uint64_t
+l2_entry (const struct checker *ck, uint64_t j, uint64_t *bm)
+{
+  if (ck->q->ext_l2) {
+    *bm = be64_get (ck->buf + 16 * j + 8);
+    return be64_get (ck->buf + 16 * j);
+  }
+  *bm = 0;
+  return be64_get (ck->buf + 8 * j);
+}
+
+/* A subcluster bitmap that contradicts its descriptor, as qemu-img check
+ * reports it: a corruption (the cluster's data is not trusted). */
 static void
-count_l2_entry (struct checker *ck, uint64_t gc, uint64_t e)
+check_bitmap (struct checker *ck, uint64_t gc, uint64_t e, uint64_t bm)
+{
+  const char *why = NULL;
+
+  if (e & QCOW2_OFLAG_COMPRESSED) {
+    if (bm)
+      why = "a compressed cluster has a subcluster bitmap";
+  }
+  else if (qcow2_sc_alloc (bm) & qcow2_sc_zero (bm))
+    why = "subclusters both allocated and zero";
+  else if ((e & QCOW2_OFFSET_MASK) == 0 && qcow2_sc_alloc (bm))
+    why = "subclusters allocated in a cluster without a host cluster";
+  if (why) {
+    corruption (ck);
+    note (ck, "L2 entry of guest cluster %" PRIu64 " (0x%016" PRIx64
+          ", bitmap 0x%016" PRIx64 "): %s", gc, e, bm, why);
+  }
+}
+
+static void
+count_l2_entry (struct checker *ck, uint64_t gc, uint64_t e, uint64_t bm)
 {
   struct qcow2 *q = ck->q;
   struct cow_check_result *res = ck->res;
   uint64_t off, size;
   char what[64];
 
+  if (q->ext_l2)
+    check_bitmap (ck, gc, e, bm);
   if (e & QCOW2_OFLAG_COMPRESSED) {
     if (e & QCOW2_OFLAG_COPIED) {
       corruption (ck);
@@ -284,7 +328,7 @@ count_l2_entry (struct checker *ck, uint64_t gc, uint64_t e)
   }
 
   if ((e & QCOW2_L2_RESERVED)
-      || (q->version < 3 && (e & QCOW2_OFLAG_ZERO))) {
+      || ((q->version < 3 || q->ext_l2) && (e & QCOW2_OFLAG_ZERO))) {
     corruption (ck);
     note (ck, "L2 entry of guest cluster %" PRIu64 " (0x%016" PRIx64 ") has "
           "reserved bits set", gc, e);
@@ -309,7 +353,7 @@ static void
 count_l1 (struct checker *ck)
 {
   struct qcow2 *q = ck->q;
-  uint64_t per_l2 = ck->cs / 8;
+  uint64_t per_l2 = 1ull << q->l2_bits;
 
   count_range (ck, q->l1_offset, (uint64_t) q->l1_size * 8, "the L1 table");
   for (uint64_t i = 0; i < q->l1_size; i++) {
@@ -341,8 +385,10 @@ count_l1 (struct checker *ck)
     if (read_l2 (ck, i, off) == -1)
       continue;
     ck->next_contiguous = 0;
-    for (uint64_t j = 0; j < per_l2; j++)
-      count_l2_entry (ck, i * per_l2 + j, be64_get (ck->buf + 8 * j));
+    for (uint64_t j = 0; j < per_l2; j++) {
+      uint64_t bm, l2e = l2_entry (ck, j, &bm);
+      count_l2_entry (ck, i * per_l2 + j, l2e, bm);
+    }
   }
 }
 
@@ -512,7 +558,7 @@ static void
 check_copied_flags (struct checker *ck)
 {
   struct qcow2 *q = ck->q;
-  uint64_t per_l2 = ck->cs / 8;
+  uint64_t per_l2 = 1ull << q->l2_bits;
 
   memset (ck->walked, 0, (ck->nb_clusters + 63) / 64 * 8);
   for (uint64_t i = 0; i < q->l1_size; i++) {
@@ -529,7 +575,7 @@ check_copied_flags (struct checker *ck)
     if (read_l2 (ck, i, off) == -1)
       continue;
     for (uint64_t j = 0; j < per_l2; j++) {
-      uint64_t l2e = be64_get (ck->buf + 8 * j);
+      uint64_t bm, l2e = l2_entry (ck, j, &bm);
       uint64_t data = l2e & QCOW2_OFFSET_MASK;
       if ((l2e & QCOW2_OFLAG_COMPRESSED) || data == 0)
         continue;

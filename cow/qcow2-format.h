@@ -46,6 +46,35 @@
 #define QCOW2_L2_RESERVED 0x3f000000000001feull
 #define QCOW2_REFT_RESERVED 0x00000000000001ffull
 
+/* Extended L2 entries (incompatible feature bit 4): each L2 entry is the
+ * descriptor above followed by a 64-bit subcluster bitmap; each standard
+ * cluster is cut into 32 subclusters.  Bits 0-31 of the bitmap: the
+ * subcluster is allocated (reads from the host cluster); bits 32-63: it
+ * reads as zero.  Neither: it reads from below.  Both: invalid.  The
+ * descriptor's zero flag (bit 0) is reserved, and a compressed cluster's
+ * bitmap is all zero.  QEMU creates such images only with clusters of at
+ * least 16K (subclusters of at least 512 bytes). */
+#define QCOW2_SUBCLUSTERS 32u
+#define QCOW2_EXTL2_MIN_CLUSTER_BITS 14
+#define QCOW2_SC_ALL 0xffffffffull
+static inline uint64_t qcow2_sc_alloc (uint64_t bitmap)
+{
+  return bitmap & QCOW2_SC_ALL;
+}
+static inline uint64_t qcow2_sc_zero (uint64_t bitmap)
+{
+  return bitmap >> QCOW2_SUBCLUSTERS;
+}
+static inline uint64_t qcow2_sc_bitmap (uint64_t alloc, uint64_t zero)
+{
+  return (alloc & QCOW2_SC_ALL) | ((zero & QCOW2_SC_ALL) << QCOW2_SUBCLUSTERS);
+}
+/* Subclusters [first, end) as a mask (end <= 32). */
+static inline uint64_t qcow2_sc_mask (unsigned first, unsigned end)
+{
+  return ((end >= 64 ? ~0ull : (1ull << end) - 1)) & ~((1ull << first) - 1);
+}
+
 /* Compressed cluster descriptors count 512-byte sectors. */
 #define QCOW2_COMPRESSED_SECTOR 512u
 

@@ -109,7 +109,6 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
     return -1;
   }
   q->cluster_size = 1ull << q->cluster_bits;
-  q->l2_bits = q->cluster_bits - 3;
   q->layer.size = hd.size;
   if (q->layer.size > (1ull << 56)) {
     cow_error_set (EINVAL, "%s: virtual size %" PRIu64 " too large", f,
@@ -154,9 +153,14 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
       return -1;
     }
     if (q->incompat & QCOW2_INCOMPAT_EXTL2) {
-      cow_error_set (ENOTSUP, "%s: incompatible feature 'extended L2 "
-                     "entries' is not supported", f);
-      return -1;
+      if (q->cluster_bits < QCOW2_EXTL2_MIN_CLUSTER_BITS) {
+        cow_error_set (EINVAL, "%s: extended L2 entries with clusters of %"
+                       PRIu64 " bytes (at least %u needed)", f,
+                       q->cluster_size, 1u << QCOW2_EXTL2_MIN_CLUSTER_BITS);
+        return -1;
+      }
+      q->ext_l2 = true;
+      incompat_known |= QCOW2_INCOMPAT_EXTL2;
     }
     if (q->incompat & ~incompat_known) {
       cow_error_set (ENOTSUP, "%s: unknown incompatible feature bits 0x%"
@@ -175,11 +179,14 @@ parse_header (struct qcow2 *q, const uint8_t *h, uint64_t file_size,
     }
   }
   q->rb_bits = q->cluster_bits + 3 - q->refcount_order;
+  /* An extended L2 entry is 16 bytes: half as many per table. */
+  q->l2_bits = q->cluster_bits - (q->ext_l2 ? 4 : 3);
+  q->sc_bits = q->ext_l2 ? q->cluster_bits - 5 : q->cluster_bits;
 
   /* L1 table. */
   q->l1_size = hd.l1_size;
   q->l1_offset = hd.l1_table_offset;
-  per_l2 = q->cluster_size / 8;
+  per_l2 = 1ull << q->l2_bits;
   l1_needed = (q->layer.size + q->cluster_size * per_l2 - 1)
     / (q->cluster_size * per_l2);
   if ((uint64_t) q->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
@@ -668,6 +675,20 @@ qcow2_set_backing (struct layer *l, const char *name, const char *format)
   return r;
 }
 
+bool
+qcow2_extended_l2 (struct layer *l)
+{
+  return ((struct qcow2 *) l)->ext_l2;
+}
+
+bool
+qcow2_want_extended_l2 (int setting, int version, uint32_t cluster_size)
+{
+  if (setting < 0 || version == 2)
+    return false;
+  return cluster_size >= (1u << QCOW2_EXTL2_MIN_CLUSTER_BITS);
+}
+
 int
 qcow2_version (struct layer *l)
 {
@@ -703,6 +724,7 @@ build_header (uint8_t *h, const struct qcow2_create_opts *o, uint32_t cbits,
     /* Version 3 only: a version 2 header ends before these. */
     .refcount_order = v2 ? 0 : QCOW2_CREATE_REFCOUNT_ORDER,
     .header_length = v2 ? 0 : QCOW2_HEADER_LENGTH_WRITTEN,
+    .incompatible_features = o->extended_l2 ? QCOW2_INCOMPAT_EXTL2 : 0,
   };
 
   if (flen) {
@@ -753,8 +775,16 @@ qcow2_create (const char *path, const struct qcow2_create_opts *o)
   }
   while ((1u << cbits) < o->cluster_size)
     cbits++;
+  if (o->extended_l2 && (o->version == 2
+                         || cbits < QCOW2_EXTL2_MIN_CLUSTER_BITS)) {
+    cow_error_set (EINVAL, "%s: subclusters (extended L2 entries) need "
+                   "compat 1.1 and clusters of at least %u bytes (cluster "
+                   "size %u)", path, 1u << QCOW2_EXTL2_MIN_CLUSTER_BITS,
+                   o->cluster_size);
+    return -1;
+  }
   c = o->cluster_size;
-  per_l2 = c / 8;
+  per_l2 = c / (o->extended_l2 ? 16 : 8);
   l1_entries = (o->size + c * per_l2 - 1) / (c * per_l2);
   if (l1_entries * 8 > QCOW2_MAX_L1_BYTES) {
     cow_error_set (EFBIG, "%s: virtual size %" PRIu64 " needs too large an "

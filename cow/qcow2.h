@@ -61,6 +61,9 @@ struct qcow2 {
   uint32_t cluster_bits;
   uint64_t cluster_size;
   uint32_t l2_bits;             /* log2 of entries per L2 table */
+  bool ext_l2;                  /* extended L2 entries (subclusters) */
+  uint32_t sc_bits;             /* log2 of the subcluster size (the
+                                   cluster size without ext_l2) */
   uint32_t refcount_order;
   uint32_t rb_bits;             /* log2 of refcounts per refcount block */
   uint64_t incompat, compat, autoclear;
@@ -108,6 +111,12 @@ struct qcow2 {
   /* Data reads and writes running outside the lock on mapped clusters.
    * Atomic; raised under lock. */
   unsigned data_io;
+  /* In-place writes running outside the lock, counted by guest cluster
+   * number modulo QCOW2_INPLACE_SLOTS (atomic; raised under lock): a
+   * cluster with subclusters that is moved to a new host cluster waits
+   * for those on its slot before copying. */
+#define QCOW2_INPLACE_SLOTS 64
+  unsigned inplace[QCOW2_INPLACE_SLOTS];
 
   bool corrupt;                 /* a broken invariant was found */
   bool frozen;                  /* atomic: no more writes will come (its

@@ -78,6 +78,8 @@ statedir_create_layer (struct cow_disk *d, const char *file, const char *backing
     .size = d->size,
     .version = d->compat,
     .cluster_size = d->cluster_size,
+    .extended_l2 = qcow2_want_extended_l2 (d->subclusters, d->compat,
+                                           d->cluster_size),
   };
   CLEANUP_FREE char *path = statedir_path (d, file);
   CLEANUP_FREE char *bname = NULL;
@@ -367,6 +369,7 @@ statedir_open (struct cow_disk *d, const struct cow_disk_config *cfg)
     d->size = d->lower[0].l->size;
   d->compat = cfg->compat ? cfg->compat : 3;
   d->cluster_size = cfg->cluster_size ? cfg->cluster_size : 65536;
+  d->subclusters = cfg->subclusters;
 
   if (r == 0) {
     char *name;

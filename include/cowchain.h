@@ -41,6 +41,9 @@ struct cow_disk_config {
   uint64_t cache_size;
   bool readonly;             /* open everything read-only */
   int compat;                /* new overlay: 3 = compat 1.1 (default), 2 = 0.10 */
+  /* Subclusters task: extended L2 entries in new layers: 1 = on, -1 = off,
+   * 0 = on where QEMU allows them (compat 1.1, clusters of 16K or more). */
+  int subclusters;
   /* Absolute backing file names inside a qcow2 base chain are followed
    * only if listed here (NULL-terminated); relative ones only if they stay
    * in the base's directory. */
@@ -344,6 +347,7 @@ struct cow_image_info {
   unsigned version;           /* 2 (compat 0.10) or 3 (compat 1.1) */
   unsigned refcount_bits;
   bool lazy_refcounts, corrupt, dirty;
+  bool extended_l2;           /* subclusters task: extended L2 entries */
   char *backing_file;         /* as stored; NULL if none */
   char *backing_format;       /* header extension; NULL if none */
   char *full_backing;         /* the path it stands for; NULL if not a file */

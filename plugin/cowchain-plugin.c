@@ -29,6 +29,7 @@ struct disk_entry {
   size_t n_allow_backing;
   uint32_t cluster_size;
   int compat;
+  int subclusters;              /* 1 on, -1 off, 0 default */
   unsigned max_depth;           /* 0 = no automatic merges */
   uint32_t base_timeout_ms;     /* 0 = the default */
   unsigned seen;                /* KEY_* given for this disk */
@@ -292,6 +293,15 @@ disk_config (struct disk_entry *e, const char *key, const char *value)
     }
     return 0;
   }
+  if (strcmp (key, "subclusters") == 0) {
+    int b = nbdkit_parse_bool (value);
+    if (b == -1) {
+      nbdkit_error ("subclusters: '%s' is not on or off", value);
+      return -1;
+    }
+    e->subclusters = b ? 1 : -1;
+    return 0;
+  }
   if (strcmp (key, "max-depth") == 0) {
     uint64_t n;
     if (parse_decimal (value, 1000, &n) == -1) {
@@ -543,6 +553,8 @@ cowchain_config_complete (void)
   "                         snapshots; base= may be left out once it exists\n" \
   "cluster-size=SIZE        cluster size of new layers (512..2M, default 64K)\n" \
   "compat=1.1|0.10          qcow2 version of new layers (default 1.1)\n" \
+  "subclusters=on|off       extended L2 entries in new layers (default on\n" \
+  "                         for compat 1.1 with clusters of 16K or more)\n" \
   "max-depth=N              merge unnamed frozen layers in the background\n" \
   "                         while the chain has more than N layers (state=\n" \
   "                         disks; 0..1000, default 0 = never)\n" \
@@ -581,6 +593,7 @@ cowchain_get_ready (void)
       .state_dir = e->state,
       .cluster_size = e->cluster_size,
       .compat = e->compat,
+      .subclusters = e->subclusters,
       .sync_mode = sync_mode,
       .sync_interval_ms = sync_interval_ms,
       .allow_backing = (const char *const *) e->allow_backing,

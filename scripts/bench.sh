@@ -45,6 +45,8 @@
 #   BENCH_REPEAT    passes over the servers per row; the table shows the
 #                   median (default 1; 3 or 5 steadies a noisy machine)
 #   BENCH_CLUSTER   cluster size of both qcow2 overlays (default 64K)
+#   BENCH_COWCHAIN_ARGS  more plugin keys for the cowchain server, e.g.
+#                   "subclusters=off" (default none)
 #   BENCH_SERVERS   servers to run (default "cowchain qemu-nbd nbdkit-file")
 #   BENCH_ROWS      row functions to run, in order (default: all, see ROWS)
 #   BENCH_KEEP=1    keep the temporary directory (images, fio JSON)
@@ -179,8 +181,9 @@ start_nbdkit() {
 
 # start_cowchain NAME OVERLAY: the plugin, overlay created over $BASE.
 start_cowchain() {
+    # shellcheck disable=SC2086  # BENCH_COWCHAIN_ARGS: words
     start_nbdkit "$1" "$PLUGIN" base="$BASE" base-format=raw overlay="$2" \
-        cluster-size="$BENCH_CLUSTER"
+        cluster-size="$BENCH_CLUSTER" ${BENCH_COWCHAIN_ARGS:-}
 }
 
 # start_qemu_nbd NAME OVERLAY: qemu-nbd on a new qcow2 overlay over $BASE.
@@ -344,7 +347,7 @@ row_snapshot_pause() {
         rm -rf "$WORK/snapstate"
         start_nbdkit snap "$PLUGIN" base="$BASE" base-format=raw \
             state="$WORK/snapstate" control="$WORK/snap.ctl" \
-            cluster-size="$BENCH_CLUSTER"
+            cluster-size="$BENCH_CLUSTER" ${BENCH_COWCHAIN_ARGS:-}
         out=$(json_name "$label" "$mode" 1)
         : > "$WORK/pauses"
         if [ "$mode" = snapshots ]; then

@@ -13,9 +13,10 @@
 # compat 0.10 (v2) and 1.1 (v3); cluster sizes 512, 4K and 64K; data,
 # compressed clusters (qemu-img convert -c), zero clusters (qemu-io
 # write -z), discarded clusters, a backing file name with its format,
-# other refcount widths, lazy refcounts, an internal snapshot; and a few
-# that must be refused (extended L2, zstd compression, external data
-# file).  Virtual sizes are small so that every input reads quickly.
+# other refcount widths, lazy refcounts, an internal snapshot, extended
+# L2 entries (subclusters: data, zero and unallocated subclusters, a
+# compressed cluster, over a backing file); and a few that must be
+# refused (zstd compression, external data file).  Virtual sizes are small so that every input reads quickly.
 set -e
 set -u
 
@@ -173,10 +174,20 @@ keep "$img" "v3-snapshot"
 qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" 1G
 io "$img" 'write -P 0x66 900M 64k'
 keep "$img" "v3-1G-sparse"
+# Extended L2 entries: subclusters of 512 bytes (16K clusters) and 2K.
+for cs in 16384 65536; do
+    qemu-img create -q -f qcow2 -o cluster_size=$cs,extended_l2=on \
+        -b "$(basename "$base")" -F raw "$img" 1M
+    io "$img" 'write -P 0x71 1k 3k' 'write -z 40k 2k' 'write -P 0x72 130k 1' \
+        'discard 300k 64k' 'write -P 0x73 500k 70k'
+    keep "$img" "v3-extended-l2-$cs"
+done
+qemu-img convert -q -c -O qcow2 -o cluster_size=16384,extended_l2=on \
+    -f raw "$src" "$img"
+io "$img" 'write -P 0x74 100k 1k' 'write -z 4k 512'
+keep "$img" "v3-extended-l2-compressed"
 
 # Images the reader must refuse cleanly.
-qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on "$img" 1M \
-    2>/dev/null && keep "$img" "v3-extended-l2"
 qemu-img create -q -f qcow2 -o cluster_size=4096,compression_type=zstd \
     "$img" 1M 2>/dev/null && keep "$img" "v3-zstd"
 qemu-img create -q -f qcow2 -o cluster_size=4096,data_file="$work/data.raw" \

@@ -266,6 +266,11 @@ class Tester:
         self.cs = self.rng.choice([64 * KiB] * 3 + [4 * KiB, 512 * KiB,
                                                     2 * MiB])
         self.compat = "0.10" if self.rng.random() < 0.2 else "1.1"
+        # Subclusters (extended L2 entries): on by default where QEMU
+        # allows them; trim then releases subclusters.
+        self.subclusters = (a.subclusters == "on" and self.compat == "1.1"
+                            and self.cs >= 16 * KiB)
+        self.trim_unit = self.cs // 32 if self.subclusters else self.cs
         self.snaps = {}             # name -> bytes when taken
         self.chain = []             # learnt from the first manifest
         self.has_base = True
@@ -314,8 +319,9 @@ class Tester:
         self.stage = self.rng.choice([None, None] + STAGES)
         # cluster-size and compat only matter for the disk's first layer:
         # later ones are made like the active layer.
-        self.ask("start %s cluster-size=%d compat=%s" %
-                 (self.stage or "-", self.cs, self.compat))
+        self.ask("start %s cluster-size=%d compat=%s%s" %
+                 (self.stage or "-", self.cs, self.compat,
+                  "" if self.a.subclusters == "on" else " subclusters=off"))
         self.h = connect(self.a.uri)
         if not self.h.can_trim():
             raise ModelFailure("the server does not advertise trim")
@@ -609,9 +615,9 @@ class Tester:
         elif op.kind == "zero":
             self.disk[op.off:end] = bytes(op.n)
         elif self.compat == "1.1":
-            # Whole clusters become zero clusters; partial ones stay.
+            # Whole clusters (subclusters) become zero; partial ones stay.
             # (Without zero clusters, in compat 0.10, a trim does nothing.)
-            a, b = rup(op.off, self.cs), rdown(end, self.cs)
+            a, b = rup(op.off, self.trim_unit), rdown(end, self.trim_unit)
             if b > a:
                 self.disk[a:b] = bytes(b - a)
 
@@ -1014,8 +1020,10 @@ class Tester:
 
     def run(self):
         self.watchdog()
-        self.say("size %d, cluster size %d, compat %s, %d steps" %
-                 (self.size, self.cs, self.compat, self.a.steps))
+        self.say("size %d, cluster size %d, compat %s, subclusters %s, %d "
+                 "steps" % (self.size, self.cs, self.compat,
+                            "on" if self.subclusters else "off",
+                            self.a.steps))
         self.start()
         layers, _ = self.read_manifest()
         self.chain = [(Layer(f), n) for f, n in layers]
@@ -1063,6 +1071,7 @@ def main():
         p.add_argument("--" + opt, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--subclusters", choices=["on", "off"], default="on")
     a = p.parse_args()
     t = Tester(a)
     try:

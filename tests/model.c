@@ -24,6 +24,7 @@ tu_model_init (struct tu_model *m, uint64_t size, uint32_t cs, uint64_t seed)
   m->cs = cs;
   m->seed = seed;
   m->trim_zeroes = true;
+  m->subclusters = tu_subclusters ();
   m->data = calloc (1, size);
   assert_non_null (m->data);
 }
@@ -86,8 +87,9 @@ tu_model_zero (struct tu_model *m, struct cow_disk *d, uint64_t off,
 void
 tu_model_trimmed (struct tu_model *m, uint64_t off, uint32_t len)
 {
-  uint64_t first = (off + m->cs - 1) / m->cs * m->cs;
-  uint64_t last = (off + len) / m->cs * m->cs;
+  uint64_t u = tu_trim_unit (m->cs, m->subclusters);
+  uint64_t first = (off + u - 1) / u * u;
+  uint64_t last = (off + len) / u * u;
 
   if (first < last && m->trim_zeroes)
     memset (m->data + first, 0, last - first);

@@ -26,6 +26,9 @@ struct tu_model {
    * hides what is under it); false: trim changes nothing (version 2
    * overlays have no zero clusters). */
   bool trim_zeroes;
+  /* The disk's subclusters setting (cow_disk_config.subclusters): with
+   * subclusters a trim releases whole subclusters (tu_trim_unit). */
+  int subclusters;
   uint64_t seed;                /* of the random data written */
   struct tu_model_snap snaps[TU_MODEL_SNAPS];
   size_t n_snaps;

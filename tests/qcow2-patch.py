@@ -16,7 +16,11 @@
 #   FIELD=VALUE        write it (big-endian, at its width)
 #   FIELD|=VALUE       set bits in it
 #   l1[I], l1[I]=V     L1 entry I
-#   l2[GC], l2[GC]=V   the L2 entry that maps guest cluster GC
+#   l2[GC], l2[GC]=V   the L2 entry that maps guest cluster GC (with
+#                      extended L2 entries: its descriptor)
+#   l2bm[GC], l2bm[GC]=V
+#                      the subcluster bitmap of that entry (extended L2
+#                      entries only)
 #   reftable[I], reftable[I]=V
 #                      refcount table entry I
 #   refcount[C], refcount[C]=V
@@ -107,6 +111,9 @@ class Image:
         self.order = self.field("refcount_order") if self.version >= 3 else 4
         self.bits = 1 << self.order
         self.per_block = self.cs * 8 // self.bits
+        # Extended L2 entries (incompatible feature bit 4): 16 bytes each.
+        self.l2e = 16 if (self.version >= 3 and
+                          self.field("incompatible_features") & 16) else 8
         self._parsed = True
 
     # Where an entry lives: (offset, size in bytes).
@@ -116,11 +123,18 @@ class Image:
 
     def l2_slot(self, gc):
         self.parse()
-        per = self.cs // 8
+        per = self.cs // self.l2e
         l2 = self.get(self.l1_offset + 8 * (gc // per), 8) & OFFSET_MASK
         if not l2:
             sys.exit("qcow2-patch: no L2 table for guest cluster %d" % gc)
-        return l2 + 8 * (gc % per), 8
+        return l2 + self.l2e * (gc % per), 8
+
+    def l2bm_slot(self, gc):
+        off, n = self.l2_slot(gc)
+        if self.l2e != 16:
+            sys.exit("qcow2-patch: no subcluster bitmaps without extended "
+                     "L2 entries")
+        return off + 8, 8
 
     def reftable_slot(self, i):
         self.parse()
@@ -200,7 +214,7 @@ def run(img, spec):
             else:
                 print(img.getref(i))
             return
-        slots = {"l1": img.l1_slot, "l2": img.l2_slot,
+        slots = {"l1": img.l1_slot, "l2": img.l2_slot, "l2bm": img.l2bm_slot,
                  "reftable": img.reftable_slot}
         if name not in slots:
             sys.exit("qcow2-patch: no table %r" % name)

@@ -29,8 +29,8 @@
 # Semantics expected of the server (the plugin's spec):
 #   write-zeroes: the range reads back as zero (whole clusters become qcow2
 #     zero clusters, partial clusters get real zeroes);
-#   trim: whole clusters inside the range read back as zero, the partial
-#     cluster parts at either end are left as they were.  A trim that
+#   trim: whole clusters (--trim-unit: subclusters) inside the range read
+#     back as zero, the partial parts at either end are left as they were.  A trim that
 #     covers a short last cluster up to the end of the disk may either
 #     zero it or leave it: that one case is read back and either result
 #     accepted.
@@ -98,6 +98,8 @@ class Tester:
         self.h0 = self.handles[0]
         self.size = self.h0.get_size()
         self.cs = args.cluster_size
+        # The unit trim releases: the subcluster with extended L2 entries.
+        self.tu = args.trim_unit or args.cluster_size
         self.rng = random.Random(args.seed)
         self.pool = ThreadPoolExecutor(max_workers=args.conns)
         self.model = None
@@ -177,11 +179,11 @@ class Tester:
         elif op.kind == "zero":
             m[op.off:op.end()] = bytes(op.n)
         elif op.kind == "trim":
-            a = rup(op.off, self.cs)
-            b = rdown(op.end(), self.cs)
+            a = rup(op.off, self.tu)
+            b = rdown(op.end(), self.tu)
             if b > a:
                 m[a:b] = bytes(b - a)
-            tail = rdown(self.size, self.cs)
+            tail = rdown(self.size, self.tu)
             if op.end() == self.size and tail != self.size and op.off <= tail:
                 return (tail, self.size)
         return None
@@ -398,6 +400,8 @@ def main():
     p.add_argument("--ref", required=True)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--cluster-size", type=int, default=65536)
+    p.add_argument("--trim-unit", type=int, default=0,
+                   help="what trim releases (default: the cluster size)")
     p.add_argument("--batches", type=int, default=400)
     p.add_argument("--clusters", type=int, default=100)
     p.add_argument("--conns", type=int, default=4)

@@ -252,6 +252,7 @@ open_disk (struct fx *f, struct dsk *k, bool create)
                                  .base = create ? k->base : NULL,
                                  .base_format = create ? "raw" : NULL,
                                  .cluster_size = f->cs,
+                                 .subclusters = tu_subclusters (),
                                  .cache_size = f->op->cache };
 
   return cow_disk_open (&cfg);
@@ -357,8 +358,9 @@ static int
 g_trim (struct fx *f, struct dsk *k, uint64_t off, uint32_t len,
         unsigned flags)
 {
-  uint64_t first = (off + f->cs - 1) / f->cs * f->cs;
-  uint64_t last = (off + len) / f->cs * f->cs;
+  uint64_t u = tu_trim_unit (f->cs, tu_subclusters ());
+  uint64_t first = (off + u - 1) / u * u;
+  uint64_t last = (off + len) / u * u;
   int r = cow_disk_trim (k->d, len, off, flags);
 
   if (r == -1)

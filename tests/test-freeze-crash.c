@@ -34,8 +34,11 @@ static const struct fio_fault kill_at = { .err = EIO, .real_fsync = true };
 static struct cow_disk *
 open_state (const char *state, const char *base)
 {
+  /* Subclusters need clusters of 16K or more: with them on, 32K. */
   struct cow_disk_config cfg = { .state_dir = state, .base = base,
-                                 .cluster_size = 4096 };
+                                 .cluster_size = tu_subclusters_wanted ()
+                                 ? 32768 : 4096,
+                                 .subclusters = tu_subclusters () };
   struct cow_disk *d = cow_disk_open (&cfg);
 
   if (d == NULL)

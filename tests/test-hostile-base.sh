@@ -10,10 +10,14 @@
 #   EIO at read time (server stays up, other reads fine): an L2 entry with
 #   reserved bits, one pointing past the end of the file, an L1 entry that
 #   is not cluster aligned, a compressed-cluster descriptor out of bounds,
-#   a corrupt deflate stream.
+#   a corrupt deflate stream; with extended L2 entries (subclusters), a
+#   bitmap with a subcluster both allocated and zero, allocated
+#   subclusters without a host cluster, a bitmap on a compressed cluster
+#   (cowchain check reports each of these as qemu-img check does).
 . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"
 requires qemu-img qemu-io
 requires_python_nbd
+requires_cowchain
 
 d=$tmpdir/img
 mkdir -p "$d"
@@ -67,6 +71,8 @@ qemu-img convert -q -O qcow2 "$tmpdir/data.raw" "$d/good.qcow2"
 qemu-img convert -q -c -O qcow2 "$tmpdir/text.raw" "$d/comp.qcow2"
 qemu-img check "$d/comp.qcow2" | grep -q -E '[1-9][0-9.]*% compressed' ||
     fail "qemu-img convert -c did not compress"
+qemu-img convert -q -O qcow2 -o extended_l2=on "$tmpdir/data.raw" "$d/goodx.qcow2"
+qemu-img convert -q -c -O qcow2 -o extended_l2=on "$tmpdir/text.raw" "$d/compx.qcow2"
 
 # patch FILE KIND: damage the first cluster's mapping or data.
 patch () {
@@ -80,6 +86,18 @@ patch () {
     # The host offset field of a compressed cluster's L2 entry.
     x=$(( 62 - (cbits - 8) ))
     case $kind in
+        bm-both)                # subcluster 0 allocated and zero
+            qcow2_patch "$path" "l2bm[0]|=$(( 1 << 32 ))"
+            return
+            ;;
+        bm-no-host)             # allocated subclusters, no host cluster
+            qcow2_patch "$path" "l2[0]=0"
+            return
+            ;;
+        bm-compressed)          # a bitmap on a compressed cluster
+            qcow2_patch "$path" "l2bm[0]=1"
+            return
+            ;;
         l2-reserved) e=$(( e | (1 << 57) )) ;;
         l2-past-eof) e=$(( (1 << 63) | (1 << 45) )) ;;
         comp-oob) e=$(( (e & ~((1 << x) - 1)) | ((1 << 40) + 0x1234) )) ;;
@@ -90,8 +108,14 @@ patch () {
     esac
     qcow2_patch "$path" "l2[0]=$e"
 }
-for kind in l2-reserved l2-past-eof l1-unaligned comp-oob comp-garbage; do
-    case $kind in comp-*) src=comp; ref=$tmpdir/text.raw ;; *) src=good; ref=$tmpdir/data.raw ;; esac
+for kind in l2-reserved l2-past-eof l1-unaligned comp-oob comp-garbage \
+            bm-both bm-no-host bm-compressed; do
+    case $kind in
+        comp-*) src=comp; ref=$tmpdir/text.raw ;;
+        bm-compressed) src=compx; ref=$tmpdir/text.raw ;;
+        bm-*) src=goodx; ref=$tmpdir/data.raw ;;
+        *) src=good; ref=$tmpdir/data.raw ;;
+    esac
     cp "$d/$src.qcow2" "$d/$kind.qcow2"
     patch "$d/$kind.qcow2" "$kind"
     sum=$(sha256 "$d/$kind.qcow2")
@@ -118,10 +142,23 @@ try:
 except nbd.Error as e:
     assert e.errnum == errno.EIO, (kind, e)
 PY
-    grep -q -i -E "corrupt|inflate|out of bounds|past the end|reserved" "$(server_log "$kind")" ||
+    grep -q -i -E "corrupt|inflate|out of bounds|past the end|reserved|subcluster" "$(server_log "$kind")" ||
         { cat "$(server_log "$kind")" >&2; fail "$kind: the log does not say what was wrong"; }
     stop_server "$kind"
     [ "$(sha256 "$d/$kind.qcow2")" = "$sum" ] || fail "$kind: the base was written"
+    case $kind in
+        bm-*)
+            # The checker agrees with qemu-img check: corrupt (exit 2).
+            run_cowchain check "$d/$kind.qcow2"
+            q=0
+            qemu-img check "$d/$kind.qcow2" > /dev/null 2>&1 || q=$?
+            [ "$rc" = 2 ] && [ "$q" = 2 ] ||
+                { cat "$tmpdir/out" "$tmpdir/err" >&2;
+                  fail "$kind: cowchain check exit $rc, qemu-img check exit $q (both must be 2)"; }
+            grep -q -i "subcluster" "$tmpdir/out" ||
+                { cat "$tmpdir/out" >&2; fail "$kind: cowchain check does not name the bitmap"; }
+            ;;
+    esac
     check_image "$tmpdir/$kind.ov.qcow2"
     note "$kind: EIO, $(grep -i -m1 -E 'corrupt|inflate' "$(server_log "$kind")" | sed 's/.*error: //' | cut -c1-120)"
 done

@@ -114,6 +114,7 @@ open_state (const char *st, const char *base)
   struct cow_disk_config cfg = { .state_dir = st, .base = base,
                                  .base_format = base ? "raw" : NULL,
                                  .cluster_size = cs,
+                                 .subclusters = tu_subclusters (),
                                  .cache_size = cache_bytes };
   struct cow_disk *d = cow_disk_open (&cfg);
 

@@ -35,12 +35,22 @@ steps=${MERGE_MODEL_STEPS:-$default_steps}
 # nothing), 12 4K clusters; between them they run every kind of step and
 # of event during a job.
 seeds=${MERGE_MODEL_SEEDS:-"1 10 12"}
+# Subclusters (extended L2 entries) are on by default for the new layers
+# of seed 1 (64K clusters); seed 5 (512K clusters) runs with them too, and
+# seed 1 once more with subclusters=off.  MERGE_MODEL_SUBCLUSTERS=on or
+# off runs one variant only (the seeds given, or the default ones).
+subclusters=${MERGE_MODEL_SUBCLUSTERS:-"on off"}
+if [ -n "${MERGE_MODEL_SEEDS:-}" ]; then
+    on_seeds=$seeds off_seeds=$seeds
+else
+    on_seeds="$seeds 5" off_seeds=1
+fi
 size=$(( 16 * 1024 * 1024 ))
 
-# serve SEED: run merge-model.py for one seed, doing what it asks.
+# serve SEED on|off: run merge-model.py for one seed, doing what it asks.
 serve ()
 {
-    local seed=$1 dir=$tmpdir/seed$1 srv=m$1 cmd arg keys rc=0
+    local seed=$1 sc=$2 dir=$tmpdir/seed$1-$2 srv=m$1 cmd arg keys rc=0
     local -a saved_env
     mkdir "$dir"
     make_random_file "$dir/base.raw" "$size" "$seed"
@@ -49,7 +59,7 @@ serve ()
         --uri "$(server_uri "$srv")" --control "$tmpdir/$srv.ctl" \
         --state "$dir/state" --base "$dir/base.raw" --scratch "$dir" \
         --requests "$dir/req" --replies "$dir/rep" \
-        --seed "$seed" --steps "$steps" &
+        --seed "$seed" --steps "$steps" --subclusters "$sc" &
     local model=$!
     # Should it die before opening the FIFOs, the open below would wait
     # for ever: once it is gone, open the request FIFO (read-write, which
@@ -91,8 +101,11 @@ serve ()
     rm -rf "$dir"
 }
 
-for seed in $seeds; do
-    note "seed $seed, $steps steps"
-    serve "$seed"
+for sc in $subclusters; do
+    if [ "$sc" = on ]; then list=$on_seeds; else list=$off_seeds; fi
+    for seed in $list; do
+        note "seed $seed, subclusters $sc, $steps steps"
+        serve "$seed" "$sc"
+    done
 done
 note "pass"

@@ -237,10 +237,11 @@ expect_eio("read across written and unwritten",
            lambda: h.pread(2 * 65536, (2 << 20) + 32768))
 # A write that needs copy-on-write from the base fails, changing nothing.
 expect_eio("partial-cluster write", lambda: h.pwrite(b"x" * 100, 9 << 20))
+# (Partial subclusters too: whole ones need no copy-on-write.)
 expect_eio("write with a partial last cluster",
-           lambda: h.pwrite(b"y" * (65536 + 4096), 10 << 20))
+           lambda: h.pwrite(b"y" * (65536 + 4000), 10 << 20))
 expect_eio("write with a partial first cluster",
-           lambda: h.pwrite(b"z" * (65536 + 4096), (11 << 20) - 4096))
+           lambda: h.pwrite(b"z" * (65536 + 4000), (11 << 20) - 4000))
 h.flush()
 # The server is still there for new clients too.
 h.shutdown()

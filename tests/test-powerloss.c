@@ -708,6 +708,7 @@ wl_init (struct wl *w, const char *name, uint32_t cs, uint64_t cache,
   w->cfg.base_format = "raw";
   w->cfg.overlay = w->overlay;
   w->cfg.cluster_size = cs;
+  w->cfg.subclusters = tu_subclusters ();
   w->cfg.cache_size = cache;
   w->flush_pct = 10;
   w->fua_den = 8;
@@ -791,8 +792,9 @@ wl_step (struct wl *w, uint64_t *s, uint64_t *fail_off, uint64_t *fail_len,
     return STEP_FAILED;
   }
   if (kind < 82) {
-    uint64_t first = (off + cs - 1) / cs * cs;
-    uint64_t last = (off + len) / cs * cs;
+    uint64_t u = tu_trim_unit (cs, w->cfg.subclusters);
+    uint64_t first = (off + u - 1) / u * u;
+    uint64_t last = (off + len) / u * u;
     r = cow_disk_trim (w->d, len, off, flags);
     *fail_zero = true;
     *fail_off = first;

@@ -56,6 +56,9 @@ group_teardown (void **state)
   return 0;
 }
 
+/* fx_init makes layers with extended L2 entries while this is set. */
+static bool fx_ext;
+
 static struct qcow2 *
 Q (struct layer *l)
 {
@@ -157,6 +160,7 @@ fx_init (struct fx *f, const char *name, uint64_t size, uint64_t base_size,
   o.cluster_size = cs;
   o.backing_file = bname;
   o.backing_format = "raw";
+  o.extended_l2 = fx_ext;
   r = qcow2_create (f->img, &o);
   if (r == -1)
     print_error ("qcow2_create: %s\n", cow_last_error ());
@@ -207,12 +211,14 @@ fx_zero (struct fx *f, uint32_t count, uint64_t off)
   memset (f->model + off, 0, count);
 }
 
-/* Trim releases whole clusters only; they read as zero after. */
+/* Trim releases whole clusters only (subclusters with extended L2
+ * entries); they read as zero after. */
 static void
 fx_trim (struct fx *f, uint32_t count, uint64_t off)
 {
-  uint64_t first = (off + f->cs - 1) / f->cs * f->cs;
-  uint64_t last = (off + count) / f->cs * f->cs;
+  uint64_t u = Q (f->l)->ext_l2 ? f->cs / 32 : f->cs;
+  uint64_t first = (off + u - 1) / u * u;
+  uint64_t last = (off + count) / u * u;
   int r = f->l->ops->trim (f->l, count, off);
 
   if (r == -1)
@@ -595,7 +601,6 @@ test_bad_headers (void **state)
     { "unknown incompatible bit", 72, 8, 1u << 5, "incompatible", false },
     { "unknown incompatible bit 63", 72, 8, 1ull << 63, "incompatible", false },
     { "external data file", 72, 8, QCOW2_INCOMPAT_DATA_FILE, "data file", false },
-    { "extended L2", 72, 8, QCOW2_INCOMPAT_EXTL2, "extended L2", false },
     { "compression type", 72, 8, QCOW2_INCOMPAT_COMPRESSION, "compression", false },
     { "dirty (rw)", 72, 8, QCOW2_INCOMPAT_DIRTY, "dirty", true },
     { "corrupt (rw)", 72, 8, QCOW2_INCOMPAT_CORRUPT, "corrupt", true },
@@ -910,6 +915,269 @@ test_lookup_alloc (void **state)
   fx_qemu_compare (&f);
   free (buf);
   fx_fini (&f);
+}
+
+/*----------------------------------------------------------------------
+ * Extended L2 entries (subclusters). */
+
+/* The L2 entry of guest cluster gc: descriptor and bitmap (0, 0 without
+ * an L2 table). */
+static void
+ext_entry (struct layer *l, uint64_t gc, uint64_t *desc, uint64_t *bm)
+{
+  struct qcow2 *q = Q (l);
+  uint64_t per = 1ull << q->l2_bits, off, *t;
+
+  assert_true (q->ext_l2);
+  pthread_mutex_lock (&q->lock);
+  off = q->l1[gc / per] & QCOW2_OFFSET_MASK;
+  *desc = *bm = 0;
+  if (off) {
+    t = qcow2_cache_lookup (q->l2_cache, off);
+    assert_non_null (t);
+    *desc = be64_get (&t[2 * (gc % per)]);
+    *bm = be64_get (&t[2 * (gc % per) + 1]);
+    qcow2_cache_put (q->l2_cache, t);
+  }
+  pthread_mutex_unlock (&q->lock);
+}
+
+static void
+assert_bitmap (struct layer *l, uint64_t gc, uint64_t alloc, uint64_t zero)
+{
+  uint64_t d, bm;
+
+  ext_entry (l, gc, &d, &bm);
+  if (bm != qcow2_sc_bitmap (alloc, zero))
+    print_error ("cluster %" PRIu64 ": bitmap 0x%016" PRIx64 ", expected "
+                 "0x%016" PRIx64 "\n", gc, bm, qcow2_sc_bitmap (alloc, zero));
+  assert_int_equal (bm, qcow2_sc_bitmap (alloc, zero));
+  assert_int_equal (d != 0, alloc != 0);
+}
+
+static void
+assert_map (struct layer *l, uint64_t off, uint64_t count,
+            enum layer_status want, uint64_t want_len)
+{
+  uint64_t len;
+  enum layer_status st;
+
+  assert_int_equal (l->ops->map (l, off, count, &len, &st), 0);
+  if (st != want || len != want_len)
+    print_error ("map at %" PRIu64 ": status %d len %" PRIu64 ", expected "
+                 "%d len %" PRIu64 "\n", off, st, len, want, want_len);
+  assert_int_equal (st, want);
+  assert_int_equal (len, want_len);
+}
+
+/* Writes at subcluster edges: only the touched subclusters are written
+ * and marked; partial ones are filled from below or zero; map, zero and
+ * trim work per subcluster; QEMU agrees (check, compare, qemu-io). */
+static void
+test_subclusters_edges (void **state)
+{
+  struct fx f;
+  const uint32_t c = 65536, sc = c / 32;
+  uint64_t d1, d2, bm;
+  uint8_t pat[3 * 2048];
+  char *out = NULL;
+  int st;
+
+  (void) state;
+  fx_ext = true;
+  fx_init (&f, "subcl.qcow2", 8 << 20, 8 << 20, c, 0, 41);
+  fx_ext = false;
+  assert_true (Q (f.l)->ext_l2);
+  assert_int_equal (Q (f.l)->l2_bits, 12);
+  assert_int_equal (Q (f.l)->sc_bits, 11);
+
+  /* 4K aligned to subclusters: two subclusters, nothing copied. */
+  fx_write_random (&f, 4096, 1 * c + 3 * sc);
+  assert_bitmap (f.l, 1, 0x18, 0);
+  ext_entry (f.l, 1, &d1, &bm);
+  assert_map (f.l, 1 * c, c, LAYER_ABSENT, 3 * sc);
+  assert_map (f.l, 1 * c + 3 * sc, c, LAYER_DATA, 2 * sc);
+  assert_map (f.l, 1 * c + 5 * sc, c - 5 * sc, LAYER_ABSENT, c - 5 * sc);
+  /* Unaligned inside one subcluster: the rest of it from below. */
+  fx_write_random (&f, 100, 2 * c + 1000);
+  assert_bitmap (f.l, 2, 0x1, 0);
+  /* Partial at both ends over four subclusters. */
+  fx_write_random (&f, 5000, 3 * c + 1500);
+  assert_bitmap (f.l, 3, 0xf, 0);
+  /* Across a cluster boundary: the last subcluster of one cluster and
+   * the first of the next. */
+  fx_write_random (&f, 3000, 5 * c - 1000);
+  assert_bitmap (f.l, 4, 1ull << 31, 0);
+  assert_bitmap (f.l, 5, 0x1, 0);
+  /* In place into an unallocated subcluster of a cluster of our own: the
+   * same host cluster, one more bit. */
+  fx_write_random (&f, 10, 1 * c + 100);
+  ext_entry (f.l, 1, &d2, &bm);
+  assert_int_equal (d1, d2);
+  assert_bitmap (f.l, 1, 0x19, 0);
+  /* Over allocated and unallocated subclusters at once. */
+  fx_write_random (&f, 3 * sc, 1 * c + 2 * sc + 5);
+  assert_bitmap (f.l, 1, 0x3d, 0);
+  fx_verify_range (&f, 0, 8 * c);
+
+  /* Zero: whole subclusters get the zero bit, partial ones data. */
+  fx_zero (&f, 4 * sc, 6 * c + 2 * sc);
+  assert_bitmap (f.l, 6, 0, 0x3c);
+  assert_map (f.l, 6 * c, c, LAYER_ABSENT, 2 * sc);
+  assert_map (f.l, 6 * c + 2 * sc, c, LAYER_ZERO, 4 * sc);
+  fx_write_random (&f, 100, 6 * c + 2 * sc + 10);   /* into a zero one */
+  assert_bitmap (f.l, 6, 0x4, 0x38);
+  fx_zero (&f, sc + 1000, 3 * c + sc - 500);         /* partial ends */
+  assert_bitmap (f.l, 3, 0xd, 0x2);
+  /* Zero of every allocated subcluster releases the host cluster. */
+  fx_zero (&f, 2 * sc, 4 * c + 30 * sc);
+  assert_bitmap (f.l, 4, 0, 0xc0000000);
+  /* Trim: whole subclusters only; partial ones are left alone. */
+  fx_trim (&f, 2 * sc + 100, 1 * c + 2 * sc - 50);
+  assert_bitmap (f.l, 1, 0x31, 0xc);
+  fx_trim (&f, 100, 2 * c + 10);
+  assert_bitmap (f.l, 2, 0x1, 0);
+  fx_trim (&f, c, 5 * c);
+  assert_bitmap (f.l, 5, 0, 0xffffffff);
+  assert_map (f.l, 5 * c, c, LAYER_ZERO, c);
+  fx_verify (&f);
+
+  /* Fast zero of a partial subcluster: refused, nothing changes. */
+  {
+    struct layer_below b = fx_below (&f);
+    assert_int_equal (f.l->ops->zero (f.l, 100, 7 * c, true, &b), -1);
+    assert_int_equal (f.l->ops->zero (f.l, sc, 7 * c, true, &b), 0);
+    memset (f.model + 7 * c, 0, sc);
+    assert_bitmap (f.l, 7, 0, 0x1);
+  }
+
+  /* A pattern QEMU reads back directly. */
+  memset (pat, 0xab, sizeof pat);
+  fx_write (&f, pat, sizeof pat, 100 * c + 5 * sc);
+  fx_verify (&f);
+  fx_reopen (&f);
+  fx_verify (&f);
+  assert_bitmap (f.l, 1, 0x31, 0xc);
+  fx_close_layer (&f);
+  tu_assert_check_clean (f.img);
+  fx_qemu_compare (&f);
+  st = tu_run (&out, "qemu-io -f qcow2 -r -c 'read -P 0xab %u %zu' '%s'",
+               100 * c + 5 * sc, sizeof pat, f.img);
+  if (st != 0 || strstr (out, "Pattern verification failed"))
+    print_error ("qemu-io: exit %d: %s\n", st, out);
+  assert_int_equal (st, 0);
+  assert_null (strstr (out, "Pattern verification failed"));
+  free (out);
+  fx_fini (&f);
+}
+
+/* Populate (the fill of a pull) fills only the subclusters that neither
+ * hold data nor read as zero, in place or in a new cluster; with NULL it
+ * marks them zero. */
+static void
+test_subclusters_populate (void **state)
+{
+  struct fx f;
+  const uint32_t c = 65536, sc = c / 32;
+  uint8_t *buf = malloc (4 * c);
+
+  (void) state;
+  assert_non_null (buf);
+  fx_ext = true;
+  fx_init (&f, "subcl-pop.qcow2", 4 << 20, 4 << 20, c, 0, 43);
+  fx_ext = false;
+  fx_write_random (&f, 2 * sc, 0 * c + 4 * sc);     /* cluster 0: data */
+  fx_zero (&f, 2 * sc, 1 * c + 8 * sc);              /* cluster 1: zero */
+  fx_write_random (&f, sc, 2 * c);
+  fx_zero (&f, sc, 2 * c + 31 * sc);                 /* cluster 2: both */
+  /* Populate with other bytes than the model holds: only the absent
+   * subclusters may take them. */
+  tu_fill_random (buf, 4 * c, &f.seed);
+  assert_int_equal (qcow2_layer_populate (f.l, buf, 4 * c, 0), 0);
+  for (unsigned gc = 0; gc < 4; gc++)
+    for (unsigned s = 0; s < 32; s++) {
+      bool held = (gc == 0 && (s == 4 || s == 5))
+        || (gc == 1 && (s == 8 || s == 9)) || (gc == 2 && (s == 0 || s == 31));
+      if (!held)
+        memcpy (f.model + gc * c + s * sc, buf + gc * c + s * sc, sc);
+    }
+  assert_bitmap (f.l, 0, 0xffffffff, 0);
+  assert_bitmap (f.l, 1, 0xffffffff & ~0x300ull, 0x300);
+  assert_bitmap (f.l, 2, 0x7fffffff, 0x80000000);
+  assert_bitmap (f.l, 3, 0xffffffff, 0);
+  fx_verify (&f);
+  /* Zero populate marks the absent subclusters zero. */
+  fx_write_random (&f, sc, 10 * c + 3 * sc);
+  assert_int_equal (qcow2_layer_populate (f.l, NULL, c, 10 * c), 0);
+  memset (f.model + 10 * c, 0, 3 * sc);
+  memset (f.model + 10 * c + 4 * sc, 0, c - 4 * sc);
+  assert_bitmap (f.l, 10, 0x8, 0xfffffff7);
+  fx_verify (&f);
+  fx_close_layer (&f);
+  tu_assert_check_clean (f.img);
+  fx_qemu_compare (&f);
+  free (buf);
+  fx_fini (&f);
+}
+
+/* Images qemu-img made with extended_l2=on are read; damaged bitmaps give
+ * EIO and are reported by the checker, never wrong data. */
+static void
+test_subclusters_qemu_and_damage (void **state)
+{
+  char *img = tu_path (dir, "qemu-extl2.qcow2");
+  char *out = NULL;
+  struct layer *l;
+  uint8_t buf[4096];
+  int st;
+
+  (void) state;
+  unlink (img);
+  st = tu_run (&out, "qemu-img create -q -f qcow2 -o extended_l2=on,"
+               "cluster_size=64k '%s' 4M && qemu-io -f qcow2 -c 'write -P 0x5a "
+               "4096 4096' -c 'write -z 65536 8192' '%s'", img, img);
+  free (out);
+  assert_int_equal (st, 0);
+  l = qcow2_open (img, LAYER_RDONLY, 0);
+  assert_non_null (l);
+  assert_true (qcow2_extended_l2 (l));
+  assert_int_equal (l->ops->read (l, buf, 4096, 4096, NULL), 0);
+  for (size_t i = 0; i < sizeof buf; i++)
+    assert_int_equal (buf[i], 0x5a);
+  assert_map (l, 0, 65536, LAYER_ABSENT, 4096);
+  assert_map (l, 4096, 65536, LAYER_DATA, 4096);
+  assert_map (l, 65536, 65536, LAYER_ZERO, 8192);
+  l->ops->close (l);
+
+  /* Allocated and zero at once. */
+  st = tu_run (&out, "python3 '%s/tests/qcow2-patch.py' '%s' "
+               "'l2bm[0]|=0xc00000000'",
+               getenv ("abs_top_srcdir") ? getenv ("abs_top_srcdir") : "..",
+               img);
+  free (out);
+  assert_int_equal (st, 0);
+  l = qcow2_open (img, LAYER_RDONLY, 0);
+  assert_non_null (l);
+  assert_int_equal (l->ops->read (l, buf, 4096, 4096, NULL), -1);
+  assert_int_equal (errno, EIO);
+  assert_non_null (strstr (cow_last_error (), "both"));
+  l->ops->close (l);
+  st = tu_run (&out, "qemu-img check '%s'", img);
+  assert_int_equal (st, 2);
+  free (out);
+
+  /* The feature bit on clusters too small for it: refused at open. */
+  unlink (img);
+  st = tu_run (&out, "qemu-img create -q -f qcow2 -o cluster_size=4k '%s' 4M "
+               "&& python3 '%s/tests/qcow2-patch.py' '%s' "
+               "'incompatible_features|=16'", img,
+               getenv ("abs_top_srcdir") ? getenv ("abs_top_srcdir") : "..",
+               img);
+  free (out);
+  assert_int_equal (st, 0);
+  assert_null (qcow2_open (img, LAYER_RDONLY, 0));
+  assert_non_null (strstr (cow_last_error (), "extended L2"));
+  free (img);
 }
 
 /* 512-byte clusters: an L2 table covers 32 KiB, so writes all over a
@@ -2085,6 +2353,9 @@ main (int argc, char **argv)
     cmocka_unit_test (test_bad_headers),
     cmocka_unit_test (test_fuzz_metadata),
     cmocka_unit_test (test_lookup_alloc),
+    cmocka_unit_test (test_subclusters_edges),
+    cmocka_unit_test (test_subclusters_populate),
+    cmocka_unit_test (test_subclusters_qemu_and_damage),
     cmocka_unit_test (test_many_l2_tables),
     cmocka_unit_test (test_reftable_growth_sequential),
     cmocka_unit_test (test_reftable_growth_random),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Randomised I/O checked against a model (a byte array), for cluster
-# sizes 64K (the default), 512, 4K and 2M, each on a fresh overlay:
+# sizes 64K (the default), 512, 4K and 2M, each on a fresh overlay (64K
+# and 2M with subclusters, the default there, and 64K once more without):
 #  1. four connections writing different byte ranges of the same
 #     unallocated cluster at the same moment, many times: no write may be
 #     lost, and the bytes nobody wrote keep the base's data;
@@ -46,12 +47,28 @@ check_overlay ()
     [ "$(sha256 "$base")" = "$base_sum" ] || fail "the base was modified"
 }
 
-for cs in 65536 512 4096 2097152; do
+for variant in 65536 512 4096 2097152 65536:off; do
+    cs=${variant%:off}
+    sc_key=() tu=$cs
+    if [ "$variant" != "$cs" ]; then
+        sc_key=(subclusters=off)
+    elif [ "$cs" -ge 16384 ]; then
+        tu=$(( cs / 32 ))         # trim releases subclusters
+    fi
     ov=$tmpdir/overlay-$cs.qcow2
     ref1=$tmpdir/same-$cs.ref
     ref=$tmpdir/random-$cs.ref
-    start_server r$cs base="$base" overlay="$ov" ${cs_key[$cs]}
+    start_server r$cs base="$base" overlay="$ov" ${cs_key[$cs]} ${sc_key[@]+"${sc_key[@]}"}
     uri=$(server_uri r$cs)
+    if [ "$tu" != "$cs" ]; then
+        [ "$(img_info "$ov" format-specific.data.extended-l2)" = True ] ||
+            fail "cluster size $cs: the new overlay has no subclusters"
+        "$abs_top_builddir/cowchain" info -U "$ov" | grep -q "extended l2: true" ||
+            fail "cluster size $cs: cowchain info does not show extended L2 entries"
+    else
+        [ "$(img_info "$ov" format-specific.data.extended-l2 2>/dev/null)" != True ] ||
+            fail "cluster size $cs ($variant): the overlay has subclusters"
+    fi
 
     note "cluster size $cs: concurrent writers in one unallocated cluster"
     "${driver[@]}" same-cluster --uri "$uri" --base "$base" --ref "$ref1" \
@@ -60,7 +77,8 @@ for cs in 65536 512 4096 2097152; do
 
     note "cluster size $cs: random I/O from four connections"
     "${driver[@]}" random --uri "$uri" --base "$ref1" --ref "$ref" \
-        --seed "$cs" --cluster-size "$cs" --batches "$batches" ||
+        --seed "$cs" --cluster-size "$cs" --trim-unit "$tu" \
+        --batches "$batches" ||
         fail "random I/O at cluster size $cs"
     stop_server r$cs
     check_overlay "$ov" "$cs" "$ref"

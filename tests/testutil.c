@@ -512,3 +512,32 @@ tu_fd_path (int fd, char *buf, size_t len)
   buf[n] = '\0';
   return true;
 }
+
+int
+tu_subclusters (void)
+{
+  const char *s = getenv ("COWCHAIN_TEST_SUBCLUSTERS");
+
+  if (s == NULL || *s == 0)
+    return 0;
+  if (strcmp (s, "on") == 0)
+    return 0;
+  if (strcmp (s, "off") == 0)
+    return -1;
+  fprintf (stderr, "COWCHAIN_TEST_SUBCLUSTERS=%s: not on or off\n", s);
+  abort ();
+}
+
+bool
+tu_subclusters_wanted (void)
+{
+  const char *s = getenv ("COWCHAIN_TEST_SUBCLUSTERS");
+
+  return s && strcmp (s, "on") == 0;
+}
+
+uint32_t
+tu_trim_unit (uint32_t cs, int subclusters)
+{
+  return subclusters >= 0 && cs >= 16384 ? cs / 32 : cs;
+}

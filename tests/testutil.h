@@ -43,6 +43,20 @@ void tu_patch_be64 (const char *path, uint64_t offset, uint64_t v);
 /* Run a shell command (printf-style); returns its exit status, or -1
  * if it did not exit normally.  The output is captured and returned in
  * *out (malloc'd, may be NULL if out is NULL). */
+/* Subclusters task: the subclusters setting that the crash and
+ * power-loss tests give their disks: -1 (off) with
+ * COWCHAIN_TEST_SUBCLUSTERS=off, else 0, the default (on for compat 1.1
+ * layers with clusters of 16K or more; the tests' smaller clusters stay
+ * without). */
+int tu_subclusters (void);
+/* COWCHAIN_TEST_SUBCLUSTERS=on: a test whose clusters are too small for
+ * subclusters picks larger ones. */
+bool tu_subclusters_wanted (void);
+/* What a trim releases in a compat 1.1 layer of cluster size cs made
+ * with that setting: the whole cluster, or with subclusters the
+ * subcluster. */
+uint32_t tu_trim_unit (uint32_t cs, int subclusters);
+
 int tu_run (char **out, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 
