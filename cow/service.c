@@ -371,7 +371,7 @@ reply_disks (struct cow_service *s, bool status, struct control_reply *r)
     cow_layer_info_free (v, k);
   }
   if (status) {
-    /* The server's memory (memory task): the metadata cache budget
+    /* The server's memory: the metadata cache budget
      * shared by all disks, what it holds and held at most, and the
      * merged maps' bytes. */
     struct cow_memory_usage u;

@@ -41,7 +41,7 @@ struct cow_disk_config {
   uint64_t cache_size;
   bool readonly;             /* open everything read-only */
   int compat;                /* new overlay: 3 = compat 1.1 (default), 2 = 0.10 */
-  /* Subclusters task: extended L2 entries in new layers: 1 = on, -1 = off,
+  /* Subclusters: extended L2 entries in new layers: 1 = on, -1 = off,
    * 0 = on where QEMU allows them (compat 1.1, clusters of 16K or more). */
   int subclusters;
   /* Absolute backing file names inside a qcow2 base chain are followed
@@ -347,7 +347,7 @@ struct cow_image_info {
   unsigned version;           /* 2 (compat 0.10) or 3 (compat 1.1) */
   unsigned refcount_bits;
   bool lazy_refcounts, corrupt, dirty;
-  bool extended_l2;           /* subclusters task: extended L2 entries */
+  bool extended_l2;           /* extended L2 entries (subclusters) */
   char *backing_file;         /* as stored; NULL if none */
   char *backing_format;       /* header extension; NULL if none */
   char *full_backing;         /* the path it stands for; NULL if not a file */
@@ -420,7 +420,7 @@ int cow_control_request (const char *socket_path, const char *const *argv,
 void cow_control_free_reply (struct cow_control_reply *reply);
 
 /*----------------------------------------------------------------------
- * Events, logs and debug areas (the events task's block).
+ * Events, logs and debug areas.
  */
 
 /* The service's log (events of its disks, control requests) without a
