@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The shared pieces of the `cowchain` tool: output.c (messages, text,
  * sizes, --output, options, JSON), target.c (where a disk command finds
  * its disk), and the commands of cmd-image.c, cmd-chain.c and

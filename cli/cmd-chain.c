@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The chain commands of `cowchain`: snapshot, list, revert, blklist,
  * status.  Online they talk to a running server through its control
  * socket; offline (--state DIR) they open the disk's state directory

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* `cowchain events`: the events of a running server's disks as they
  * happen (the control protocol's events stream, cowchain-control(5)),
  * one line each, as text or JSON Lines, until the server stops or the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The image commands of `cowchain`: info and check, which read any
  * qcow2 or raw file through the engine's image calls (cow_image_info,
  * cow_image_check), or the active layer of a running server's disk. */

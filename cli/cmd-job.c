@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The job commands of `cowchain`: commit, pull and delete start a
  * background merge; jobs, wait, pause, resume, cancel and speed watch and
  * steer it.  Online the job runs inside the server and these commands

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* main() of the command line tool `cowchain`.  Each command is one entry
  * of the table below: a name, a one-line summary, its help text and the
  * function that runs it with its own argv (argv[0] = the command name),

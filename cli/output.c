@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The shared pieces of the `cowchain` tool (cli.h): error and usage
  * messages, text made safe for a terminal, sizes, the one --output
  * parser, the options of a command, and the one JSON writer every

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* How every disk command of `cowchain` finds its disk (cli.h): online,
  * a running server reached through its control socket (--control PATH
  * or COWCHAIN_CONTROL) with a time limit on each request (--timeout,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Backing-file names: the name a new layer stores for what lies under
  * it, and the policy that decides which names stored in a qcow2 base
  * chain the engine follows; and opening a disk's base with its own

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Backing-file names (backing.c): what a new layer records as the image
  * under it, whether an existing overlay records the configured base, and
  * which names stored in a qcow2 base chain may be followed.  Private to

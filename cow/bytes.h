@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Big-endian loads and stores on byte buffers: the one set the engine
  * uses for every on-disk integer (qcow2 header and extension fields, L1,
  * L2 and refcount table entries, refcount blocks).

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The chain module's lowest part: a disk's in-memory chain of open
  * layers (d->top over d->lower[]: frozen layers newest first, then the
  * base and its own backing chain), how each layer reads what lies under

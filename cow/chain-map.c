@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The merged map of a disk's frozen layers: for every byte of the disk,
  * the highest frozen layer that holds it (data or zeroes), or none (the
  * base below them answers).  A read that misses the active layer looks

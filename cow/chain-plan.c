@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The chain module: the one place that changes a state-directory disk's
  * chain (its lock-order table and declarations: chain.h).  A disk's
  * layers are numbered one way only, by manifest index (0 the bottom

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Bounded waits of chain changes (DESIGN.md invariant 10).
  *
  * Guest I/O holds chain_lock (and FLUSH/FUA durability_lock) shared for

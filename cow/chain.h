@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The chain module (private to the engine): the in-memory chain of a
  * disk (chain-layers.c), the plans that change it (chain-plan.c) and
  * the bounded exclusive holds a change takes (chain-wait.c).  Every

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Scoped cleanup for the engine (GCC and Clang's cleanup attribute, as
  * nbdkit's common/include/cleanup.h does): a variable declared with one
  * of these is released when it goes out of scope, so that error paths

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The control protocol (see control.h): encoding, the client, and the
  * server: a listening thread that starts one thread per connection, up
  * to CONTROL_MAX_CONNECTIONS at once.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The control protocol between the `cowchain` tool and a running server,
  * both ends: the socket, the framing, and the server's threads.  The
  * commands and their replies are a table beside this, in service.c.

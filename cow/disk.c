@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A disk: open (overlay or state directory) and close, configuration
  * and size, the interval sync thread, and the guest I/O path (read,
  * write, zero, trim, flush, extents) with its sync policy for clients

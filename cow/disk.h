@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Private to the engine: one disk's state, shared by disk.c (open,
  * close, I/O), statedir.c (the state directory), snapshot.c (snapshots,
  * revert), job.c (background merges) and the chain module (chain.h,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Per-thread last error: a message and an errno, set by the engine where a
  * failure is detected and read by the plugin, the tool and the tests. */
 #include <config.h>

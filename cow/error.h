@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Per-thread last error of the engine (read back with cow_last_error). */
 #ifndef COW_ERROR_H
 #define COW_ERROR_H

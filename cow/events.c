@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The event bus of a service, its log, and the debug areas (events.h).
  *
  * Emitting never waits on a subscriber: an event is formatted once,

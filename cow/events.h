@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Events, the service's log and the debug areas (see events.c).
  *
  * An event is one thing that happened to a disk (a snapshot, a revert,

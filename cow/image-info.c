@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Images seen from outside a disk (cowchain.h: cow_image_info; the
  * check, cow_image_check, is qcow2-check.c): what `cowchain info` shows of
  * any qcow2 or raw file.  The header fields come from the qcow2 driver's

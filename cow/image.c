@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Safe opening of image files and QEMU-compatible image locks (see
  * image.h for the convention). */
 #include <config.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Opening image files safely, and locking them the way QEMU does.
  *
  * image_open refuses anything but a regular file or a block device (a

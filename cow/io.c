@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The I/O seam: thin wrappers over the system calls, through a table that
  * tests may replace. */
 #include <config.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The one I/O seam of the engine.  Every pread, pwrite, fsync, ftruncate,
  * fallocate and rename of the engine goes through these functions, so that
  * tests can inject errors (EIO, ENOSPC, short writes) and simulate power

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Background merges: commit (down), pull (up) and snapshot delete, on a
  * thread of their own while guest I/O goes on.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The layer interface: one table of operations per kind of layer (raw
  * file, qcow2 file), one constructor per kind.  A layer only knows its own
  * contents; where it holds nothing, it asks the source "below" that the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The persistent chain record of a disk; see manifest.h for the format. */
 #include <config.h>
 

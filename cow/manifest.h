@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The manifest: the persistent record of one disk's chain (base, layers
  * bottom to top, snapshot names, times, descriptions), replaced
  * atomically: write a temporary file, fsync, rename, fsync the directory.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The metadata cache of the qcow2 layers: cluster-sized tables (L2
  * tables and refcount blocks), one cache per table kind and layer, all
  * drawing their memory from one pool per process whose budget is the

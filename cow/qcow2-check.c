@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Consistency check of a qcow2 file, in the manner of qemu-img check.
  *
  * The check rebuilds, in memory, how many times each host cluster of the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Guest I/O on a qcow2 layer: L1/L2 mapping, copy-on-write allocation,
  * zero clusters and flushing.
  *

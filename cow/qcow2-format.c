@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The qcow2 on-disk header in memory (qcow2-format.h): decoding,
  * encoding and in-place field writes; and the one report of damage found
  * at run time (qcow2_mark_corrupt), which the cluster and refcount code

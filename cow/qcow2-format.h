@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The qcow2 on-disk format, as docs/interop/qcow2.txt of QEMU describes
  * it: the header, header extensions, L1/L2/refcount table entries and
  * refcount blocks.  Nothing here knows about an open image (qcow2.h); the

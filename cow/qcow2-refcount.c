@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Refcounts of a qcow2 layer: the refcount table (kept whole in memory),
  * refcount blocks (through the cache), cluster allocation and the road a
  * freed cluster travels before it may be reused (see qcow2.h).

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow2 layer: header and extensions, open, create, close.  Every field
  * read from the file is checked before it sizes an allocation, indexes a
  * table or positions a read; each refusal names the file and the field. */

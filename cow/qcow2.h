@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Private to the qcow2 layer: the open-image state and the prototypes
  * shared by qcow2*.c (the on-disk format is in qcow2-format.h).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A raw image file as a layer: every byte is present.  Used for bases,
  * which are opened read-only.  Holes of a sparse file are reported as
  * zero so that copies stay sparse. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A read-only base on a remote NBD server, read through libnbd.
  *
  * The base is named by a libnbd URI (nbd://HOST:PORT/EXPORT,

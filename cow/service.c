@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A service: the disks one server serves under their NBD export names,
  * the NBD clients connected to each, and the control commands the
  * `cowchain` tool sends over the control socket (the socket and its

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The engine's side of serving disks (see service.c): what the control
  * socket's server runs for each request.  Front ends use the public part
  * in cowchain.h (cow_service_*, cow_export_*); this header is for the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Snapshots (one disk, or several at one instant: snapshot-atomic),
  * revert to a snapshot, and the listing of a disk's layers.  Every chain
  * change here is a plan of the chain module (chain-plan.c); several

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A disk's state directory: its layer files (paths, new names, creation,
  * deletion), the files a crash left behind (orphans), the check of every
  * layer's backing name against the manifest, and opening a disk from the

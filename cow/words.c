@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Percent-encoded words (see words.h). */
 #include <config.h>
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Words: the percent-encoded fields of the manifest and of the control
  * protocol.  An encoded word is never empty and holds no space, newline
  * or control byte: "" is written "-", a literal "-" is "%2D", and every

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* cowchain engine API: a virtual disk made of a read-only base and a
  * copy-on-write qcow2 layer on top.  Used by the nbdkit plugin, the
  * command line tool and the tests.  The engine knows nothing of nbdkit.

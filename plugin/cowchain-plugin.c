@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit glue for cowchain: config keys into the engine's disk
  * configuration, nbdkit's callbacks into engine calls.  The disks served,
  * their NBD clients and the control socket's commands are the engine's

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # cowchain performance measurement (not a test: it never fails on a slow
 # result).  In one run, fio's nbd engine drives three servers on UNIX
 # sockets in a temporary directory:

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Shared helpers for scripts/test.sh, scripts/quickstart.sh and
 # scripts/bench.sh: install the Debian 12 packages cowchain needs, and
 # build the plugin out of tree.

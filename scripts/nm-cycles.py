@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # Usage: scripts/nm-cycles.py build/cow/.libs/libcow_la-*.o (after make):
 # which engine object file calls which, and any call cycles between them.
 # Call graph between the engine's object files from nm: file A -> B when A

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # cowchain demo, the headline in under a minute: a guest-like writer keeps
 # writing over NBD while the disk takes live snapshots (each prints how
 # long guest I/O paused), QEMU's own tools read the frozen layers while

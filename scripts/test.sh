@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Build cowchain and run its whole test suite twice: once in a plain
 # out-of-tree build, once in a build with AddressSanitizer and
 # UndefinedBehaviorSanitizer (--enable-sanitizers).  Installs missing

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Misbehaving peers of a control socket, for test-control.sh.
 
   trickle SOCKET INTERVAL

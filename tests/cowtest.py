@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Helpers shared by the Python parts of cowchain's shell tests.
 # Run with /usr/bin/python3 (the Python that has libnbd's module).
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Control-socket peers and checks for test-events.sh.
 
   ctl SOCKET WORD...

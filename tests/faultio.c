@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fault injection through the engine's I/O seam: see faultio.h. */
 #include <config.h>
 

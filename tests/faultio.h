@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fault injection through the engine's I/O seam (cow/io.h), shared by
  * the C tests: one place that counts write-side steps and fails step N
  * (or N and every later one: a kill, or a disk gone bad) with an errno.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # cowchain shell test helpers.  Sourced (never run) by tests/test-*.sh:
 #
 #   . "${abs_top_srcdir:-$(dirname "$0")/..}/tests/functions.sh"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* libFuzzer target: the manifest parser (manifest_load) on untrusted
  * bytes.
  *

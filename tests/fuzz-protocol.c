@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* libFuzzer target: the control server's parsing of a request line
  * (control_split on what the server would pass it) on untrusted bytes.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* libFuzzer target: the qcow2 open-and-read path on untrusted bytes.
  *
  * Each input is the whole content of a qcow2 file.  It is written to a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Seed corpora for the fuzz targets (see "Fuzzing" in Makefile.am).
 #
 #   tests/fuzz-seeds.sh OUTDIR [qcow2|manifest|words|protocol]

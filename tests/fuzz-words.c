@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* libFuzzer target: percent-encoded words (word_encode, word_decode)
  * and the text shown to people (cow_utf8_decode, cow_text_printable) on
  * untrusted bytes.

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # A model-based randomised test of snapshots and background merges
 # against a live server.  Driven by tests/test-merge-model.sh, which owns
 # the server (start, stop, kill -9: see functions.sh) and does what this

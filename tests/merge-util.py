@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 """Helpers of tests/test-merge.sh (background merges through a server).
 
 usage: merge-util.py COMMAND ARGS...

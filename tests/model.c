@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The model-disk fixture: see model.h. */
 #include <config.h>
 

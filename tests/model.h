@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The model-disk fixture of the C tests: a byte array of what a disk
  * must read, requests applied to the disk and, when they succeed, to the
  * model, whole-disk comparisons, and a copy of the model per snapshot.

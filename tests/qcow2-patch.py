@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow2-patch.py FILE OP...: read or damage a qcow2 image, for the tests
 # (the one byte-patcher they share; shell tests call it as qcow2_patch,
 # from tests/functions.sh).  The operations run in order; each read

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # Randomised I/O against a cowchain export, checked byte for byte against
 # a model (a bytearray that starts as a copy of the base).  Used by
 # tests/test-random.sh.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 """Snapshots under a live writer, checked against a log of the writes.
 
 One writer writes numbered 4 KiB blocks, alternating between the disks

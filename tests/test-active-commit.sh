@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Active commit under guest writes that never pause: the job copies the
 # active layer into the one below while four connections keep writing
 # and zeroing, each in its own byte range, with ranges that share

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The front ends (the nbdkit plugin and the cowchain tool) use the engine
 # only through its public API: every symbol of libcow that their objects
 # reference is a cow_* name declared in include/cowchain.h.

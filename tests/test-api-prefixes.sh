@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Every global symbol the engine library (libcow) defines carries its
 # module's prefix from the list below, and none lives in libnbd's nbd_ or
 # nbdkit's nbdkit_ namespace (a libnbd that adds a function of the same

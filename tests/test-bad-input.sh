@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Bad input: nbdkit must refuse to start, with an error that names the
 # problem (for a damaged refcount table: which fault it is), and nothing
 # on disk may change (no overlay created, the base and any existing

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # State directories a user or a botched restore can leave: each is refused
 # with a message that names what is wrong, by the server and by the
 # offline tool, never a crash, and nothing stored changes.

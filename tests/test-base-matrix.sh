@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Bases built by QEMU's own tools, served by cowchain: qcow2 v2 and v3 at
 # cluster sizes 512 B, 4 KiB, 64 KiB and 2 MiB, compressed or not, with
 # zero clusters, in chains of depth 1, 3 and 8 over a raw or a qcow2

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The basics: serve a raw base through a new overlay; reads equal the
 # base; write, zero and trim; the overlay is a valid qcow2 v3 file whose
 # backing file is the base, qemu-img check is clean, qemu-img compare and

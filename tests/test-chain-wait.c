@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Bounded waits of chain changes (cow/chain-wait.c, DESIGN.md invariant
  * 10), without a network: the I/O seam holds a guest read of the base
  * inside its pread (as a stuck remote base would) until the test lets it

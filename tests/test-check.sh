@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # cowchain check against qemu-img check.  Clean images made by qemu-img
 # and written by qemu-io (every compat level, cluster size and refcount
 # width; compressed, zero and discarded clusters; a grown refcount table)

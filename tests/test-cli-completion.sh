@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The bash completion of cowchain (contrib/bash-completion/cowchain),
 # sourced into this shell: COMPREPLY for commands, options, option values,
 # disk names of a running server and snapshot names.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Errors that name what was wrong and the accepted values (issue 13), from
 # the plugin's keys and from the cowchain tool; a refused start or command
 # changes nothing stored.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The conventions every cowchain command keeps (issue 13): --help, -h and
 # `cowchain help CMD` with the same sections (Usage, a description,
 # Options, Exit status, Example); each command and each of its options

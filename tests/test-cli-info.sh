@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # cowchain info against qemu-img info: for images made by qemu-img
 # (compat 0.10 and 1.1, cluster sizes from 512 bytes to 2 MiB, refcount
 # widths, flags, raw, and backing chains of depth 3 with relative names

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The control socket when clients misbehave: no client can hold the
 # others up (a trickler, idle connections, one that never reads its
 # reply), 64 clients at once are all answered, a connection over the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Copy-on-write through the public API: partial clusters, unaligned
  * zeroes and trims, the last byte of the disk, qcow2 and raw bases, a
  * seeded random sequence, and concurrent writers filling the same

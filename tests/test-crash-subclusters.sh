@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The crash, fault and power-loss tests with the other subclusters
 # setting.  By default they make layers with subclusters (extended L2
 # entries) wherever their clusters are large enough (64K: most of them);

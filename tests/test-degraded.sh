@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # A snapshot whose manifest cannot be saved (DESIGN.md invariant 7).
 #
 # The snapshot is taken in memory (the guest writes into the new layer at

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Disk full: the overlay lives on a 4 MiB tmpfs, the base is 64 MiB.
 # Write until the client gets an error: it must be ENOSPC; the server
 # must stay up and keep answering reads; everything written (and answered

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Logs, debug areas and the events stream (cowchain-control(5)).
 #
 # Two disks served with control=: `cowchain events --output=json` and a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Exports are listed truthfully: nbdinfo --list shows every disk's export
 # with a description naming the disk, its base and its active layer (which
 # a snapshot changes); a single-disk server lists its one export ("");

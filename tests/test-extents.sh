@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Extents (base:allocation) through the whole chain: a sparse raw base
 # with a little data, an overlay with data clusters, zero clusters and
 # trimmed clusters.  nbdinfo --map and block_status must say data where

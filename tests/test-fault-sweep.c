@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fault-then-continue sweep (DESIGN.md invariants 7 and 8).
  *
  * For each operation (see ops[] at the bottom), each errno of {EIO,

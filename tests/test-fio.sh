@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # fio's nbd engine, queue depth 16, several connections at once, with
 # crc32c verification, over a fresh overlay (so that most writes
 # copy-on-write from the base):

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* kill -9 at every step of a snapshot and of a revert (DESIGN.md
  * invariant 3).  Through the I/O seam, every write-side operation after
  * the Nth fails, which is what a killed process leaves: what it wrote

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Hostile bases: the server refuses, or fails only the affected reads with
 # EIO, naming the file and what was wrong; it never follows a crafted
 # backing name out of the base's directory, never loops, never crashes,

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # make install and uninstall into a DESTDIR: exactly the plugin (no
 # libtool archive) in nbdkit's plugin directory, the tool and the three
 # manual pages; the pages pass podchecker and render without a warning

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests of the I/O seam: full transfers, zero fill past end of
  * file, retried short writes, and errors passed through; and of image
  * locks between descriptors of one process (image.c). */

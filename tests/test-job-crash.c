@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* kill -9 at every step of a background merge (DESIGN.md invariant 4),
  * and write errors that are not a crash.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A job's last step rewrites one backing name in a header
  * (qcow2_set_backing): for a commit of the layer under the active one, a
  * pull into the active layer and a delete of the newest snapshot, the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Background merge jobs through the public API: commit of frozen layers,
  * active commit, commit into the base, pull to nothing and to a snapshot,
  * snapshot delete, automatic merges under a maximum depth, and the job

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Image locks that QEMU honours, and state-directory locks:
 #   while a server runs, qemu-io cannot write a layer (active or frozen)
 #   nor the base; qemu-img info without -U is refused on a layer but works

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests of the manifest parser (cow/manifest.c), which reads a file
  * anyone with write access to a state directory may have written: every
  * class of malformed line is refused with an error naming it, the limits

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The merged map of the frozen layers (cow/chain-map.c) and the shared
  * metadata cache budget (cow/qcow2-cache.c).
  *

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # One metadata cache budget per server (cache-size=) and the merged map
 # of the frozen layers, on a live server: two disks of 4K clusters (an L2
 # table maps 2 MiB) with scattered writes over eight layers each, under a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Snapshots and background merges against a live server, checked against
 # a model (tests/merge-model.py): random writes, write-zeroes, trims,
 # snapshots, reverts, deletes, commits (frozen and active), pulls, clean

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Background merges through a running server, driven by the cowchain tool:
 #  1. commit of a frozen snapshot into the layer below: same contents, the
 #     layer file gone, names and the qemu-img chain one shorter;

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Snapshot names and descriptions, and revert under connected clients:
 #   - reserved names (active, base, layer-*, any case) refused, online and
 #     offline, saying they are reserved; the manifest unchanged;

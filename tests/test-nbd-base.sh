@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # A remote NBD base: cowchain serves base=nbd+unix:///?socket=base.sock
 # (a second nbdkit serving a raw file read-only) with a local qcow2
 # overlay.  Reads equal the base, writes land in the overlay only, the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Power loss and I/O errors, simulated through the I/O seam.
  *
  * The simulated storage.  Every pwrite, fallocate (punch hole) and

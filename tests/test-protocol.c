@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests of the control protocol's request parsing (cow/control.c),
  * which reads lines from any process the socket lets in: control_split
  * (too many words, empty words, encoded spaces, bad escapes), and the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests of the qcow2 layer: header encode/decode against qemu-img,
  * images made by qemu-img (v3, compat 0.10, every refcount width),
  * refusal of bad headers (each message names the field), random damage

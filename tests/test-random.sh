@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Randomised I/O checked against a model (a byte array), for cluster
 # sizes 64K (the default), 512, 4K and 2M, each on a fresh overlay (64K
 # and 2M with subclusters, the default there, and 64K once more without):

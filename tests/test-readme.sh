@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Every ```sh example of README.md runs as written.
 #
 # The blocks run in README order, in one bash session with `set -e` (so a

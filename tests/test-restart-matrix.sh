@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Errors lose nothing: a restart matrix.
 #
 #   base     raw file | qcow2 with its own backing chain (qcow2 -> qcow2

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Durability across restarts.
 #  1. FUA writes, and writes from one connection flushed from another
 #     (multi-conn), survive a normal stop (SIGTERM) and restart.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A service's disks and control commands, driven through the dispatch
  * the control socket's server runs (control_run with
  * cow_service_dispatch): the command table against the protocol, every

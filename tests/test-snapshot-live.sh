@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Snapshots while a guest writes: one disk, then two disks (vda, vdb) with
 # atomic snapshots; every snapshot, read offline, is a consistent cut of
 # the write log (tests/snapshot-writer.py).  Then oldstyle NBD (nbdkit -o,

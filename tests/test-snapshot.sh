@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Live snapshots through the cowchain tool: snapshot, list (table, tree,
 # JSON), revert, blklist, status; names, times and descriptions surviving
 # a restart; every layer valid for qemu-img; each snapshot's frozen layer,

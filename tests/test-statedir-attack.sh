@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # A state directory cannot be turned against the host:
 #   symbolic links planted under every name the engine creates (the next
 #   layer files, .manifest.tmp, lock) leave the files they point at

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # A remote base that stops answering (DESIGN.md invariant 10): a second
 # nbdkit serves the base through the delay filter with a 120 s delay on
 # every read, and cowchain has base-timeout=12 (the drain bound of chain

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Sync policies for clients that never flush.
 #  sync=always: a write is durable when answered: kill -9 right after the
 #    write returns (the client still connected, no FLUSH sent), restart,

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The service recipe in contrib/systemd/ works as shipped: systemd-analyze
 # verify accepts the units, and their own ExecStart lines, run the way
 # systemd would run them (the example configuration's disks, the unit's

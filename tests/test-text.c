@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests of the text rules: UTF-8 decoding, the printable form of
  * text for terminals, which snapshot names and descriptions a new
  * snapshot may take (and which an older manifest may still hold), and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Helpers shared by the cmocka unit tests (see testutil.h). */
 #undef NDEBUG
 #include <config.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Helpers shared by the cmocka unit tests: temporary directories,
  * deterministic random numbers, files, and running qemu-img as an
  * external oracle. */
