@@ -408,7 +408,7 @@ close_thread (void *arg)
  * file frees its cached pages and its blocks, which for a merged layer
  * of a GiB takes a good part of a second: so each file is opened once
  * more before its name goes, and that descriptor, which outlives the
- * layer's own, is closed by a detached thread (close_later) once the
+ * layer's own, is closed by a thread of its own (close_later) once the
  * layers are closed, while the job goes on to report its end.  Returns
  * the descriptors (-1 ends the array), or NULL without memory. */
 static int *
@@ -432,22 +432,29 @@ unlink_files (struct cow_disk *d, struct chain_plan *p)
 }
 
 static void
-close_later (int *fds)
+close_later (struct cow_disk *d, int *fds)
 {
-  pthread_t t;
-  pthread_attr_t attr;
-
   if (fds == NULL)
     return;
-  if (fds[0] != -1 && pthread_attr_init (&attr) == 0) {
-    bool started;
-    pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
-    started = pthread_create (&t, &attr, close_thread, fds) == 0;
-    pthread_attr_destroy (&attr);
-    if (started)
-      return;
+  /* The previous one has long ended (it only closes descriptors). */
+  chain_join_closer (d);
+  if (fds[0] != -1
+      && pthread_create (&d->closer, NULL, close_thread, fds) == 0) {
+    d->closer_joinable = true;
+    return;
   }
   close_thread (fds);
+}
+
+/* The thread of close_later must end before the disk (and the code:
+ * nbdkit unloads the plugin after closing its disks) goes. */
+void
+chain_join_closer (struct cow_disk *d)
+{
+  if (d->closer_joinable) {
+    pthread_join (d->closer, NULL);
+    d->closer_joinable = false;
+  }
 }
 
 void
@@ -469,7 +476,7 @@ chain_plan_free (struct cow_disk *d, struct chain_plan *p)
       fds = unlink_files (d, p);
     for (size_t i = 0; i < p->n_gone; i++)
       p->gone[i]->ops->close (p->gone[i]);
-    close_later (fds);
+    close_later (d, fds);
   }
   else if (p->added) {
     p->added->ops->close (p->added);

@@ -234,6 +234,10 @@ int chain_commit_installed (struct cow_disk *d, const char *what);
 /* Installed: fix stale backing names, close and delete what left the
  * chain.  Not installed: drop the added layer.  Frees the plan. */
 void chain_plan_free (struct cow_disk *d, struct chain_plan *p);
+/* Wait for the thread that closes the files a chain change deleted
+ * (chain_plan_free starts it; the next change or the disk's close joins
+ * it).  Under admin_lock, or once no chain change can run. */
+void chain_join_closer (struct cow_disk *d);
 
 /* Degraded state.  chain_settle retries the save (admin_lock held) and
  * refuses 'what' with the reason if it still fails; chain_try_settle

@@ -256,6 +256,7 @@ cow_disk_close (struct cow_disk *d)
   if (d == NULL)
     return 0;
   job_disk_stop (d);
+  chain_join_closer (d);
   if (d->sync_running) {
     pthread_mutex_lock (&d->sync_lock);
     d->stop = true;

@@ -123,6 +123,10 @@ struct cow_disk {
    * against the job's copy of that cluster (lock order: after chain_lock,
    * before the layers' own locks; several in ascending order). */
   bool mirroring;
+  /* The thread closing the files of deleted layers (chain-plan.c
+   * close_later); under admin_lock. */
+  pthread_t closer;
+  bool closer_joinable;
   struct layer *mirror_target;
   pthread_mutex_t mirror_stripe[64];
   /* Atomic: guest I/O happened since the job last looked (job_yield). */
