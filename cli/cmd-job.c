@@ -918,8 +918,9 @@ cmd_jobs (int argc, char **argv)
 
 const char wait_help[] =
   "Usage: cowchain wait [OPTION]...\n"
-  "Wait until the background job of the disk (without --disk: of every\n"
-  "disk) is neither running nor paused.  It follows the server's events\n"
+  "Wait until the background job of the disk given by --disk (without\n"
+  "--disk: of every disk, not only the default one) is neither running\n"
+  "nor paused.  It follows the server's events\n"
   "(cowchain events) and looks at the jobs when one ends.\n"
   "\n"
   ONLINE_HELP

@@ -44,7 +44,7 @@ enum {
   KEY_BASE_FORMAT = 1 << 3, KEY_CLUSTER_SIZE = 1 << 4, KEY_COMPAT = 1 << 5,
   KEY_MAX_DEPTH = 1 << 6, KEY_BASE_TIMEOUT = 1 << 7,
   KEY_SYNC = 1 << 8, KEY_CACHE_SIZE = 1 << 9, KEY_CONTROL = 1 << 10,
-  KEY_DEFAULT_EXPORT = 1 << 11,
+  KEY_DEFAULT_EXPORT = 1 << 11, KEY_SUBCLUSTERS = 1 << 12,
 };
 
 static struct disk_entry disks[MAX_DISKS];
@@ -245,7 +245,7 @@ static const struct {
   { "base", KEY_BASE }, { "overlay", KEY_OVERLAY }, { "state", KEY_STATE },
   { "base-format", KEY_BASE_FORMAT }, { "cluster-size", KEY_CLUSTER_SIZE },
   { "compat", KEY_COMPAT }, { "max-depth", KEY_MAX_DEPTH },
-  { "base-timeout", KEY_BASE_TIMEOUT },
+  { "base-timeout", KEY_BASE_TIMEOUT }, { "subclusters", KEY_SUBCLUSTERS },
 };
 
 static int

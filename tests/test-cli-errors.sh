@@ -53,6 +53,8 @@ refused format-twice "base-format=qcow2: base-format= was already given" \
     base="$base" overlay="$tmpdir/o.qcow2" base-format=raw base-format=qcow2
 refused base-twice "base=$base: base= was already given" \
     base="$base" overlay="$tmpdir/o.qcow2" base="$base"
+refused subclusters-twice "subclusters=off: subclusters= was already given" \
+    base="$base" overlay="$tmpdir/o.qcow2" subclusters=on subclusters=off
 refused cache-twice "cache-size=64M: cache-size= was already given" \
     base="$base" overlay="$tmpdir/o.qcow2" cache-size=32M cache-size=64M
 refused control-twice "control=$tmpdir/b.ctl: control= was already given" \
