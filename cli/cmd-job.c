@@ -437,6 +437,14 @@ wait_online (const struct cli_target *t, bool one_disk, bool progress)
     return EXIT_ERROR;
   r = cow_control_stream (t->control, req, one_disk ? 2 : 1, cli_timeout_ms,
                           w.bar ? 1000 : 0, wait_event, &w);
+  if (r == -1 && !w.started && cow_last_errno () == EBUSY) {
+    /* Every event stream of the server is taken (or every connection):
+     * look at the jobs at intervals instead, as long as it takes. */
+    bool idle = false;
+    while ((r = wait_look (&w, &idle)) == 0 && !idle)
+      sleep_poll_interval ();
+    w.finished = r == 0;
+  }
   if (w.watched.n && w.bar)
     fputc ('\n', stderr);
   if (r == -1 || !w.finished) {

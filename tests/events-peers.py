@@ -28,6 +28,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 
@@ -137,7 +138,7 @@ def burst(path, disk, name, n):
     print("%d %.0f" % (errors, slowest))
 
 
-def limit(path):
+def limit(path, *cmd):
     subs = []
     refusal = None
     for _ in range(64):
@@ -157,6 +158,11 @@ def limit(path):
     f = s.makefile("rb")
     print("status %s" % read_line(f))
     s.close()
+    if cmd:
+        # A command run while every stream is taken (cowchain wait falls
+        # back to looking at the jobs at intervals).
+        rc = subprocess.run(list(cmd), timeout=30).returncode
+        print("command %d" % rc)
     for s, f in subs:
         s.close()
 
@@ -232,7 +238,7 @@ def main():
     elif cmd == "burst":
         burst(args[0], args[1], args[2], int(args[3]))
     elif cmd == "limit":
-        limit(args[0])
+        limit(args[0], *args[1:])
     elif cmd == "check":
         check(args[0], args[1:])
     else:

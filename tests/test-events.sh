@@ -161,19 +161,27 @@ else
 fi
 
 note "subscribers are bounded, and requests still get through"
-"${peers[@]}" limit "$ctl" > "$tmpdir/limit.out" || fail "limit probe failed"
+# cowchain wait with every stream taken looks at the jobs instead, and
+# says the same as with a stream: the last job of vda failed (above).
+"$cow" wait -c "$ctl" > /dev/null 2>&1 && wait_rc=0 || wait_rc=$?
+[ "$wait_rc" = 1 ] || fail "cowchain wait exited $wait_rc, not 1, after vda's failed job"
+"${peers[@]}" limit "$ctl" "$cow" wait -c "$ctl" > "$tmpdir/limit.out" ||
+    fail "limit probe failed"
 cat "$tmpdir/limit.out"
 # 16 in all: the three cowchain events readers hold three.
 grep -q "^subscribed 13 error 16 too%20many%20event%20subscribers" "$tmpdir/limit.out" ||
     fail "the 17th subscriber was not refused with EBUSY"
 grep -q "^status ok$" "$tmpdir/limit.out" || fail "status failed while 16 streams were open"
+grep -q "^command $wait_rc$" "$tmpdir/limit.out" ||
+    fail "cowchain wait did not exit $wait_rc while 16 streams were open"
 
 note "SIGINT ends cowchain events with exit 0"
+streams=$(grep -c -F -- "events: ok (a stream)" "$log" || :)
 "$cow" events -c "$ctl" > "$tmpdir/int.txt" 2>&1 &
 int_pid=$!
-# The two readers of every disk, the stalled one, the limit probe's 13,
-# this one.
-wait_log 17 "events: ok (a stream)"
+# Once it has subscribed (its handler is set by then: a background job
+# of this shell ignores SIGINT until it sets one).
+wait_log $((streams + 1)) "events: ok (a stream)"
 kill -INT "$int_pid"
 wait "$int_pid" || fail "cowchain events exited $? on SIGINT"
 
