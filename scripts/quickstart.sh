@@ -122,7 +122,7 @@ echo "base.img: $DEMO_SIZE, sha256 $BASE_SUM_BEFORE"
 
 step "2. Serve it: nbdkit + the cowchain plugin, a state directory, a control socket"
 show nbdkit -U "$SOCK" -P "$PIDFILE" "$PLUGIN" \
-    base="$BASE" state="$STATE" control="$COWCHAIN_CONTROL"
+    base="$BASE" base-format=raw state="$STATE" control="$COWCHAIN_CONTROL"
 SERVER_PID=$(cowchain_wait_pidfile "$PIDFILE")
 cowchain_wait_for "$SOCK"
 cowchain_wait_for "$COWCHAIN_CONTROL"
