@@ -369,42 +369,59 @@ add_line (struct cow_control_reply *reply, const char *line)
   return 0;
 }
 
+/* Connect to socket_path and send the request: the connected socket
+ * (its sending side shut), or -1.  A server that refuses the request may
+ * close before reading all of it: then its reply says why, so a send
+ * that fails with EPIPE or ECONNRESET is not an error here; its errno
+ * goes to *send_errno for the caller that gets no reply either. */
+static int
+send_request (const char *socket_path, const char *const *argv, int argc,
+              int timeout_ms, int64_t deadline, int *send_errno)
+{
+  char *req, t[32];
+  size_t len = 0;
+  int fd;
+
+  *send_errno = 0;
+  req = encode_request (argv, argc, &len);
+  if (req == NULL)
+    return -1;
+  fd = connect_to (socket_path, timeout_ms, deadline);
+  if (fd != -1 && send_all (fd, req, len, deadline, -1) == -1) {
+    *send_errno = errno;
+    if (errno == ETIMEDOUT)
+      cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the server to "
+                     "take the request", socket_path,
+                     after (timeout_ms, t, sizeof t));
+    else if (errno != EPIPE && errno != ECONNRESET)
+      cow_error_errno ("%s: sending the request", socket_path);
+    if (errno != EPIPE && errno != ECONNRESET) {
+      close (fd);
+      fd = -1;
+    }
+  }
+  if (fd != -1)
+    shutdown (fd, SHUT_WR);
+  free (req);
+  return fd;
+}
+
 int
 cow_control_request (const char *socket_path, const char *const *argv,
                      int argc, int timeout_ms, struct cow_control_reply *reply)
 {
   int64_t deadline = deadline_in (timeout_ms);
-  char *req, *buf = NULL, *line, *save, t[32];
+  char *buf = NULL, *line, *save;
   size_t len = 0;
   struct cow_control_reply lines = { 0 };
-  int fd, ret = -1, send_errno = 0;
+  int fd, ret = -1, send_errno;
 
   reply->n = 0;
   reply->lines = NULL;
-  req = encode_request (argv, argc, &len);
-  if (req == NULL)
+  fd = send_request (socket_path, argv, argc, timeout_ms, deadline,
+                     &send_errno);
+  if (fd == -1)
     return -1;
-  fd = connect_to (socket_path, timeout_ms, deadline);
-  if (fd == -1) {
-    free (req);
-    return -1;
-  }
-  /* A server that refuses the request may close before reading all of
-   * it: then its reply says why. */
-  if (send_all (fd, req, len, deadline, -1) == -1) {
-    send_errno = errno;
-    if (errno == ETIMEDOUT) {
-      cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the server to "
-                     "take the request", socket_path,
-                     after (timeout_ms, t, sizeof t));
-      goto out;
-    }
-    if (errno != EPIPE && errno != ECONNRESET) {
-      cow_error_errno ("%s: sending the request", socket_path);
-      goto out;
-    }
-  }
-  shutdown (fd, SHUT_WR);
   buf = read_reply (fd, socket_path, argc ? argv[0] : "", timeout_ms,
                     deadline, &len);
   if (buf == NULL)
@@ -448,7 +465,6 @@ cow_control_request (const char *socket_path, const char *const *argv,
  out:
   cow_control_free_reply (&lines);
   free (buf);
-  free (req);
   close (fd);
   return ret;
 }
@@ -524,27 +540,15 @@ cow_control_stream (const char *socket_path, const char *const *argv,
   int64_t deadline = deadline_in (timeout_ms);
   struct stream_in in = { 0 };
   struct cow_control_reply one = { 0 };
-  char *req, *line = NULL, t[32];
+  char *line = NULL, t[32];
   const char *cmd = argc ? argv[0] : "";
-  size_t len = 0;
   bool started = false;
-  int fd, ret = -1;
+  int fd, ret = -1, send_errno;
 
-  req = encode_request (argv, argc, &len);
-  if (req == NULL)
+  fd = send_request (socket_path, argv, argc, timeout_ms, deadline,
+                     &send_errno);
+  if (fd == -1)
     return -1;
-  fd = connect_to (socket_path, timeout_ms, deadline);
-  if (fd == -1) {
-    free (req);
-    return -1;
-  }
-  /* A refusal may close before reading it all: its reply says why. */
-  if (send_all (fd, req, len, deadline, -1) == -1 && errno == ETIMEDOUT) {
-    cow_error_set (ETIMEDOUT, "%s: timed out %s waiting for the server to "
-                   "take the request", socket_path,
-                   after (timeout_ms, t, sizeof t));
-    goto out;
-  }
   for (;;) {
     ssize_t r;
     int r_fn;
@@ -618,7 +622,6 @@ cow_control_stream (const char *socket_path, const char *const *argv,
   cow_control_free_reply (&one);
   free (line);
   free (in.buf);
-  free (req);
   close (fd);
   return ret;
 }
